@@ -1,0 +1,1 @@
+"""svidgate gateway: aiohttp TLS-terminating reverse proxy with SPIFFE identity and RBAC."""

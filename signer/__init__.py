@@ -1,0 +1,1 @@
+"""svidgate signer: grpc.aio sidecar that mints and verifies JWTs with keys from Vault."""

@@ -1,0 +1,1 @@
+"""Key sources: file, Vault KV v2, Vault Transit."""

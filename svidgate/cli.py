@@ -1,0 +1,85 @@
+"""The ``svidgate`` command: one entry point that dispatches to each package's subcommands.
+
+Each package owns its subcommands in ``<package>/cli.py`` through ``register(subparsers)``;
+those modules import heavy dependencies (grpc, aiohttp, hvac) inside their handlers so that
+``svidgate pki …`` starts fast. Every user error ends as one line on stderr and exit code 2;
+an unexpected error is one line too (exit 1), with the traceback only when SVIDGATE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+Handler = Callable[[argparse.Namespace], int]
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line on stderr (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception bases whose message is written for the user (each package has one)."""
+    from gateway.errors import GatewayError
+    from pki.errors import PkiError
+    from signer.errors import SignerError
+
+    return (PkiError, SignerError, GatewayError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gateway import cli as gateway_cli
+    from pki import cli as pki_cli
+    from signer import cli as signer_cli
+    from svidgate import devstack
+
+    parser = OneLineParser(
+        prog="svidgate",
+        description="Zero-trust identity gateway: SPIFFE mTLS, RBAC and JWTs from a signer.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    sub.required = True
+    devstack.register(sub)
+    pki_cli.register(sub)
+    signer_cli.register(sub)
+    gateway_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except user_error_types() as exc:
+        print(f"svidgate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        if os.environ.get("SVIDGATE_DEBUG") == "1":
+            raise
+        print(
+            f"svidgate: internal error: {type(exc).__name__} (set SVIDGATE_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def run() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
