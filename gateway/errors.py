@@ -1,7 +1,13 @@
-"""The gateway's error tree. Each error carries the HTTP status and the short reason code it maps
-to; the one table that turns them into responses lives with the request pipeline."""
+"""The gateway's error tree and the one table that maps each error to an HTTP response.
+
+Errors are raised where the fault is found; :func:`response_spec` is the only place that turns
+them into a status, a short JSON body (``{"error": ..., "route": ...}``) and extra headers.
+``str(err)`` is safe to show or log: it never holds a token or key.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class GatewayError(Exception):
@@ -16,6 +22,38 @@ class ConfigError(GatewayError):
 
     status = 500
     reason = "config"
+
+
+class CredentialsError(GatewayError):
+    """Certificates, keys or bundles cannot be loaded or do not fit together."""
+
+    status = 500
+    reason = "credentials"
+
+
+class RequestError(GatewayError):
+    """A request-level failure with a reason code (used in the body and the audit log)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class BadRequest(RequestError):
+    """The request is ambiguous or malformed (path, Host, target form)."""
+
+
+class MethodNotAllowed(RequestError):
+    """CONNECT / TRACE: never proxied."""
+
+
+class NoRoute(RequestError):
+    """No route's path prefix matches the canonical path."""
+
+
+class Forbidden(RequestError):
+    """Policy denied the caller (identity, method or token binding)."""
 
 
 class TokenRejected(GatewayError):
@@ -33,3 +71,50 @@ class SignerUnavailable(GatewayError):
 
     status = 503
     reason = "signer_unavailable"
+
+
+class UpstreamError(RequestError):
+    """The upstream failed: unreachable, bad TLS identity, or an unsafe response."""
+
+
+class UpstreamTimeout(RequestError):
+    """The upstream did not answer within the read timeout."""
+
+
+class CircuitOpen(RequestError):
+    """The upstream's circuit breaker is open: fail fast."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseSpec:
+    status: int
+    error: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# The one table: error class -> (status, body "error" value, extra headers). Looked up by MRO.
+_TABLE: dict[type[GatewayError], ResponseSpec] = {
+    BadRequest: ResponseSpec(400, "bad_request"),
+    TokenRejected: ResponseSpec(
+        401, "unauthorized", (("WWW-Authenticate", 'Bearer error="invalid_token"'),)
+    ),
+    Forbidden: ResponseSpec(403, "forbidden"),
+    NoRoute: ResponseSpec(404, "no_route"),
+    MethodNotAllowed: ResponseSpec(
+        405, "method_not_allowed", (("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),)
+    ),
+    UpstreamError: ResponseSpec(502, "bad_gateway"),
+    SignerUnavailable: ResponseSpec(503, "signer_unavailable", (("Retry-After", "1"),)),
+    CircuitOpen: ResponseSpec(503, "upstream_unavailable", (("Retry-After", "1"),)),
+    UpstreamTimeout: ResponseSpec(504, "gateway_timeout"),
+    GatewayError: ResponseSpec(500, "internal"),
+}
+
+
+def response_spec(err: GatewayError) -> ResponseSpec:
+    """The HTTP response for ``err`` (500 for anything not listed)."""
+    for cls in type(err).__mro__:
+        spec = _TABLE.get(cls)
+        if spec is not None:
+            return spec
+    return _TABLE[GatewayError]

@@ -1,0 +1,161 @@
+"""Canonical request paths and the route table (built once per config load).
+
+The canonical form decodes percent-escapes of unreserved characters only, upper-cases the hex
+of the others, removes dot segments and collapses empty segments (``//``). Targets that could
+mean different things to the gateway and to an upstream are refused (400): ``;``, ``\\``, NUL
+(raw or encoded), encoded ``/``, fragments, raw non-ASCII or control bytes, bad escapes, and
+escapes that do not decode to valid UTF-8. What was authorized is what gets forwarded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gateway.config import GatewayConfig, JwtConfig, RouteConfig
+from gateway.errors import BadRequest
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# pchar minus '%' and ';' (handled separately) plus '/': what may appear raw in a path.
+_RAW_OK = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@/%]*$")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_FORBIDDEN_ESCAPES = frozenset({0x2F, 0x5C, 0x3B, 0x00})  # / \ ; NUL
+_QUERY_OK = re.compile(r"^[\x21-\x7e]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A request target split into the canonical path (what policy sees) and the raw query."""
+
+    path: str
+    query: str | None  # None: no '?'; "" : a bare '?'
+
+    def forward(self) -> str:
+        """The exact target the upstream receives."""
+        return self.path if self.query is None else f"{self.path}?{self.query}"
+
+
+def _decode_escape(m: re.Match[str]) -> str:
+    value = int(m.group(1), 16)
+    if value in _FORBIDDEN_ESCAPES:
+        raise BadRequest("bad_path", "encoded '/', '\\', ';' or NUL in the path")
+    if value in _UNRESERVED:
+        return chr(value)
+    return "%" + m.group(1).upper()
+
+
+def _remove_dot_segments(segments: list[str]) -> list[str]:
+    out: list[str] = []
+    for seg in segments:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg not in (".", ""):
+            out.append(seg)
+    return out
+
+
+def canonical_path(raw: str) -> str:
+    """The canonical form of an origin-form path (no query); raises :class:`BadRequest`."""
+    if not raw.startswith("/"):
+        raise BadRequest("bad_path", "the path must start with '/'")
+    if not _RAW_OK.fullmatch(raw):
+        if ";" in raw or "\\" in raw or "\x00" in raw:
+            raise BadRequest("bad_path", "';', '\\' or NUL in the path")
+        raise BadRequest("bad_path", "characters outside RFC 3986 in the path")
+    if "%" in raw:
+        # Every '%' must start a valid escape, and the escapes must spell valid UTF-8.
+        if raw.count("%") != len(_ESCAPE.findall(raw)):
+            raise BadRequest("bad_path", "malformed percent-escape in the path")
+        decoded = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), raw).encode("latin-1")
+        try:
+            decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("bad_path", "percent-escapes are not valid UTF-8") from None
+        raw = _ESCAPE.sub(_decode_escape, raw)
+    trailing = raw.endswith("/") or raw.endswith("/.") or raw.endswith("/..")
+    segments = _remove_dot_segments(raw.split("/"))
+    path = "/" + "/".join(segments)
+    if trailing and segments:
+        path += "/"
+    return path
+
+
+def parse_target(raw_target: str) -> Target:
+    """Split and canonicalize an origin-form request target; raises :class:`BadRequest`."""
+    if "#" in raw_target:
+        raise BadRequest("bad_path", "fragment in the request target")
+    path, sep, query = raw_target.partition("?")
+    if sep and not _QUERY_OK.fullmatch(query):
+        raise BadRequest("bad_query", "characters outside RFC 3986 in the query")
+    return Target(canonical_path(path), query if sep else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One configured route, ready for matching."""
+
+    index: int
+    name: str
+    prefix: str
+    methods: frozenset[str] | None
+    upstream: str
+    jwt: JwtConfig | None
+
+    def matches_path(self, path: str) -> bool:
+        """Match on segment boundaries: ``/orders`` matches ``/orders/x``, not ``/ordersx``."""
+        if self.prefix == "/":
+            return True
+        return path == self.prefix or path.startswith(self.prefix + "/")
+
+    def allows_method(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
+
+    @classmethod
+    def from_config(cls, index: int, cfg: RouteConfig) -> Route:
+        return cls(
+            index=index,
+            name=cfg.name,
+            prefix=cfg.match.path_prefix,
+            methods=frozenset(cfg.match.methods) if cfg.match.methods is not None else None,
+            upstream=cfg.upstream,
+            jwt=cfg.jwt if cfg.jwt is not None and cfg.jwt.required else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    route: Route
+    method_allowed: bool
+
+
+class RouteTable:
+    """Routes grouped by prefix; the longest matching prefix wins, then config order."""
+
+    __slots__ = ("_by_prefix", "routes")
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self.routes = routes
+        by_prefix: dict[str, list[Route]] = {}
+        for route in routes:
+            by_prefix.setdefault(route.prefix, []).append(route)
+        self._by_prefix = {p: tuple(rs) for p, rs in by_prefix.items()}
+
+    @classmethod
+    def from_config(cls, cfg: GatewayConfig) -> RouteTable:
+        return cls(tuple(Route.from_config(i, r) for i, r in enumerate(cfg.routes)))
+
+    def match(self, path: str, method: str) -> RouteMatch | None:
+        """The route for a canonical path: among the routes with the longest matching prefix,
+        the first (in config order) that lists the method; else the first of them, flagged."""
+        candidate = path
+        while True:
+            group = self._by_prefix.get(candidate or "/")
+            if group is not None:
+                for route in group:
+                    if route.allows_method(method):
+                        return RouteMatch(route, True)
+                return RouteMatch(group[0], False)
+            if not candidate or candidate == "/":
+                return None
+            candidate = candidate[: candidate.rfind("/")]
