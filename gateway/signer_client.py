@@ -1,0 +1,724 @@
+"""The gateway's side of the signer contract: verify JWTs remotely (``Verify``) or locally.
+
+One persistent grpc.aio channel (a Unix socket, or TCP with mTLS) carries every call. A
+background task keeps a ``GetJWKS`` + ``WatchKeys`` subscription open: it feeds the local
+verifier (``mode="local"``), evicts cached remote verifications whose key is gone, and tells
+readiness whether the signer is reachable. Every failure ends in exactly one of two errors:
+:class:`TokenRejected` (the token is bad: 401) or :class:`SignerUnavailable` (we could not
+find out: 503). Nothing here ever allows a token it could not verify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import random
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import jwt
+from jwt.exceptions import InvalidAlgorithmError, InvalidSignatureError, PyJWKError, PyJWTError
+
+from gateway.errors import SignerUnavailable, TokenRejected
+
+if TYPE_CHECKING:
+    import grpc
+    import grpc.aio
+    from svidgate.signer.v1 import signer_pb2_grpc
+
+log = logging.getLogger("svidgate.gateway.signer_client")
+
+VerifyMode = Literal["remote", "local"]
+
+REASON_METADATA_KEY = "svidgate-reason"
+MAX_TOKEN_BYTES = 16 * 1024
+DEFAULT_CLOCK_SKEW = timedelta(seconds=30)
+DEFAULT_CACHE_ENTRIES = 10_000
+REFETCH_MIN_INTERVAL = 1.0  # seconds between two GetJWKS refetches triggered by unknown kids
+RECONNECT_BACKOFF_MIN = 0.05
+RECONNECT_BACKOFF_MAX = 2.0
+
+# Asymmetric algorithms only; the algorithm always comes from the key, never from the token.
+ALLOWED_ALGORITHMS = frozenset({"EdDSA", "ES256", "ES384", "RS256", "PS256"})
+# Header parameters that would let a token pick its own key or demand unknown semantics.
+FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit", "b64"})
+PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k", "oth"})
+REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat")
+# gRPC codes whose failure is about the token itself; every other code means "could not ask".
+_TOKEN_ERROR_CODES = frozenset({"UNAUTHENTICATED", "INVALID_ARGUMENT"})
+
+
+class SignerTLSSettings(Protocol):
+    """What the client needs from ``gateway.config.SignerTLS`` (paths already absolute)."""
+
+    @property
+    def cert(self) -> Path: ...
+    @property
+    def key(self) -> Path: ...
+    @property
+    def bundle(self) -> Path: ...
+    @property
+    def spiffe_id(self) -> str | None: ...
+    @property
+    def server_name(self) -> str: ...
+
+
+class SignerSettings(Protocol):
+    """What the client needs from ``gateway.config.SignerConfig``."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def timeout(self) -> timedelta: ...
+    @property
+    def tls(self) -> SignerTLSSettings | None: ...
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    """A token the signer (or the local verifier) accepted; ``claims`` is read-only."""
+
+    subject: str
+    claims: Mapping[str, Any]
+    kid: str
+    expires_at: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification cache (remote mode)
+
+CacheKey = tuple[bytes, str, str, str]
+
+
+def cache_key(
+    token: str, audience: str, expected_subject: str | None, thumbprint: str | None
+) -> CacheKey:
+    """Key of one verification; the token is hashed so the cache never holds bearer tokens."""
+    digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+    return (digest, audience, expected_subject or "", thumbprint or "")
+
+
+@dataclass
+class _CacheEntry:
+    token: VerifiedToken
+    valid_until: float
+
+
+class VerificationCache:
+    """Bounded LRU of successful verifications, each valid until ``min(exp, key removal)``."""
+
+    def __init__(self, max_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[CacheKey, _CacheEntry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: CacheKey, *, now: float) -> VerifiedToken | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now >= entry.valid_until:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry.token
+
+    def put(self, key: CacheKey, token: VerifiedToken, *, valid_until: float, now: float) -> None:
+        if valid_until <= now:
+            return
+        self._entries[key] = _CacheEntry(token, valid_until)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def retain_kids(self, kids: Collection[str]) -> int:
+        """Drop every entry verified with a key that is no longer published; returns the count."""
+        gone = [k for k, e in self._entries.items() if e.token.kid not in kids]
+        for k in gone:
+            del self._entries[k]
+        return len(gone)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Key set and local verification (pure: ``now`` is an argument)
+
+
+class KeySetError(ValueError):
+    """A JWKS document from the signer is unusable; the previous key set stays in force."""
+
+
+@dataclass(frozen=True)
+class VerificationKey:
+    kid: str
+    algorithm: str
+    jwk: jwt.PyJWK
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """The signer's public keys as pushed over WatchKeys (a full set per message)."""
+
+    sequence: int
+    keys: Mapping[str, VerificationKey]
+    issuer: str | None = None
+
+    @classmethod
+    def parse(cls, jwks_json: str, sequence: int) -> KeySet:
+        """Parse and check a JWKS: every key needs a unique ``kid``, an allowed ``alg``, no
+        private members; ``use`` (when present) must be ``sig``."""
+        try:
+            doc = json.loads(jwks_json)
+        except (ValueError, RecursionError) as exc:
+            raise KeySetError(f"JWKS is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise KeySetError('JWKS must be an object with a "keys" array')
+        keys: dict[str, VerificationKey] = {}
+        for index, raw in enumerate(doc["keys"]):
+            where = f"keys[{index}]"
+            if not isinstance(raw, dict):
+                raise KeySetError(f"{where}: not an object")
+            kid = raw.get("kid")
+            alg = raw.get("alg")
+            if not isinstance(kid, str) or not kid:
+                raise KeySetError(f"{where}: missing kid")
+            if kid in keys:
+                raise KeySetError(f"{where}: duplicate kid {kid!r}")
+            if alg not in ALLOWED_ALGORITHMS:
+                raise KeySetError(f"{where} ({kid}): alg {alg!r} is not allowed")
+            if raw.get("use", "sig") != "sig":
+                raise KeySetError(f"{where} ({kid}): use must be 'sig'")
+            if PRIVATE_JWK_MEMBERS & raw.keys():
+                raise KeySetError(f"{where} ({kid}): contains private key material")
+            try:
+                jwk = jwt.PyJWK(raw, algorithm=alg)
+            except (PyJWKError, PyJWTError, ValueError, TypeError) as exc:
+                raise KeySetError(f"{where} ({kid}): {exc}") from None
+            keys[kid] = VerificationKey(kid=kid, algorithm=str(alg), jwk=jwk)
+        issuer = doc.get("issuer")
+        return cls(
+            sequence=sequence,
+            keys=MappingProxyType(keys),
+            issuer=issuer if isinstance(issuer, str) and issuer else None,
+        )
+
+
+_JWS = jwt.PyJWS(algorithms=sorted(ALLOWED_ALGORITHMS))
+
+
+def precheck_token(token: str) -> None:
+    """Checks so cheap they run before any RPC: size and the compact-JWS shape."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenRejected("too_large", f"token is longer than {MAX_TOKEN_BYTES} bytes")
+    if token.count(".") != 2:
+        raise TokenRejected("malformed", "not a compact JWS")
+
+
+def read_header(token: str) -> tuple[dict[str, Any], str]:
+    """Unverified header checks of local verification; returns ``(header, kid)``."""
+    precheck_token(token)
+    try:
+        header = _JWS.get_unverified_header(token)
+    except PyJWTError:
+        raise TokenRejected("malformed", "unreadable header") from None
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+        raise TokenRejected("alg_not_allowed", f"alg {str(alg)[:32]!r} is not allowed")
+    forbidden = sorted(FORBIDDEN_HEADERS & header.keys())
+    if forbidden:
+        raise TokenRejected("malformed", f"header parameter {forbidden[0]!r} is not allowed")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise TokenRejected("malformed", "kid header is required")
+    return header, kid
+
+
+def _int_claim(claims: Mapping[str, Any], name: str) -> int | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokenRejected("malformed", f"{name} claim must be a number")
+    return int(value)
+
+
+def verify_local(
+    token: str,
+    keys: KeySet,
+    *,
+    audience: str,
+    now: float,
+    issuer: str | None = None,
+    expected_subject: str | None = None,
+    certificate_thumbprint: str | None = None,
+    clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+) -> VerifiedToken:
+    """Verify ``token`` against ``keys`` with the signer's rules; raises :class:`TokenRejected`.
+
+    The algorithm comes from the key; exp/iat/iss/aud/sub are required; ``nbf``/``iat`` in the
+    future and ``exp`` in the past are judged with ``clock_skew``; a thumbprint, when given, must
+    equal the token's ``cnf.x5t#S256``.
+    """
+    header, kid = read_header(token)
+    key = keys.keys.get(kid)
+    if key is None:
+        raise TokenRejected("unknown_kid", "no published key has this kid")
+    if header["alg"] != key.algorithm:
+        raise TokenRejected("alg_not_allowed", "alg does not match the key's algorithm")
+    try:
+        decoded = _JWS.decode_complete(token, key=key.jwk, algorithms=[key.algorithm])
+    except InvalidSignatureError:
+        raise TokenRejected("bad_signature", "signature does not verify") from None
+    except InvalidAlgorithmError:
+        raise TokenRejected("alg_not_allowed", "alg does not match the key's algorithm") from None
+    except PyJWTError:
+        raise TokenRejected("malformed", "token cannot be decoded") from None
+    try:
+        claims = json.loads(decoded["payload"])
+    except (ValueError, RecursionError):
+        raise TokenRejected("malformed", "payload is not JSON") from None
+    if not isinstance(claims, dict):
+        raise TokenRejected("malformed", "payload is not a JSON object")
+    missing = [name for name in REQUIRED_CLAIMS if name not in claims]
+    if missing:
+        raise TokenRejected("malformed", f"missing claim {missing[0]}")
+
+    skew = clock_skew.total_seconds()
+    exp = _int_claim(claims, "exp")
+    iat = _int_claim(claims, "iat")
+    nbf = _int_claim(claims, "nbf")
+    assert exp is not None and iat is not None  # required above
+    if now >= exp + skew:
+        raise TokenRejected("expired", "token has expired")
+    if iat > now + skew or (nbf is not None and nbf > now + skew):
+        raise TokenRejected("not_yet_valid", "token is not valid yet")
+
+    iss = claims["iss"]
+    if not isinstance(iss, str) or not iss:
+        raise TokenRejected("malformed", "iss claim must be a string")
+    expected_issuer = issuer or keys.issuer
+    if expected_issuer is not None and not hmac.compare_digest(iss, expected_issuer):
+        raise TokenRejected("bad_issuer", "unexpected issuer")
+
+    aud = claims["aud"]
+    audiences = [aud] if isinstance(aud, str) else aud
+    if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+        raise TokenRejected("malformed", "aud claim must be a string or a list of strings")
+    if audience not in audiences:
+        raise TokenRejected("bad_audience", "token is not meant for this audience")
+
+    sub = claims["sub"]
+    if not isinstance(sub, str) or not sub:
+        raise TokenRejected("malformed", "sub claim must be a string")
+    if expected_subject is not None and not hmac.compare_digest(sub, expected_subject):
+        raise TokenRejected("bad_subject", "token subject is not the expected subject")
+
+    if certificate_thumbprint is not None:
+        cnf = claims.get("cnf")
+        bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+        if not isinstance(bound, str) or not hmac.compare_digest(bound, certificate_thumbprint):
+            raise TokenRejected("binding_mismatch", "token is not bound to this certificate")
+
+    return VerifiedToken(subject=sub, claims=MappingProxyType(claims), kid=kid, expires_at=exp)
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+
+
+def _reason_from_error(err: grpc.aio.AioRpcError) -> tuple[str, str]:
+    """The signer's reason code: trailing metadata first, then the ``reason: …`` message prefix."""
+    reason = ""
+    trailing: Any = err.trailing_metadata()
+    if trailing:
+        for md_key, value in trailing:
+            if md_key == REASON_METADATA_KEY and isinstance(value, str):
+                reason = value
+                break
+    message = err.details() or ""
+    prefix, sep, rest = message.partition(":")
+    if not reason and sep and prefix and prefix.replace("_", "").isalnum():
+        reason = prefix
+    detail = rest.strip() if sep and prefix == reason else message
+    return (reason or "rejected"), detail[:200]
+
+
+@dataclass
+class _WatchState:
+    connected: bool = False
+    keyset: KeySet | None = None
+    last_refetch: float = float("-inf")
+    refetch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class SignerClient:
+    """Verifies JWTs through the signer; create with :meth:`from_config`, then :meth:`start`."""
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        timeout: timedelta,
+        tls: SignerTLSSettings | None = None,
+        issuer: str | None = None,
+        clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+        cache_entries: int = DEFAULT_CACHE_ENTRIES,
+    ) -> None:
+        if not address:
+            raise ValueError("signer address is empty")
+        if address.startswith("unix:") and tls is not None:
+            raise ValueError("signer tls is for TCP addresses only")
+        if not address.startswith("unix:") and tls is None:
+            raise ValueError("a TCP signer address needs signer.tls (mTLS)")
+        self.address = address
+        self.timeout = timeout
+        self.tls = tls
+        self.issuer = issuer
+        self.clock_skew = clock_skew
+        self.cache = VerificationCache(cache_entries)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: signer_pb2_grpc.SignerStub | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._state = _WatchState()
+        self._identity_error: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: SignerSettings) -> SignerClient:
+        """Build a client from the gateway's ``signer`` section; cheap, no I/O."""
+        return cls(
+            address=cfg.address,
+            timeout=cfg.timeout,
+            tls=cfg.tls,
+            issuer=getattr(cfg, "issuer", None),
+            clock_skew=getattr(cfg, "clock_skew", None) or DEFAULT_CLOCK_SKEW,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the channel and start the key subscription; does not wait for the signer."""
+        if self._channel is not None:
+            return
+        import grpc
+        import grpc.aio
+        from svidgate.signer.v1 import signer_pb2_grpc
+
+        options: list[tuple[str, Any]] = [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.enable_retries", 0),
+        ]
+        if self.tls is None:
+            channel = grpc.aio.insecure_channel(self.address, options=options)
+        else:
+            creds = _channel_credentials(self.tls)
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+            channel = grpc.aio.secure_channel(self.address, creds, options=options)
+        self._channel = channel
+        self._stub = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
+        self._watch_task = asyncio.create_task(self._watch_keys(), name="signer-watch-keys")
+
+    async def close(self) -> None:
+        task, self._watch_task = self._watch_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(grace=None)
+        self._state.connected = False
+
+    async def __aenter__(self) -> SignerClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def ready(self, *, mode: VerifyMode = "remote") -> bool:
+        """Remote: the key subscription is live (the signer answers). Local: a key set is held
+        (the last good one is kept while the signer is away)."""
+        if self._channel is None or self._identity_error is not None:
+            return False
+        if mode == "local":
+            return self._state.keyset is not None
+        return self._state.connected
+
+    @property
+    def keyset(self) -> KeySet | None:
+        """The last good key set received from the signer (``None`` before the first)."""
+        return self._state.keyset
+
+    # -- verification ---------------------------------------------------------------------------
+
+    async def verify(
+        self,
+        token: str,
+        *,
+        audience: str,
+        mode: VerifyMode,
+        expected_subject: str | None = None,
+        certificate_thumbprint: str | None = None,
+    ) -> VerifiedToken:
+        """Verify ``token`` for ``audience``; raises TokenRejected or SignerUnavailable."""
+        if not audience:
+            raise ValueError("audience is required")
+        if mode == "local":
+            return await self._verify_local(
+                token, audience, expected_subject, certificate_thumbprint
+            )
+        if mode != "remote":
+            raise ValueError(f"unknown verify mode {mode!r}")
+        return await self._verify_remote(token, audience, expected_subject, certificate_thumbprint)
+
+    async def _verify_remote(
+        self,
+        token: str,
+        audience: str,
+        expected_subject: str | None,
+        thumbprint: str | None,
+    ) -> VerifiedToken:
+        import grpc
+        import grpc.aio
+        from svidgate.signer.v1 import signer_pb2
+
+        precheck_token(token)
+        key = cache_key(token, audience, expected_subject, thumbprint)
+        cached = self.cache.get(key, now=time.time())
+        if cached is not None:
+            return cached
+        stub = self._require_stub()
+        request = signer_pb2.VerifyRequest(
+            token=token,
+            audience=[audience],
+            expected_subject=expected_subject or "",
+            certificate_thumbprint=thumbprint or "",
+        )
+        try:
+            response = await stub.Verify(request, timeout=self.timeout.total_seconds())
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            if code.name in _TOKEN_ERROR_CODES:
+                reason, detail = _reason_from_error(err)
+                raise TokenRejected(reason, detail) from None
+            raise SignerUnavailable(f"signer Verify failed: {code.name}") from None
+        except (asyncio.CancelledError, grpc.aio.UsageError) as err:
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            raise SignerUnavailable("signer channel is closed") from None
+        try:
+            claims = json.loads(response.claims_json) if response.claims_json else {}
+        except ValueError:
+            raise SignerUnavailable("signer returned unreadable claims") from None
+        if not isinstance(claims, dict) or not response.subject or not response.kid:
+            raise SignerUnavailable("signer returned an incomplete VerifyResponse")
+        verified = VerifiedToken(
+            subject=response.subject,
+            claims=MappingProxyType(claims),
+            kid=response.kid,
+            expires_at=int(response.expires_at),
+        )
+        valid_until = float(response.expires_at)
+        if response.key_valid_until:
+            valid_until = min(valid_until, float(response.key_valid_until))
+        keyset = self._state.keyset
+        if keyset is None or verified.kid in keyset.keys:
+            self.cache.put(key, verified, valid_until=valid_until, now=time.time())
+        return verified
+
+    async def _verify_local(
+        self,
+        token: str,
+        audience: str,
+        expected_subject: str | None,
+        thumbprint: str | None,
+    ) -> VerifiedToken:
+        _, kid = read_header(token)
+        keyset = self._state.keyset
+        if keyset is None or kid not in keyset.keys:
+            keyset = await self._refetch_for_kid(kid)
+        return verify_local(
+            token,
+            keyset,
+            audience=audience,
+            now=time.time(),
+            issuer=self.issuer,
+            expected_subject=expected_subject,
+            certificate_thumbprint=thumbprint,
+            clock_skew=self.clock_skew,
+        )
+
+    async def _refetch_for_kid(self, kid: str) -> KeySet:
+        """Unknown kid: ask GetJWKS once (rate-limited, one fetch in flight at a time)."""
+        state = self._state
+        async with state.refetch_lock:
+            current = state.keyset
+            if current is not None and kid in current.keys:
+                return current  # another request fetched it meanwhile
+            now = time.monotonic()
+            if now - state.last_refetch >= REFETCH_MIN_INTERVAL:
+                state.last_refetch = now
+                try:
+                    await self._fetch_jwks()
+                except SignerUnavailable:
+                    if state.keyset is None:
+                        raise
+                    log.warning("signer unreachable while refetching keys for an unknown kid")
+            if state.keyset is None:
+                raise SignerUnavailable("no signer keys yet")
+            return state.keyset
+
+    async def _fetch_jwks(self) -> KeySet:
+        import grpc.aio
+        from svidgate.signer.v1 import signer_pb2
+
+        stub = self._require_stub()
+        try:
+            response = await stub.GetJWKS(
+                signer_pb2.GetJWKSRequest(), timeout=self.timeout.total_seconds()
+            )
+        except grpc.aio.AioRpcError as err:
+            raise SignerUnavailable(f"signer GetJWKS failed: {err.code().name}") from None
+        return self._install_keyset(response.jwks_json, response.sequence)
+
+    def _install_keyset(self, jwks_json: str, sequence: int) -> KeySet:
+        try:
+            keyset = KeySet.parse(jwks_json, int(sequence))
+        except KeySetError as exc:
+            log.error("ignoring an unusable key set from the signer: %s", exc)
+            raise SignerUnavailable("signer published an unusable key set") from None
+        previous = self._state.keyset
+        self._state.keyset = keyset
+        evicted = self.cache.retain_kids(keyset.keys.keys())
+        if previous is None or previous.keys.keys() != keyset.keys.keys():
+            log.info(
+                "signer key set %d: kids %s (evicted %d cached verifications)",
+                keyset.sequence,
+                ",".join(sorted(keyset.keys)),
+                evicted,
+            )
+        return keyset
+
+    def _require_stub(self) -> signer_pb2_grpc.SignerStub:
+        if self._identity_error is not None:
+            raise SignerUnavailable(self._identity_error)
+        if self._stub is None:
+            raise SignerUnavailable("signer client is not started")
+        return self._stub
+
+    # -- key subscription -----------------------------------------------------------------------
+
+    async def _watch_keys(self) -> None:
+        """Keep GetJWKS + WatchKeys open; reconnect with jittered backoff; keep the last keys."""
+        import grpc.aio
+        from svidgate.signer.v1 import signer_pb2
+
+        backoff = RECONNECT_BACKOFF_MIN
+        while True:
+            try:
+                if self.tls is not None and self.tls.spiffe_id:
+                    await self._check_signer_identity()
+                keyset = await self._fetch_jwks()
+                stub = self._require_stub()
+                stream = stub.WatchKeys(signer_pb2.WatchKeysRequest(after_sequence=keyset.sequence))
+                self._state.connected = True
+                backoff = RECONNECT_BACKOFF_MIN
+                async for message in stream:
+                    with contextlib.suppress(SignerUnavailable):
+                        self._install_keyset(message.jwks_json, message.sequence)
+                log.warning("signer key stream ended; reconnecting")
+            except asyncio.CancelledError:
+                raise
+            except (SignerUnavailable, grpc.aio.AioRpcError, OSError) as exc:
+                if self._state.connected:
+                    log.warning("signer key stream lost (%s); keeping the last key set", exc)
+            except Exception:
+                log.exception("unexpected error in the signer key stream")
+            self._state.connected = False
+            await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+
+    async def _check_signer_identity(self) -> None:
+        """TCP + ``spiffe_id``: handshake once with the same credentials and check the signer's
+        SVID (gRPC's Python client exposes no peer certificate). Mismatch → never used."""
+        tls = self.tls
+        assert tls is not None and tls.spiffe_id
+        host, _, port = self.address.rpartition(":")
+        host = host.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:")
+        host = host.strip("[]")
+        try:
+            found = await asyncio.wait_for(
+                asyncio.to_thread(_peer_spiffe_id, host, int(port), tls),
+                timeout=max(self.timeout.total_seconds(), 1.0),
+            )
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise SignerUnavailable(f"signer identity check failed: {exc}") from None
+        if found != tls.spiffe_id:
+            self._identity_error = (
+                f"signer presented {found!r}, expected {tls.spiffe_id!r}: refusing to use it"
+            )
+            log.error("%s", self._identity_error)
+            raise SignerUnavailable(self._identity_error)
+        self._identity_error = None
+
+
+def _channel_credentials(tls: SignerTLSSettings) -> grpc.ChannelCredentials:
+    """mTLS credentials for the channel: the gateway's SVID and the signer's trust bundle."""
+    import grpc
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(tls.bundle).read_bytes(),
+        private_key=Path(tls.key).read_bytes(),
+        certificate_chain=Path(tls.cert).read_bytes(),
+    )
+
+
+def _peer_spiffe_id(host: str, port: int, tls: SignerTLSSettings) -> str:
+    """Connect with mTLS (same cert, bundle and server name as the channel) and return the
+    verified peer's SPIFFE ID, checked with pki's SVID rules."""
+    import socket
+    from datetime import UTC, datetime
+
+    from cryptography import x509
+
+    from pki.bundle import BundleSet, load_bundle
+    from pki.svid import check_svid_profile, verify_x509_svid
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(tls.bundle))
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    with (
+        socket.create_connection((host, port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=tls.server_name) as conn,
+    ):
+        der = conn.getpeercert(binary_form=True)
+        chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in conn._sslobj.get_verified_chain()]  # type: ignore[attr-defined]
+    if not der:
+        raise ValueError("signer presented no certificate")
+    leaf = x509.load_der_x509_certificate(der)
+    spiffe_id = check_svid_profile(leaf)
+    intermediates = [x509.load_der_x509_certificate(d) for d in chain[1:-1]]
+    bundle = load_bundle(tls.bundle, spiffe_id.trust_domain)
+    verify_x509_svid(leaf, intermediates, BundleSet.from_bundles([bundle]), now=datetime.now(UTC))
+    return str(spiffe_id)
