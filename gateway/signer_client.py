@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import jwt
 from jwt.exceptions import InvalidAlgorithmError, InvalidSignatureError, PyJWKError, PyJWTError
 
-from gateway.errors import SignerUnavailable, TokenRejected
+from gateway.errors import ConfigError, SignerUnavailable, TokenRejected
 
 if TYPE_CHECKING:
     import grpc
@@ -381,11 +381,11 @@ class SignerClient:
         cache_entries: int = DEFAULT_CACHE_ENTRIES,
     ) -> None:
         if not address:
-            raise ValueError("signer address is empty")
+            raise ConfigError("signer.address: empty")
         if address.startswith("unix:") and tls is not None:
-            raise ValueError("signer tls is for TCP addresses only")
+            raise ConfigError("signer.tls: only for a TCP address, not unix:")
         if not address.startswith("unix:") and tls is None:
-            raise ValueError("a TCP signer address needs signer.tls (mTLS)")
+            raise ConfigError("signer.tls: required for a TCP signer address (mTLS)")
         self.address = address
         self.timeout = timeout
         self.tls = tls

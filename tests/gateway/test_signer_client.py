@@ -1,0 +1,338 @@
+"""The gateway's signer client: pure parts (key set, local verification, cache) and, over a real
+signer process on a Unix socket / mTLS TCP, remote and local verification end to end."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from gateway.config import SignerConfig
+from gateway.errors import ConfigError, TokenRejected
+from gateway.signer_client import (
+    MAX_TOKEN_BYTES,
+    KeySet,
+    KeySetError,
+    SignerClient,
+    VerificationCache,
+    VerifiedToken,
+    cache_key,
+    verify_local,
+)
+
+ISS = "spiffe://example.org/signer"
+SUB = "spiffe://example.org/ns/shop/sa/web"
+AUD = "orders"
+NOW = 1_800_000_000.0
+
+
+class Signer:
+    """A key pair and its public JWK, standing in for one signer key."""
+
+    def __init__(self, kid: str, alg: str = "ES256") -> None:
+        self.kid = kid
+        self.alg = alg
+        if alg == "ES256":
+            self.private: Any = ec.generate_private_key(ec.SECP256R1())
+            jwk = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        elif alg == "EdDSA":
+            self.private = ed25519.Ed25519PrivateKey.generate()
+            jwk = OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        else:
+            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        self.jwk: dict[str, Any] = {**jwk, "kid": kid, "alg": alg, "use": "sig"}
+
+    def token(self, headers: dict[str, Any] | None = None, **overrides: Any) -> str:
+        claims: dict[str, Any] = {
+            "iss": ISS,
+            "sub": SUB,
+            "aud": AUD,
+            "iat": int(NOW) - 10,
+            "exp": int(NOW) + 300,
+        }
+        for name, value in overrides.items():
+            if value is None:
+                claims.pop(name, None)
+            else:
+                claims[name] = value
+        hdr = {"kid": self.kid, **(headers or {})}
+        return jwt.encode(claims, self.private, algorithm=self.alg, headers=hdr)
+
+
+def keyset(*signers: Signer, sequence: int = 1, **extra: Any) -> KeySet:
+    return KeySet.parse(json.dumps({"keys": [s.jwk for s in signers], **extra}), sequence)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"x") -> str:
+    return ".".join(
+        b64url(part)
+        for part in (json.dumps(header).encode(), json.dumps(claims).encode(), signature)
+    )
+
+
+@pytest.fixture(scope="module")
+def es() -> Signer:
+    return Signer("k1")
+
+
+def reject(token: str, keys: KeySet, **kwargs: Any) -> str:
+    kwargs.setdefault("audience", AUD)
+    kwargs.setdefault("now", NOW)
+    with pytest.raises(TokenRejected) as info:
+        verify_local(token, keys, **kwargs)
+    return info.value.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# key sets
+
+
+def test_keyset_parses_every_algorithm() -> None:
+    signers = [Signer("a", "ES256"), Signer("b", "EdDSA"), Signer("c", "RS256")]
+    keys = keyset(*signers, sequence=7, issuer=ISS)
+    assert keys.sequence == 7
+    assert sorted(keys.keys) == ["a", "b", "c"]
+    assert keys.issuer == ISS
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda k: k.pop("kid"), "missing kid"),
+        (lambda k: k.pop("alg"), "is not allowed"),
+        (lambda k: k.update(alg="HS256"), "is not allowed"),
+        (lambda k: k.update(alg="none"), "is not allowed"),
+        (lambda k: k.update(use="enc"), "use must be 'sig'"),
+        (lambda k: k.update(d="AAAA"), "private key material"),
+        (lambda k: k.update(crv="P-999"), "k1"),
+    ],
+)
+def test_keyset_rejects_unsafe_keys(mutate: Any, message: str) -> None:
+    jwk = dict(Signer("k1").jwk)
+    mutate(jwk)
+    with pytest.raises(KeySetError, match=message):
+        KeySet.parse(json.dumps({"keys": [jwk]}), 1)
+
+
+def test_keyset_rejects_duplicate_kid_and_junk() -> None:
+    s = Signer("k1")
+    with pytest.raises(KeySetError, match="duplicate"):
+        KeySet.parse(json.dumps({"keys": [s.jwk, s.jwk]}), 1)
+    for junk in ("", "[]", '{"keys": {}}', "{", '{"keys": [1]}'):
+        with pytest.raises(KeySetError):
+            KeySet.parse(junk, 1)
+
+
+def test_hmac_key_is_refused() -> None:
+    with pytest.raises(KeySetError):
+        KeySet.parse(json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# local verification
+
+
+@pytest.mark.parametrize("alg", ["ES256", "EdDSA", "RS256"])
+def test_valid_token_verifies(alg: str) -> None:
+    s = Signer("k-" + alg, alg)
+    got = verify_local(s.token(), keyset(s), audience=AUD, now=NOW, issuer=ISS)
+    assert got == VerifiedToken(
+        subject=SUB, claims=got.claims, kid=s.kid, expires_at=int(NOW) + 300
+    )
+    assert got.claims["aud"] == AUD
+    with pytest.raises(TypeError):
+        got.claims["sub"] = "x"  # type: ignore[index]
+
+
+def test_audience_list_and_expected_subject(es: Signer) -> None:
+    token = es.token(aud=["billing", AUD])
+    got = verify_local(token, keyset(es), audience=AUD, now=NOW, expected_subject=SUB)
+    assert got.subject == SUB
+    assert reject(token, keyset(es), audience="nope") == "bad_audience"
+    assert reject(token, keyset(es), expected_subject=SUB + "x") == "bad_subject"
+
+
+def test_time_checks_with_clock_skew(es: Signer) -> None:
+    keys = keyset(es)
+    skew = timedelta(seconds=30)
+    # expired 10 s ago: inside the skew; 31 s ago: outside
+    verify_local(es.token(exp=int(NOW) - 10), keys, audience=AUD, now=NOW, clock_skew=skew)
+    assert reject(es.token(exp=int(NOW) - 31), keys, clock_skew=skew) == "expired"
+    assert reject(es.token(iat=int(NOW) + 31), keys, clock_skew=skew) == "not_yet_valid"
+    assert reject(es.token(nbf=int(NOW) + 31), keys, clock_skew=skew) == "not_yet_valid"
+    verify_local(es.token(nbf=int(NOW) + 20), keys, audience=AUD, now=NOW, clock_skew=skew)
+    assert reject(es.token(exp="soon"), keys) == "malformed"
+    assert reject(es.token(exp=True), keys) == "malformed"
+
+
+@pytest.mark.parametrize("claim", ["iss", "sub", "aud", "exp", "iat"])
+def test_required_claims(es: Signer, claim: str) -> None:
+    assert reject(es.token(**{claim: None}), keyset(es)) == "malformed"
+
+
+def test_issuer_from_config_or_key_set(es: Signer) -> None:
+    other = es.token(iss="spiffe://example.org/other")
+    assert reject(other, keyset(es), issuer=ISS) == "bad_issuer"
+    assert reject(other, keyset(es, issuer=ISS)) == "bad_issuer"
+    verify_local(es.token(), keyset(es, issuer=ISS), audience=AUD, now=NOW)
+
+
+def test_signature_and_kid(es: Signer) -> None:
+    impostor = Signer("k1")  # same kid, different key
+    assert reject(impostor.token(), keyset(es)) == "bad_signature"
+    assert reject(Signer("k9").token(), keyset(es)) == "unknown_kid"
+    unsigned = forge({"alg": "ES256"}, {"sub": SUB})
+    assert reject(unsigned, keyset(es)) == "malformed"  # kid is required
+    tampered = es.token()
+    head, _, sig = tampered.split(".")
+    body = b64url(
+        json.dumps(
+            {
+                "iss": ISS,
+                "sub": "spiffe://example.org/admin",
+                "aud": AUD,
+                "iat": int(NOW),
+                "exp": int(NOW) + 60,
+            }
+        ).encode()
+    )
+    assert reject(f"{head}.{body}.{sig}", keyset(es)) == "bad_signature"
+
+
+def test_algorithm_comes_from_the_key(es: Signer) -> None:
+    keys = keyset(es)
+    claims = {"iss": ISS, "sub": SUB, "aud": AUD, "iat": int(NOW), "exp": int(NOW) + 60}
+    assert reject(forge({"alg": "none", "kid": "k1"}, claims, b""), keys) == "alg_not_allowed"
+    # HS256 signed with the public JWK as the secret (algorithm confusion)
+    secret = json.dumps(es.jwk).encode()
+    head = b64url(json.dumps({"alg": "HS256", "kid": "k1"}).encode())
+    body = b64url(json.dumps(claims).encode())
+    mac = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    hs = f"{head}.{body}.{b64url(mac)}"
+    assert reject(hs, keys) == "alg_not_allowed"
+    # a real RS256 signature presented under the ES256 key's kid
+    rs = Signer("k1", "RS256")
+    assert reject(rs.token(), keys) == "alg_not_allowed"
+
+
+@pytest.mark.parametrize("header", ["jku", "x5u", "jwk", "x5c", "crit"])
+def test_key_selecting_headers_are_refused(es: Signer, header: str) -> None:
+    value: Any = ["exp"] if header == "crit" else "https://evil.example/x"
+    if header == "jwk":
+        value = es.jwk
+    assert reject(es.token(headers={header: value}), keyset(es)) == "malformed"
+
+
+def test_certificate_binding(es: Signer) -> None:
+    thumb = b64url(hashlib.sha256(b"leaf-der").digest())
+    bound = es.token(cnf={"x5t#S256": thumb})
+    got = verify_local(bound, keyset(es), audience=AUD, now=NOW, certificate_thumbprint=thumb)
+    assert got.claims["cnf"] == {"x5t#S256": thumb}
+    other = b64url(hashlib.sha256(b"other").digest())
+    assert reject(bound, keyset(es), certificate_thumbprint=other) == "binding_mismatch"
+    assert reject(es.token(), keyset(es), certificate_thumbprint=thumb) == "binding_mismatch"
+    assert reject(es.token(cnf="x"), keyset(es), certificate_thumbprint=thumb) == "binding_mismatch"
+
+
+@pytest.mark.parametrize(
+    "token", ["", "abc", "a.b", "a.b.c.d", "!!!.@@@.###", "eyJhbGciOiJFUzI1NiJ9.e30"]
+)
+def test_junk_is_malformed(es: Signer, token: str) -> None:
+    assert reject(token, keyset(es)) == "malformed"
+
+
+def test_oversized_token(es: Signer) -> None:
+    big = es.token(pad="x" * MAX_TOKEN_BYTES)
+    assert reject(big, keyset(es)) == "too_large"
+
+
+def test_payload_must_be_an_object(es: Signer) -> None:
+    raw = jwt.api_jws.encode(b"[1,2]", es.private, algorithm="ES256", headers={"kid": "k1"})
+    assert reject(raw, keyset(es)) == "malformed"
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+
+
+def vt(kid: str, exp: int = 2_000_000_000) -> VerifiedToken:
+    return VerifiedToken(subject=SUB, claims={}, kid=kid, expires_at=exp)
+
+
+def test_cache_key_separates_every_input_and_hides_the_token() -> None:
+    base = cache_key("tok", "a", None, None)
+    assert base != cache_key("tok", "b", None, None)
+    assert base != cache_key("tok", "a", SUB, None)
+    assert base != cache_key("tok", "a", None, "t")
+    assert base != cache_key("tok2", "a", None, None)
+    assert "tok" not in repr(base)
+
+
+def test_cache_lru_and_expiry() -> None:
+    cache = VerificationCache(max_entries=2)
+    k1, k2, k3 = (cache_key(t, AUD, None, None) for t in ("t1", "t2", "t3"))
+    cache.put(k1, vt("a"), valid_until=NOW + 10, now=NOW)
+    cache.put(k2, vt("a"), valid_until=NOW + 10, now=NOW)
+    assert cache.get(k1, now=NOW) is not None  # k1 now most recent
+    cache.put(k3, vt("a"), valid_until=NOW + 10, now=NOW)
+    assert cache.get(k2, now=NOW) is None  # least recently used was evicted
+    assert cache.get(k1, now=NOW) is not None
+    assert cache.get(k3, now=NOW + 10) is None  # expired at valid_until
+    assert len(cache) == 1
+    cache.put(k2, vt("a"), valid_until=NOW - 1, now=NOW)  # already expired: not stored
+    assert cache.get(k2, now=NOW) is None
+
+
+def test_cache_drops_entries_of_removed_keys() -> None:
+    cache = VerificationCache()
+    ka, kb = cache_key("ta", AUD, None, None), cache_key("tb", AUD, None, None)
+    cache.put(ka, vt("old"), valid_until=NOW + 60, now=NOW)
+    cache.put(kb, vt("new"), valid_until=NOW + 60, now=NOW)
+    assert cache.retain_kids({"new"}) == 1
+    assert cache.get(ka, now=NOW) is None
+    assert cache.get(kb, now=NOW) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_from_config_uses_the_gateway_model(tmp_path: Path) -> None:
+    cfg = SignerConfig.model_validate(
+        {"address": "unix:run/signer.sock", "timeout": "100ms"}, context={"base_dir": tmp_path}
+    )
+    client = SignerClient.from_config(cfg)
+    assert client.address == f"unix:{tmp_path}/run/signer.sock"
+    assert client.timeout == timedelta(milliseconds=100)
+    assert not client.ready()
+    assert not client.ready(mode="local")
+
+
+def test_tcp_without_tls_is_a_config_error(tmp_path: Path) -> None:
+    cfg = SignerConfig.model_validate({"address": "127.0.0.1:7443"}, context={"base_dir": tmp_path})
+    with pytest.raises(ConfigError, match=r"signer\.tls"):
+        SignerClient.from_config(cfg)
+
+
+async def test_unstarted_client_is_unavailable(es: Signer) -> None:
+    from gateway.errors import SignerUnavailable
+
+    client = SignerClient(address="unix:/nonexistent/s.sock", timeout=timedelta(seconds=1))
+    with pytest.raises(SignerUnavailable):
+        await client.verify(es.token(), audience=AUD, mode="remote")
+    with pytest.raises(SignerUnavailable):
+        await client.verify(es.token(), audience=AUD, mode="local")
