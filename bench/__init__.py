@@ -1,0 +1,1 @@
+"""Benchmarks that compare svidgate with nginx in the same run (not tests); see README.md."""

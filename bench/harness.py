@@ -1,0 +1,424 @@
+"""svidgate vs nginx, same machine, same run, same upstream: see bench/README.md.
+
+Usage: ``bench/run [--quick] [--rounds N] [--seconds S] [--server-cpus 0] [--client-cpus 1] …``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import os
+import platform
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import idle, nginx, report
+from bench.ab import AbSpec, run_ab
+from bench.procs import BenchError, Service, free_port, raise_nofile
+from bench.stack import ROUTES, Pki, SvidgateStack, make_pki, start_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+SPECS = {
+    "ka-c1": AbSpec("ka-c1", 1, True),
+    "ka-c16": AbSpec("ka-c16", 16, True),
+    "ka-c64": AbSpec("ka-c64", 64, True),
+    "new-c16": AbSpec("new-c16", 16, False),
+}
+SHARED_NOTE = (
+    "2-core machine shared with other sessions' test runs; absolute numbers are noisy, "
+    "compare the ratios (same run, alternating order)"
+)
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    scenarios: tuple[str, ...]
+    pids: Callable[[], list[int]]
+    headers: tuple[str, ...] = ()
+    tls: bool = True
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="one round, short runs (smoke check)")
+    p.add_argument("--rounds", type=int, help="rounds (default 5, quick 1)")
+    p.add_argument("--seconds", type=int, help="seconds per ab run (default 5, quick 2)")
+    p.add_argument("--server-cpus", default="0", help="taskset list for proxies (default 0)")
+    p.add_argument("--client-cpus", default="1", help="taskset list for ab and the harness")
+    p.add_argument(
+        "--upstream-cpus", help="taskset list for the upstream nginx (default: the client cpus)"
+    )
+    p.add_argument("--workers", type=int, help="workers per proxy (default: # of server cpus)")
+    p.add_argument(
+        "--proxies",
+        default="nginx,svidgate",
+        help="comma list of nginx,svidgate (nginx alone proves the plumbing)",
+    )
+    p.add_argument("--idle", type=int, default=1000, help="idle connections for RSS (0 = skip)")
+    p.add_argument("--access-log", action="store_true", help="keep access logs on (both)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--hold", action="store_true", help="after measuring, keep servers up (Ctrl-C)")
+    p.add_argument("--no-write", action="store_true", help="do not write bench/results/")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.seconds = args.seconds or (2 if args.quick else 5)
+    args.upstream_cpus = args.upstream_cpus or args.client_cpus
+    args.workers = args.workers or len(cpu_list(args.server_cpus))
+    args.proxies = [x.strip() for x in args.proxies.split(",") if x.strip()]
+    unknown = set(args.proxies) - {"nginx", "svidgate"}
+    if unknown:
+        p.error(f"unknown proxies: {', '.join(sorted(unknown))}")
+    return args
+
+
+def cpu_list(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def probe(port: int, path: str, ctx: ssl.SSLContext | None, headers: dict[str, str]) -> str:
+    """One request; returns the status code or the error class (for the pre-flight checks)."""
+    conn: http.client.HTTPConnection
+    if ctx is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return str(resp.status)
+    except (OSError, http.client.HTTPException) as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+def preflight(checks: Sequence[tuple[str, str, Callable[[], str]]]) -> None:
+    """Every target must serve 200 to the bench client and refuse what it must refuse."""
+    failed = []
+    for label, expect, fn in checks:
+        got = fn()
+        ok = got == expect if expect != "!200" else got != "200"
+        print(f"  check {label}: {got} ({'ok' if ok else 'expected ' + expect})")
+        if not ok:
+            failed.append(label)
+    if failed:
+        raise BenchError(f"pre-flight checks failed: {', '.join(failed)}")
+
+
+def versions() -> dict[str, str]:
+    def out(cmd: list[str]) -> str:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return "missing"
+        return (p.stdout + p.stderr).strip().splitlines()[0] if (p.stdout + p.stderr) else ""
+
+    import aiohttp
+
+    return {
+        "nginx": out(["nginx", "-v"]),
+        "ab": out(["ab", "-V"]),
+        "python": platform.python_version(),
+        "openssl (python ssl)": ssl.OPENSSL_VERSION,
+        "aiohttp": aiohttp.__version__,
+        "kernel": platform.release(),
+    }
+
+
+def git_commit() -> str:
+    p = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return p.stdout.strip() or "unknown"
+
+
+def measure_rounds(args: argparse.Namespace, targets: list[Target], client_pem: Path) -> None:
+    ka_cap = 60_000 * args.seconds
+    new_cap = 4_000 * args.seconds
+    # Warm-up (not recorded): fills pools, caches, JIT-free but allocator-warm.
+    for t in targets:
+        spec = SPECS["ka-c16"]
+        try:
+            run_ab(
+                t.url,
+                spec,
+                seconds=1,
+                max_requests=20_000,
+                cpus=args.client_cpus,
+                client_pem=client_pem if t.tls else None,
+                headers=t.headers,
+            )
+        except BenchError as exc:
+            print(f"  warm-up {t.name}: {exc}")
+    for rnd in range(args.rounds):
+        # Alternate the order round by round so that no proxy always runs first or last.
+        order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
+        if rnd % 2:
+            order.reverse()
+        print(f"round {rnd + 1}/{args.rounds}: {' → '.join(t.name for t in order)}")
+        for scen, spec in SPECS.items():
+            for t in order:
+                if scen not in t.scenarios:
+                    continue
+                sample: dict[str, Any] = {"target": t.name, "scenario": scen, "round": rnd + 1}
+                try:
+                    res = run_ab(
+                        t.url,
+                        spec,
+                        seconds=args.seconds,
+                        max_requests=ka_cap if spec.keepalive else new_cap,
+                        cpus=args.client_cpus,
+                        client_pem=client_pem if t.tls else None,
+                        headers=t.headers,
+                        server_pids=t.pids(),
+                    )
+                    sample.update(res.as_dict())
+                    sample["error"] = None
+                    print(
+                        f"  {t.name:20} {scen:8} {res.rps:10,.0f} rps  p50 {res.p50_ms:7.3f} ms  "
+                        f"p99 {res.p99_ms:7.3f} ms  server cpu {res.server_cpu:4.2f}"
+                    )
+                except BenchError as exc:
+                    sample["error"] = str(exc)
+                    print(f"  {t.name:20} {scen:8} FAILED: {exc}")
+                t.samples.append(sample)
+
+
+def measure_memory(
+    name: str,
+    pids: list[int],
+    port: int,
+    count: int,
+    ctx: ssl.SSLContext,
+    path: str,
+) -> dict[str, Any]:
+    try:
+        procs = asyncio.run(idle.memory_under_idle(pids, port, count, ctx, path=path))
+        summary = idle.worker_summary(procs)
+    except BenchError as exc:
+        print(f"  memory {name}: FAILED: {exc}")
+        return {"error": str(exc)}
+    print(
+        f"  memory {name}: {summary['connections']} idle conns over {summary['workers']} "
+        f"worker(s), RSS/worker max {summary['rss_per_worker_mb_max']} MB "
+        f"(idle {summary['rss_idle_per_worker_mb_max']} MB)"
+    )
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in ("ab", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"`{tool}` is not installed (bench/run installs it with apt-get)")
+    # The harness itself (and the idle-connection client) stays off the server cores.
+    os.sched_setaffinity(0, cpu_list(args.client_cpus))
+    nofile = raise_nofile()
+    if args.idle and nofile < args.idle * 2 + 100:
+        raise BenchError(f"open-file limit {nofile} too low for {args.idle} idle connections")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    work = Path(tempfile.mkdtemp(prefix="svidgate-bench-"))
+    services: list[Service] = []
+    stack: SvidgateStack | None = None
+    nginx_proxy: Service | None = None
+    try:
+        print(f"work dir {work}")
+        pki: Pki = make_pki(work)
+        up_port = free_port()
+        upstream = nginx.start(
+            "upstream nginx",
+            work / "upstream",
+            nginx.write_upstream_conf(work / "upstream", port=up_port),
+            cpus=args.upstream_cpus,
+            port=up_port,
+        )
+        services.append(upstream)
+        targets = [
+            Target(
+                "direct", f"http://127.0.0.1:{up_port}/rbac", ("ka-c1",), upstream.tree, tls=False
+            )
+        ]
+        client_ctx = idle.client_context(pki.client_crt, pki.client_key, pki.bundle)
+        other_ctx = idle.client_context(pki.other_crt, pki.other_key, pki.bundle)
+        anon_ctx = ssl.create_default_context(cafile=str(pki.bundle))
+        anon_ctx.check_hostname = False
+        checks: list[tuple[str, str, Callable[[], str]]] = [
+            ("direct upstream", "200", lambda: probe(up_port, "/", None, {}))
+        ]
+        nginx_port = 0
+        if "nginx" in args.proxies:
+            nginx_port = free_port()
+            prefix = work / "nginx-proxy"
+            conf = nginx.write_proxy_conf(
+                prefix,
+                port=nginx_port,
+                upstream_port=up_port,
+                workers=args.workers,
+                cert=pki.server_crt,
+                key=pki.server_key,
+                bundle=pki.bundle,
+            )
+            proxy = nginx.start(
+                "nginx mTLS proxy", prefix, conf, cpus=args.server_cpus, port=nginx_port
+            )
+            services.append(proxy)
+            nginx_proxy = proxy
+            targets.append(
+                Target("nginx", f"https://127.0.0.1:{nginx_port}/rbac", tuple(SPECS), proxy.tree)
+            )
+            np = nginx_port
+            checks += [
+                ("nginx with client SVID", "200", lambda: probe(np, "/rbac", client_ctx, {})),
+                ("nginx without client cert", "!200", lambda: probe(np, "/rbac", anon_ctx, {})),
+            ]
+        if "svidgate" in args.proxies:
+            stack = start_stack(
+                work,
+                pki,
+                upstream_port=up_port,
+                workers=args.workers,
+                cpus=args.server_cpus,
+                access_log=args.access_log,
+            )
+            gp = stack.port
+            bearer = {"Authorization": f"Bearer {stack.token}"}
+            for route, prefix_path in ROUTES.items():
+                headers = (f"Authorization: Bearer {stack.token}",) if route != "rbac" else ()
+                targets.append(
+                    Target(
+                        f"svidgate-{route}",
+                        f"https://127.0.0.1:{gp}{prefix_path}",
+                        tuple(SPECS),
+                        stack.server_pids,
+                        headers=headers,
+                    )
+                )
+            checks += [
+                ("svidgate rbac, client", "200", lambda: probe(gp, "/rbac", client_ctx, {})),
+                ("svidgate rbac, other ID", "403", lambda: probe(gp, "/rbac", other_ctx, {})),
+                ("svidgate rbac, no cert", "!200", lambda: probe(gp, "/rbac", anon_ctx, {})),
+            ]
+            for route in ("jwt-remote", "jwt-local"):
+                path = ROUTES[route]
+                checks += [
+                    (
+                        f"svidgate {route}, token",
+                        "200",
+                        lambda path=path: probe(gp, path, client_ctx, bearer),  # type: ignore[misc]
+                    ),
+                    (
+                        f"svidgate {route}, no token",
+                        "401",
+                        lambda path=path: probe(gp, path, client_ctx, {}),  # type: ignore[misc]
+                    ),
+                    (
+                        f"svidgate {route}, other ID + token",
+                        "403",
+                        lambda path=path: probe(gp, path, other_ctx, bearer),  # type: ignore[misc]
+                    ),
+                ]
+        print("pre-flight:")
+        preflight(checks)
+
+        load_before = os.getloadavg()
+        measure_rounds(args, targets, pki.client_pem)
+
+        memory: dict[str, Any] = {}
+        if args.idle:
+            print(f"memory with {args.idle} idle mTLS keep-alive connections:")
+            if nginx_proxy is not None:
+                memory["nginx"] = measure_memory(
+                    "nginx", nginx_proxy.tree(), nginx_port, args.idle, client_ctx, "/rbac"
+                )
+            if stack is not None:
+                memory["svidgate"] = measure_memory(
+                    "svidgate", stack.gateway_pids(), stack.port, args.idle, client_ctx, "/rbac"
+                )
+        samples = [s for t in targets for s in t.samples]
+        summary = report.summarize(samples)
+        ratio = report.ratios(summary, memory)
+        result: dict[str, Any] = {
+            "meta": {
+                "started": started,
+                "mode": "quick" if args.quick else "full",
+                "rounds": args.rounds,
+                "seconds": args.seconds,
+                "server_cpus": args.server_cpus,
+                "client_cpus": args.client_cpus,
+                "upstream_cpus": args.upstream_cpus,
+                "workers": args.workers,
+                "idle_connections": args.idle,
+                "access_log": args.access_log,
+                "nproc": os.cpu_count(),
+                "loadavg_before": load_before,
+                "loadavg_after": os.getloadavg(),
+                "git_commit": git_commit(),
+                "versions": versions(),
+                "note": SHARED_NOTE,
+            },
+            "targets": [t.name for t in targets],
+            "summary": summary,
+            "ratios": ratio,
+            "memory": memory,
+            "verdicts": report.verdicts(ratio, memory) if stack is not None else {},
+            "design_reference": report.DESIGN_REFERENCE,
+            "samples": samples,
+        }
+        print()
+        print(report.render(result))
+        if not args.no_write:
+            written = report.write(result, RESULTS)
+            print(f"\nwrote {written.relative_to(ROOT)} and bench/results/latest.json")
+        if args.hold:
+            print("holding servers up; Ctrl-C to stop")
+            while True:
+                time.sleep(3600)
+        failed = any(s.get("error") for s in samples)
+        return 1 if failed else 0
+    finally:
+        if stack is not None:
+            stack.stop()
+        for svc in reversed(services):
+            svc.stop()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run() -> None:
+    try:
+        code = main()
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()

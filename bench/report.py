@@ -1,0 +1,244 @@
+"""Turn the samples of all rounds into medians, ratios to nginx, two printed tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCENARIOS = ("ka-c1", "ka-c16", "ka-c64", "new-c16")
+REFERENCE = "nginx"
+DIRECT = "direct"
+
+# Issue 5 targets, as ratios (same run) or absolute bounds.
+TARGETS = {
+    "jwt_keepalive_rps_ratio_min": 0.5,
+    "new_conn_ratio_min": 0.9,
+    "p99_added_ms_max": 1.0,
+    "rss_per_worker_mb_max": 100.0,
+}
+
+# DESIGN.md "Performance: what to beat" (nginx 1.22, one core, medians), for reading the tables.
+DESIGN_REFERENCE: dict[str, dict[str, int]] = {
+    "nginx ssl_verify_client on": {
+        "ka-c1": 12000,
+        "ka-c16": 36700,
+        "ka-c64": 38600,
+        "new-c16": 1130,
+    },
+    "haproxy verify required": {
+        "ka-c1": 11600,
+        "ka-c16": 37400,
+        "ka-c64": 37300,
+        "new-c16": 1090,
+    },
+    "nginx + njs SPIFFE check": {
+        "ka-c1": 9100,
+        "ka-c16": 19800,
+        "ka-c64": 16400,
+        "new-c16": 1060,
+    },
+}
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """target -> scenario -> medians over rounds (rps, p50, p99, server CPU) and the spread."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    keys = sorted({(s["target"], s["scenario"]) for s in samples})
+    for target, scenario in keys:
+        runs = [s for s in samples if s["target"] == target and s["scenario"] == scenario]
+        ok = [s for s in runs if s.get("error") is None]
+        rps = [s["rps"] for s in ok]
+        out.setdefault(target, {})[scenario] = {
+            "rps": _median(rps),
+            "rps_min": min(rps) if rps else None,
+            "rps_max": max(rps) if rps else None,
+            "p50_ms": _median([s["p50_ms"] for s in ok]),
+            "p99_ms": _median([s["p99_ms"] for s in ok]),
+            "server_cpu": _median([s["server_cpu"] for s in ok]),
+            "rounds": len(ok),
+            "errors": [s["error"] for s in runs if s.get("error") is not None],
+        }
+    return out
+
+
+def ratios(
+    summary: dict[str, dict[str, dict[str, Any]]], memory: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    ref = summary.get(REFERENCE, {})
+    direct_p99 = summary.get(DIRECT, {}).get("ka-c1", {}).get("p99_ms")
+    out: dict[str, dict[str, Any]] = {}
+    for target, scen in summary.items():
+        if target == DIRECT:
+            continue
+        row: dict[str, Any] = {}
+        for name in SCENARIOS:
+            mine = scen.get(name, {}).get("rps")
+            theirs = ref.get(name, {}).get("rps")
+            row[name] = round(mine / theirs, 3) if mine and theirs else None
+        p99 = scen.get("ka-c1", {}).get("p99_ms")
+        row["p99_added_ms"] = round(p99 - direct_p99, 3) if p99 is not None and direct_p99 else None
+        mem = memory.get(_proxy_of(target), {}).get("rss_per_worker_mb_max")
+        ref_mem = memory.get(REFERENCE, {}).get("rss_per_worker_mb_max")
+        row["rss_per_worker"] = round(mem / ref_mem, 1) if mem and ref_mem else None
+        out[target] = row
+    return out
+
+
+def _proxy_of(target: str) -> str:
+    return "svidgate" if target.startswith("svidgate") else target
+
+
+def verdicts(ratio: dict[str, dict[str, Any]], memory: dict[str, Any]) -> dict[str, Any]:
+    """Where svidgate stands against each issue-5 target (None = not measured)."""
+
+    def ge(v: float | None, bound: float) -> bool | None:
+        return None if v is None else v >= bound
+
+    def le(v: float | None, bound: float) -> bool | None:
+        return None if v is None else v <= bound
+
+    out: dict[str, Any] = {}
+    for target in ("svidgate-jwt-remote", "svidgate-jwt-local"):
+        r = ratio.get(target, {})
+        worst = min((r[s] for s in ("ka-c1", "ka-c16", "ka-c64") if r.get(s)), default=None)
+        out[f"{target} keep-alive >= 0.5x nginx (worst concurrency)"] = {
+            "value": worst,
+            "ok": ge(worst, TARGETS["jwt_keepalive_rps_ratio_min"]),
+        }
+    new = ratio.get("svidgate-rbac", {}).get("new-c16")
+    out["svidgate new mTLS conn/s >= 0.9x nginx"] = {
+        "value": new,
+        "ok": ge(new, TARGETS["new_conn_ratio_min"]),
+    }
+    for target in ("svidgate-rbac", "svidgate-jwt-remote", "svidgate-jwt-local"):
+        added = ratio.get(target, {}).get("p99_added_ms")
+        out[f"{target} p99 added at c=1 <= 1 ms"] = {
+            "value": added,
+            "ok": le(added, TARGETS["p99_added_ms_max"]),
+        }
+    rss = memory.get("svidgate", {}).get("rss_per_worker_mb_max")
+    out["svidgate RSS per worker at 1k idle <= 100 MB"] = {
+        "value": rss,
+        "ok": le(rss, TARGETS["rss_per_worker_mb_max"]),
+    }
+    return out
+
+
+def _fmt(v: float | None, spec: str = ",.0f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        first = str(cells[0]).ljust(widths[0])
+        rest = (str(c).rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "| " + " | ".join([first, *rest]) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def render(result: dict[str, Any]) -> str:
+    summary: dict[str, dict[str, dict[str, Any]]] = result["summary"]
+    ratio: dict[str, dict[str, Any]] = result["ratios"]
+    memory: dict[str, Any] = result["memory"]
+    meta = result["meta"]
+    order = [t for t in result["targets"] if t in summary]
+    direct_p99 = summary.get(DIRECT, {}).get("ka-c1", {}).get("p99_ms")
+
+    header = [
+        "target",
+        "ka c=1 rps",
+        "ka c=16 rps",
+        "ka c=64 rps",
+        "new c=16 conn/s",
+        "p50 c=1 ms",
+        "p99 c=1 ms",
+        "p99 c=64 ms",
+        "+p99 c=1 ms",
+        "CPU c=64",
+        "RSS/worker 1k idle MB",
+    ]
+    rows = []
+    for t in order:
+        s = summary[t]
+        p99 = s.get("ka-c1", {}).get("p99_ms")
+        added = None if p99 is None or direct_p99 is None or t == DIRECT else p99 - direct_p99
+        mem = memory.get(_proxy_of(t), {})
+        rows.append(
+            [
+                t,
+                _fmt(s.get("ka-c1", {}).get("rps")),
+                _fmt(s.get("ka-c16", {}).get("rps")),
+                _fmt(s.get("ka-c64", {}).get("rps")),
+                _fmt(s.get("new-c16", {}).get("rps")),
+                _fmt(s.get("ka-c1", {}).get("p50_ms"), ".3f"),
+                _fmt(p99, ".3f"),
+                _fmt(s.get("ka-c64", {}).get("p99_ms"), ".3f"),
+                _fmt(added, "+.3f"),
+                _fmt(s.get("ka-c64", {}).get("server_cpu"), ".2f"),
+                _fmt(mem.get("rss_per_worker_mb_max"), ".1f") if t != DIRECT else "—",
+            ]
+        )
+    rheader = ["vs nginx", "ka c=1", "ka c=16", "ka c=64", "new c=16", "+p99 c=1 ms", "RSS/worker"]
+    rrows = []
+    for t in order:
+        if t not in ratio:
+            continue
+        r = ratio[t]
+        rrows.append(
+            [
+                t,
+                *(_fmt(r.get(s), ".2f") + ("x" if r.get(s) else "") for s in SCENARIOS),
+                _fmt(r.get("p99_added_ms"), "+.3f"),
+                _fmt(r.get("rss_per_worker"), ".1f") + ("x" if r.get("rss_per_worker") else ""),
+            ]
+        )
+    lines = [
+        f"svidgate bench {meta['started']}  mode={meta['mode']} rounds={meta['rounds']} "
+        f"seconds/run={meta['seconds']} server cpus={meta['server_cpus']} "
+        f"load cpus={meta['client_cpus']} workers={meta['workers']}",
+        f"note: {meta['note']}",
+        "",
+        "Absolute (medians over rounds; ka = keep-alive, new = full mTLS handshake per request;",
+        "CPU = server cores busy during the c=64 run; +p99 = p99 over the direct upstream at c=1)",
+        _table(header, rows),
+        "",
+        "Ratios to nginx in the same run (throughput: higher is better)",
+        _table(rheader, rrows),
+    ]
+    if result.get("verdicts"):
+        lines += ["", "Issue 5 targets"]
+        for name, v in result["verdicts"].items():
+            mark = {True: "PASS", False: "MISS", None: "n/a "}[v["ok"]]
+            value = v["value"]
+            lines.append(f"  [{mark}] {name}: {'—' if value is None else value}")
+    errors = [
+        f"  {t} {s}: {e}"
+        for t, scen in summary.items()
+        for s, d in scen.items()
+        for e in d["errors"]
+    ]
+    if errors:
+        lines += ["", "Failed runs (excluded from medians):", *errors]
+    return "\n".join(lines)
+
+
+def write(result: dict[str, Any], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = directory / f"{stamp}.json"
+    text = json.dumps(result, indent=2, sort_keys=False) + "\n"
+    path.write_text(text)
+    (directory / "latest.json").write_text(text)
+    return path
