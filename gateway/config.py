@@ -124,6 +124,8 @@ class SignerConfig(_Model):
     address: str
     timeout: Duration = timedelta(milliseconds=250)
     tls: SignerTLS | None = None
+    issuer: str | None = None  # expected ``iss`` for verify: local (None: not checked)
+    clock_skew: Duration = timedelta(seconds=30)
 
     @field_validator("address")
     @classmethod

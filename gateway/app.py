@@ -1,0 +1,347 @@
+"""The request pipeline, in the documented order, and the per-connection identity gate.
+
+Per connection (:class:`PeerGate`): re-verify the client's SVID against its own trust domain,
+compute its identity once, and close the connection at the certificate's notAfter.
+Per request (:meth:`GatewayApp.handle`): method → Host / target form → canonical path →
+policy (default deny, audit) → JWT (when the route requires it) → header hygiene → forward.
+Every :class:`GatewayError` becomes a response through the one table in ``gateway.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from gateway.admin import Metrics
+from gateway.config import JwtConfig
+from gateway.credentials import GatewayState, StateHolder
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    MethodNotAllowed,
+    NoRoute,
+    TokenRejected,
+    response_spec,
+)
+from gateway.headers import identity_header_names, upstream_request_headers
+from gateway.identity import PeerIdentity
+from gateway.policy import Decision
+from gateway.proxy import Upstream
+from gateway.routes import parse_target
+from gateway.tls import verify_peer
+from pki.errors import PkiError
+
+if TYPE_CHECKING:
+    from gateway.signer_client import SignerClient
+
+log = logging.getLogger("svidgate.gateway")
+access_log = logging.getLogger("svidgate.access")
+audit_log = logging.getLogger("svidgate.audit")
+
+_BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *$")
+_NEVER_PROXIED = frozenset({"CONNECT", "TRACE"})
+
+
+def emit(logger: logging.Logger, **fields: Any) -> None:
+    """One JSON line (never a token or key: callers pass identities, routes and codes only)."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(json.dumps(fields, separators=(",", ":"), default=str))
+
+
+class PeerGate(asyncio.Protocol):
+    """Wraps aiohttp's per-connection protocol: nothing reaches HTTP parsing before the peer's
+    SVID is re-verified against the bundle of its own trust domain."""
+
+    __slots__ = ("_app", "_expiry", "_inner", "_rejected", "_transport")
+
+    def __init__(self, app: GatewayApp, inner: asyncio.Protocol) -> None:
+        self._app = app
+        self._inner = inner
+        self._rejected = False
+        self._transport: asyncio.BaseTransport | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        state = self._app.holder.current
+        ssl_object = transport.get_extra_info("ssl_object")
+        now = datetime.now(UTC)
+        try:
+            if ssl_object is None:
+                raise PkiError("not a TLS connection")
+            svid = verify_peer(ssl_object, state.bundles, now=now)
+        except PkiError as exc:
+            self._rejected = True
+            self._app.metrics.connections_rejected.inc()
+            peer = transport.get_extra_info("peername")
+            emit(audit_log, event="connection", decision="deny", reason=str(exc), peer=peer)
+            cast(asyncio.Transport, transport).abort()
+            return
+        identity = PeerIdentity.from_svid(svid, state.gateway_id)
+        self._app.peers[transport] = identity
+        lifetime = (identity.not_after - now).total_seconds()
+        self._expiry = asyncio.get_running_loop().call_later(max(lifetime, 0.0), transport.close)
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._rejected:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._rejected:
+            return None
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        if not self._rejected:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if not self._rejected:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._transport is not None:
+            self._app.peers.pop(self._transport, None)
+        if not self._rejected:
+            self._inner.connection_lost(exc)
+
+
+class GatewayApp:
+    """The request handler and the state it reads (holder, upstream pools, signer client)."""
+
+    def __init__(
+        self, holder: StateHolder, metrics: Metrics, signer: SignerClient | None = None
+    ) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self.signer = signer
+        self.peers: dict[asyncio.BaseTransport, PeerIdentity] = {}
+        self.upstreams: dict[str, Upstream] = {}
+        self.draining = False
+        self._retired: set[asyncio.Task[None]] = set()
+        self._owned = identity_header_names(())
+        holder.listeners.append(self._on_reload)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._install(self.holder.current)
+        if self.signer is not None:
+            await self.signer.start()
+
+    async def close(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.close()
+        self.upstreams = {}
+        for task in list(self._retired):
+            task.cancel()
+        if self.signer is not None:
+            await self.signer.close()
+
+    def _install(self, state: GatewayState) -> None:
+        cfg = state.config
+        self.upstreams = {
+            name: Upstream(name, up, state.upstream_contexts[name])
+            for name, up in cfg.upstreams.items()
+        }
+        self._owned = identity_header_names(cfg.identity_headers.claims.values())
+        self.metrics.cert_expiry.set(state.cert_not_after.timestamp())
+
+    def _on_reload(self, old: GatewayState, new: GatewayState) -> None:
+        previous = self.upstreams
+        self._install(new)
+        if new.config.signer != old.config.signer:
+            log.warning("signer settings changed: they take effect after a restart")
+        grace = max((u.cfg.timeouts.read.total_seconds() for u in previous.values()), default=0.0)
+
+        async def retire() -> None:
+            await asyncio.sleep(grace + 1.0)
+            for upstream in previous.values():
+                await upstream.close()
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready only when serving, with usable credentials and (if needed) a usable signer."""
+        if self.draining:
+            return False, "draining"
+        state = self.holder.current
+        if datetime.now(UTC) >= state.cert_not_after:
+            return False, "certificate_expired"
+        modes = {r.jwt.verify for r in state.config.routes if r.jwt is not None and r.jwt.required}
+        if modes:
+            if self.signer is None:
+                return False, "signer_not_configured"
+            for mode in sorted(modes):
+                if not self.signer.ready(mode=mode):
+                    return False, f"signer_not_ready:{mode}"
+        return True, "ok"
+
+    def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        def factory() -> asyncio.Protocol:
+            return PeerGate(self, server())
+
+        return factory
+
+    # -- the pipeline ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        state = self.holder.current
+        identity = self.peers.get(request.transport) if request.transport else None
+        request["route"] = None
+        try:
+            if identity is None:  # cannot happen: PeerGate refuses such connections
+                raise Forbidden("no_identity")
+            response = await self._pipeline(request, state, identity)
+        except GatewayError as err:
+            response = self._error_response(err, request["route"])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if request.get("streaming"):
+                raise
+            log.exception("unexpected error while handling a request")
+            response = self._error_response(GatewayError("internal"), request["route"])
+        route = request["route"] or "-"
+        self.metrics.requests.labels(route, str(response.status)).inc()
+        upstream_seconds = request.get("upstream_seconds")
+        if upstream_seconds is not None and request.get("upstream"):
+            self.metrics.upstream_latency.labels(request["upstream"]).observe(upstream_seconds)
+        if state.config.access_log:
+            emit(
+                access_log,
+                event="access",
+                method=request.method,
+                path=request.get("canonical_path", "-"),
+                status=response.status,
+                route=route,
+                spiffe_id=identity.id_text if identity else None,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+        return response
+
+    async def _pipeline(
+        self, request: web.BaseRequest, state: GatewayState, identity: PeerIdentity
+    ) -> web.StreamResponse:
+        method = request.method
+        if method in _NEVER_PROXIED:
+            raise MethodNotAllowed("method_not_allowed", f"{method} is never proxied")
+        hosts = request.headers.getall("Host", [])
+        if len(hosts) != 1:
+            raise BadRequest("bad_host", "exactly one Host header is required")
+        target = parse_target(_origin_form(request.raw_path, hosts[0]))
+        request["canonical_path"] = target.path
+        decision = state.policy.explain(identity.spiffe_id, method, target.path)
+        self._audit(decision, identity, method, target.path)
+        route = decision.route
+        request["route"] = route.name if route is not None else None
+        if not decision.allowed:
+            if route is None:
+                raise NoRoute(decision.reason)
+            raise Forbidden(decision.reason)
+        assert route is not None
+        claims: Mapping[str, Any] | None = None
+        if route.jwt is not None:
+            claims = await self._check_jwt(request, route.jwt, identity, target.query)
+        ih = state.config.identity_headers
+        headers = upstream_request_headers(
+            request.headers,
+            identity,
+            owned=self._owned,
+            xfcc=ih.xfcc,
+            client_cert=ih.client_cert,
+            claim_headers=ih.claims,
+            claims=claims,
+        )
+        upstream = self.upstreams[route.upstream]
+        request["upstream"] = upstream.name
+        return await upstream.forward(request, target.forward(), headers)
+
+    async def _check_jwt(
+        self,
+        request: web.BaseRequest,
+        jwt: JwtConfig,
+        identity: PeerIdentity,
+        query: str | None,
+    ) -> Mapping[str, Any]:
+        if query and any(k == "access_token" for k, _ in parse_qsl(query, True)):
+            raise TokenRejected("token_in_query", "send the token in the Authorization header")
+        values = request.headers.getall("Authorization", [])
+        if not values:
+            raise TokenRejected("missing_token")
+        if len(values) > 1:
+            raise TokenRejected("multiple_tokens")
+        match = _BEARER.fullmatch(values[0])
+        if match is None:
+            raise TokenRejected("malformed_authorization", "expected 'Bearer <token>'")
+        if self.signer is None:
+            raise TokenRejected("no_signer")
+        started = time.perf_counter()
+        try:
+            token = await self.signer.verify(
+                match.group(1),
+                audience=jwt.audience,
+                mode=jwt.verify,
+                expected_subject=identity.id_text if jwt.bind == "subject" else None,
+                certificate_thumbprint=identity.x5t_s256 if jwt.bind == "certificate" else None,
+            )
+        finally:
+            self.metrics.signer_latency.labels(jwt.verify).observe(time.perf_counter() - started)
+        if jwt.bind == "subject" and token.subject != identity.id_text:
+            raise TokenRejected("subject_mismatch", "the token's sub is not the mTLS identity")
+        return token.claims
+
+    def _audit(self, decision: Decision, identity: PeerIdentity, method: str, path: str) -> None:
+        outcome = "allow" if decision.allowed else "deny"
+        self.metrics.decisions.labels(outcome, decision.reason).inc()
+        emit(
+            audit_log,
+            event="authorization",
+            decision=outcome,
+            reason=decision.reason,
+            spiffe_id=identity.id_text,
+            route=decision.route.name if decision.route is not None else None,
+            rule=decision.rule,
+            method=method,
+            path=path,
+        )
+
+    @staticmethod
+    def _error_response(err: GatewayError, route: str | None) -> web.Response:
+        spec = response_spec(err)
+        body = {"error": spec.error, "route": route, "reason": err.reason}
+        resp = web.json_response(body, status=spec.status)
+        for name, value in spec.headers:
+            resp.headers[name] = value
+        if isinstance(err, TokenRejected):
+            emit(audit_log, event="token", decision="deny", reason=err.reason, route=route)
+        return resp
+
+
+def _origin_form(raw: str, host: str) -> str:
+    """The origin-form target; an absolute-form target must name the Host it is sent with."""
+    if raw.startswith("/"):
+        return raw
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise BadRequest("bad_target", "expected an origin-form or absolute-form target")
+    authority, slash, path = rest.partition("/")
+    if authority.lower() != host.lower():
+        raise BadRequest("host_mismatch", "the absolute-form target does not match Host")
+    return slash + path if slash else "/"

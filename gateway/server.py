@@ -1,0 +1,248 @@
+"""Running the gateway: listeners (SO_REUSEPORT), reload on SIGHUP / file change, SIGTERM drain,
+and N worker processes sharing the port.
+
+:class:`GatewayServer` is one worker; tests run it in-process. :func:`run` is what
+``svidgate gateway serve`` calls: one worker in-process, or a small supervisor that forks
+``workers`` processes and forwards SIGHUP / SIGTERM to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.admin import Metrics, admin_app
+from gateway.app import GatewayApp, emit
+from gateway.config import parse_host_port
+from gateway.credentials import StateHolder
+
+log = logging.getLogger("svidgate.gateway")
+
+
+def listening_socket(address: str) -> socket.socket:
+    """A TCP socket bound with SO_REUSEPORT so several workers can share the port."""
+    host, port = parse_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class GatewayServer:
+    """One gateway worker: the TLS listener, the admin listener, reload and drain."""
+
+    def __init__(self, config_path: Path, *, admin: bool = True) -> None:
+        self.config_path = Path(config_path)
+        self.holder = StateHolder(self.config_path)
+        self.metrics = Metrics()
+        cfg = self.holder.current.config
+        signer = None
+        if cfg.signer is not None:
+            from gateway.signer_client import SignerClient
+
+            signer = SignerClient.from_config(cfg.signer)
+        self.app = GatewayApp(self.holder, self.metrics, signer)
+        self._want_admin = admin and cfg.admin_listen is not None
+        self._web_server: web.Server | None = None
+        self._server: asyncio.Server | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.port = 0
+        self.admin_port = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        state = self.holder.current
+        await self.app.start()
+        self._web_server = web.Server(self.app.handle, access_log=None)
+        sock = listening_socket(state.config.listen)
+        self._server = await loop.create_server(
+            self.app.protocol_factory(self._web_server),
+            sock=sock,
+            ssl=state.ssl_context,
+            ssl_handshake_timeout=10.0,
+        )
+        self.port = sock.getsockname()[1]
+        if self._want_admin and state.config.admin_listen is not None:
+            self._admin_runner = web.AppRunner(
+                admin_app(self.metrics, self.app.readiness), access_log=None
+            )
+            await self._admin_runner.setup()
+            admin_sock = listening_socket(state.config.admin_listen)
+            site = web.SockSite(self._admin_runner, admin_sock)
+            await site.start()
+            self.admin_port = admin_sock.getsockname()[1]
+        interval = state.config.reload_interval.total_seconds()
+        if interval > 0:
+            self._watch_task = loop.create_task(self._watch_files(interval))
+        emit(
+            log,
+            event="listening",
+            address=state.config.listen,
+            port=self.port,
+            admin_port=self.admin_port or None,
+            pid=os.getpid(),
+        )
+
+    def reload(self) -> bool:
+        ok = self.holder.reload()
+        self.metrics.reloads.labels("ok" if ok else "failed").inc()
+        return ok
+
+    async def _watch_files(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.holder.changed():
+                self.reload()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Not ready → stop accepting → let in-flight requests finish (up to the deadline)."""
+        if drain_timeout is None:
+            drain_timeout = self.holder.current.config.drain_timeout.total_seconds()
+        self.app.draining = True
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self._web_server is not None:
+            self._web_server.pre_shutdown()
+            await self._web_server.shutdown(drain_timeout)
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        await self.app.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+
+
+async def serve_worker(config_path: Path, *, admin: bool = True) -> int:
+    """Run one worker until SIGTERM / SIGINT; SIGHUP reloads. Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    server = GatewayServer(config_path, admin=admin)
+    await server.start()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    await stop.wait()
+    emit(log, event="draining", pid=os.getpid())
+    await server.stop()
+    emit(log, event="stopped", pid=os.getpid())
+    return 0
+
+
+def configure_logging() -> None:
+    """JSON lines on stderr: the message of every record is already JSON or plain text."""
+    handler = logging.StreamHandler(sys.stderr)
+
+    class _Json(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            msg = record.getMessage()
+            if msg.startswith("{"):
+                return msg
+            doc = {"level": record.levelname.lower(), "logger": record.name, "msg": msg}
+            if record.exc_info:
+                doc["exc"] = self.formatException(record.exc_info)
+            return json.dumps(doc)
+
+    handler.setFormatter(_Json())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def _run_loop(config_path: Path, *, admin: bool) -> int:
+    factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve_worker(config_path, admin=admin))
+
+
+def run(config_path: Path) -> int:
+    """``svidgate gateway serve``: validate once, then one worker or a supervisor of N."""
+    configure_logging()
+    holder = StateHolder(Path(config_path))  # fail fast with a clear one-line error
+    workers = holder.current.config.workers
+    del holder
+    if workers == 1:
+        return _run_loop(Path(config_path), admin=True)
+    return _supervise(Path(config_path), workers)
+
+
+def _supervise(config_path: Path, workers: int) -> int:
+    """Fork ``workers`` processes (worker 0 also serves the admin listener) and forward
+    SIGHUP / SIGTERM / SIGINT; a worker that dies unexpectedly is restarted (at most 1/s)."""
+    children: dict[int, int] = {}  # pid -> index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _run_loop(config_path, admin=index == 0)
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for index in range(workers):
+        spawn(index)
+    last_restart = 0.0
+    exit_code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries os.wait
+            continue
+        if pid not in children:
+            continue
+        index = children.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            exit_code = exit_code or (code if code > 0 else 0)
+            continue
+        log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
+        wait = 1.0 - (time.monotonic() - last_restart)
+        if wait > 0:
+            time.sleep(wait)
+        last_restart = time.monotonic()
+        spawn(index)
+    return exit_code

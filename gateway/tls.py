@@ -1,0 +1,120 @@
+"""TLS contexts for the listener and for upstreams, and per-connection peer re-verification.
+
+The stdlib ``ssl`` store is one merged pool of every trust domain's roots, so the handshake
+only proves "chains to some trusted root". :func:`verify_peer` re-verifies the peer's own chain
+against the bundle of the trust domain its SPIFFE ID names, once per connection, and refuses
+resumed sessions (a resumed session skips the current CA store).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.errors import CredentialsError
+from pki.bundle import BundleSet
+from pki.errors import PkiError, UntrustedSvidError
+from pki.svid import X509Svid, check_svid_profile, verify_x509_svid
+
+# TLS 1.2: ECDHE key exchange with AEAD ciphers only. TLS 1.3 suites are all AEAD + (EC)DHE.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1:!SHA256:!SHA384"
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+SniCallback = Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]
+
+
+def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
+    ctx.minimum_version = _VERSIONS[min_version]
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        raise CredentialsError(f"cannot load certificate {cert} with key {key}: {why}") from None
+
+
+def build_server_context(
+    cert: Path,
+    key: Path,
+    bundles: BundleSet,
+    *,
+    min_version: str = "1.2",
+    sni_callback: SniCallback | None = None,
+) -> ssl.SSLContext:
+    """A server context: client certificate required, hardened, no session tickets."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx, min_version)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    _load_chain(ctx, cert, key)
+    pem = bundles.pem()
+    if not pem.strip():
+        raise CredentialsError("the trust bundles hold no X.509 authorities")
+    ctx.load_verify_locations(cadata=pem.decode("ascii"))
+    ctx.set_alpn_protocols(["http/1.1"])
+    if sni_callback is not None:
+        ctx.sni_callback = sni_callback
+    return ctx
+
+
+def build_client_context(bundle_pem: bytes, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    """A client context for upstream mTLS. The hostname is not checked: the peer is pinned by
+    its SPIFFE ID after the handshake (:func:`check_peer_id`)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(ctx, "1.2")
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if not bundle_pem.strip():
+        raise CredentialsError("the upstream bundle holds no X.509 authorities")
+    ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
+    if cert is not None and key is not None:
+        _load_chain(ctx, cert, key)
+    return ctx
+
+
+def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certificate]:
+    """The chain the peer sent (leaf first). Python 3.13 has a public API; 3.11 a private one."""
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is not None:  # Python >= 3.13
+        raw: Sequence[bytes] = getter() or []
+        return [x509.load_der_x509_certificate(der) for der in raw]
+    inner = getattr(ssl_object, "_sslobj", None)
+    chain = inner.get_unverified_chain() if inner is not None else None
+    if not chain:
+        return []
+    return [x509.load_der_x509_certificate(c.public_bytes(ssl._ssl.ENCODING_DER)) for c in chain]  # type: ignore[attr-defined]
+
+
+def verify_peer(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket, bundles: BundleSet, *, now: datetime
+) -> X509Svid:
+    """Re-verify a fresh handshake's peer against its own trust domain; raises PkiError."""
+    if ssl_object.session_reused:
+        raise UntrustedSvidError("resumed TLS sessions are not accepted")
+    chain = peer_chain(ssl_object)
+    if not chain:
+        raise UntrustedSvidError("the peer presented no certificate")
+    return verify_x509_svid(chain[0], chain[1:], bundles, now=now)
+
+
+def check_peer_id(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: str) -> None:
+    """Pin an upstream's SPIFFE ID (the chain was verified by the handshake)."""
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        raise UntrustedSvidError("the upstream presented no certificate")
+    try:
+        got = check_svid_profile(x509.load_der_x509_certificate(der))
+    except PkiError as exc:
+        raise UntrustedSvidError(f"upstream certificate is not an SVID: {exc}") from None
+    if str(got) != expected:
+        raise UntrustedSvidError(f"upstream presented {got}, expected {expected}")
