@@ -63,6 +63,10 @@ def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str
             "p50_ms": _median([s["p50_ms"] for s in ok]),
             "p99_ms": _median([s["p99_ms"] for s in ok]),
             "server_cpu": _median([s["server_cpu"] for s in ok]),
+            # Throughput per busy server core: fairer when one side did not saturate its core.
+            "rps_per_core": _median(
+                [s["rps"] / s["server_cpu"] for s in ok if s["server_cpu"] > 0]
+            ),
             "rounds": len(ok),
             "errors": [s["error"] for s in runs if s.get("error") is not None],
         }
@@ -83,6 +87,9 @@ def ratios(
             mine = scen.get(name, {}).get("rps")
             theirs = ref.get(name, {}).get("rps")
             row[name] = round(mine / theirs, 3) if mine and theirs else None
+        mine_pc = scen.get("ka-c64", {}).get("rps_per_core")
+        ref_pc = ref.get("ka-c64", {}).get("rps_per_core")
+        row["ka-c64_per_core"] = round(mine_pc / ref_pc, 3) if mine_pc and ref_pc else None
         p99 = scen.get("ka-c1", {}).get("p99_ms")
         row["p99_added_ms"] = round(p99 - direct_p99, 3) if p99 is not None and direct_p99 else None
         mem = memory.get(_proxy_of(target), {}).get("rss_per_worker_mb_max")
@@ -190,7 +197,16 @@ def render(result: dict[str, Any]) -> str:
                 _fmt(mem.get("rss_per_worker_mb_max"), ".1f") if t != DIRECT else "—",
             ]
         )
-    rheader = ["vs nginx", "ka c=1", "ka c=16", "ka c=64", "new c=16", "+p99 c=1 ms", "RSS/worker"]
+    rheader = [
+        "vs nginx",
+        "ka c=1",
+        "ka c=16",
+        "ka c=64",
+        "new c=16",
+        "ka c=64 per core",
+        "+p99 c=1 ms",
+        "RSS/worker",
+    ]
     rrows = []
     for t in order:
         if t not in ratio:
@@ -200,6 +216,7 @@ def render(result: dict[str, Any]) -> str:
             [
                 t,
                 *(_fmt(r.get(s), ".2f") + ("x" if r.get(s) else "") for s in SCENARIOS),
+                _fmt(r.get("ka-c64_per_core"), ".2f") + ("x" if r.get("ka-c64_per_core") else ""),
                 _fmt(r.get("p99_added_ms"), "+.3f"),
                 _fmt(r.get("rss_per_worker"), ".1f") + ("x" if r.get("rss_per_worker") else ""),
             ]
@@ -211,7 +228,8 @@ def render(result: dict[str, Any]) -> str:
         f"note: {meta['note']}",
         "",
         "Absolute (medians over rounds; ka = keep-alive, new = full mTLS handshake per request;",
-        "CPU = server cores busy during the c=64 run; +p99 = p99 over the direct upstream at c=1)",
+        "CPU = server cores busy during the c=64 run; +p99 = p99 over the direct upstream at c=1;",
+        "per core = c=64 requests per busy server core, fair when a side did not saturate)",
         _table(header, rows),
         "",
         "Ratios to nginx in the same run (throughput: higher is better)",
