@@ -11,12 +11,15 @@ find out: 503). Nothing here ever allows a token it could not verify.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import random
+import re
 import ssl
 import time
 from collections import OrderedDict
@@ -27,10 +30,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import jwt
-from jwt.exceptions import InvalidAlgorithmError, InvalidSignatureError, PyJWKError, PyJWTError
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import Algorithm, get_default_algorithms
+from jwt.exceptions import PyJWTError
 
 from gateway.errors import ConfigError, SignerUnavailable, TokenRejected
+from pki.errors import PkiError
+from pki.spiffe_id import parse_spiffe_id
 
 if TYPE_CHECKING:
     import grpc
@@ -42,7 +48,7 @@ log = logging.getLogger("svidgate.gateway.signer_client")
 VerifyMode = Literal["remote", "local"]
 
 REASON_METADATA_KEY = "svidgate-reason"
-MAX_TOKEN_BYTES = 16 * 1024
+MAX_TOKEN_BYTES = 8 * 1024
 DEFAULT_CLOCK_SKEW = timedelta(seconds=30)
 DEFAULT_CACHE_ENTRIES = 10_000
 REFETCH_MIN_INTERVAL = 1.0  # seconds between two GetJWKS refetches triggered by unknown kids
@@ -50,9 +56,15 @@ RECONNECT_BACKOFF_MIN = 0.05
 RECONNECT_BACKOFF_MAX = 2.0
 
 # Asymmetric algorithms only; the algorithm always comes from the key, never from the token.
-ALLOWED_ALGORITHMS = frozenset({"EdDSA", "ES256", "ES384", "RS256", "PS256"})
+ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "RS256", "PS256")
+ALLOWED_HEADERS = frozenset({"alg", "kid", "typ"})
 # Header parameters that would let a token pick its own key or demand unknown semantics.
-FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit", "b64"})
+FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "crit", "zip", "cty", "b64")
+CNF_THUMBPRINT = "x5t#S256"
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+_ALGORITHMS: Mapping[str, Algorithm] = MappingProxyType(
+    {name: alg for name, alg in get_default_algorithms().items() if name in ALLOWED_ALGORITHMS}
+)
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k", "oth"})
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat")
 # gRPC codes whose failure is about the token itself; every other code means "could not ask".
@@ -157,7 +169,8 @@ class VerificationCache:
 
 
 # ---------------------------------------------------------------------------------------------
-# Key set and local verification (pure: ``now`` is an argument)
+# Key set and local verification (pure: ``now`` is an argument). The rules mirror the signer's
+# verifier (signer/jwt.py) exactly, reason codes included; the gateway never imports the signer.
 
 
 class KeySetError(ValueError):
@@ -168,7 +181,7 @@ class KeySetError(ValueError):
 class VerificationKey:
     kid: str
     algorithm: str
-    jwk: jwt.PyJWK
+    public_key: Any
 
 
 @dataclass(frozen=True)
@@ -181,8 +194,8 @@ class KeySet:
 
     @classmethod
     def parse(cls, jwks_json: str, sequence: int) -> KeySet:
-        """Parse and check a JWKS: every key needs a unique ``kid``, an allowed ``alg``, no
-        private members; ``use`` (when present) must be ``sig``."""
+        """Parse and check a JWKS: every key needs a unique ``kid``, an allowed ``alg`` that
+        fits its key type, no private members; ``use`` (when present) must be ``sig``."""
         try:
             doc = json.loads(jwks_json)
         except (ValueError, RecursionError) as exc:
@@ -207,10 +220,12 @@ class KeySet:
             if PRIVATE_JWK_MEMBERS & raw.keys():
                 raise KeySetError(f"{where} ({kid}): contains private key material")
             try:
-                jwk = jwt.PyJWK(raw, algorithm=alg)
-            except (PyJWKError, PyJWTError, ValueError, TypeError) as exc:
-                raise KeySetError(f"{where} ({kid}): {exc}") from None
-            keys[kid] = VerificationKey(kid=kid, algorithm=str(alg), jwk=jwk)
+                public_key = _ALGORITHMS[alg].from_jwk(raw)
+            except (PyJWTError, ValueError, TypeError, KeyError) as exc:
+                raise KeySetError(f"{where} ({kid}): unusable key: {exc}") from None
+            if not _key_fits(str(alg), public_key):
+                raise KeySetError(f"{where} ({kid}): key type does not fit alg {alg}")
+            keys[kid] = VerificationKey(kid=kid, algorithm=str(alg), public_key=public_key)
         issuer = doc.get("issuer")
         return cls(
             sequence=sequence,
@@ -219,43 +234,130 @@ class KeySet:
         )
 
 
-_JWS = jwt.PyJWS(algorithms=sorted(ALLOWED_ALGORITHMS))
+def _key_fits(alg: str, key: Any) -> bool:
+    """One algorithm per key: the JWK's ``alg`` must match its key type (public keys only)."""
+    if alg == "EdDSA":
+        return isinstance(key, ed25519.Ed25519PublicKey)
+    if alg == "ES256":
+        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+    return isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048
+
+
+def _b64url_decode(text: str) -> bytes:
+    if not _B64URL.match(text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64url") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate JSON key {key!r}")
+        out[key] = value
+    return out
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise TokenRejected("malformed", f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise TokenRejected("malformed", f"{what} is not a JSON object")
+    return value
 
 
 def precheck_token(token: str) -> None:
     """Checks so cheap they run before any RPC: size and the compact-JWS shape."""
-    if len(token) > MAX_TOKEN_BYTES:
-        raise TokenRejected("too_large", f"token is longer than {MAX_TOKEN_BYTES} bytes")
+    if len(token) > MAX_TOKEN_BYTES or len(token.encode("utf-8", "replace")) > MAX_TOKEN_BYTES:
+        raise TokenRejected("too_large", f"token is larger than {MAX_TOKEN_BYTES} bytes")
     if token.count(".") != 2:
-        raise TokenRejected("malformed", "not a compact JWS")
+        raise TokenRejected("malformed", "not a compact JWS (three dot-separated parts)")
 
 
-def read_header(token: str) -> tuple[dict[str, Any], str]:
-    """Unverified header checks of local verification; returns ``(header, kid)``."""
+@dataclass(frozen=True)
+class ParsedToken:
+    header: Mapping[str, Any]
+    signing_input: bytes
+    payload_b64: str
+    signature: bytes
+    alg: str
+    kid: str
+
+
+def parse_token(token: str) -> ParsedToken:
+    """Structure and header checks, before any key is looked up; raises TokenRejected."""
     precheck_token(token)
+    header_b64, payload_b64, sig_b64 = token.split(".")
     try:
-        header = _JWS.get_unverified_header(token)
-    except PyJWTError:
-        raise TokenRejected("malformed", "unreadable header") from None
+        header_raw = _b64url_decode(header_b64)
+        signature = _b64url_decode(sig_b64)
+        _b64url_decode(payload_b64)
+    except ValueError:
+        raise TokenRejected("malformed", "a part is not base64url") from None
+    header = _json_object(header_raw, "header")
     alg = header.get("alg")
-    if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
-        raise TokenRejected("alg_not_allowed", f"alg {str(alg)[:32]!r} is not allowed")
-    forbidden = sorted(FORBIDDEN_HEADERS & header.keys())
+    if not isinstance(alg, str):
+        raise TokenRejected("malformed", "header alg is missing")
+    if alg not in ALLOWED_ALGORITHMS:
+        raise TokenRejected("alg_not_allowed", f"algorithm {alg[:32]!r} is not allowed")
+    forbidden = [name for name in FORBIDDEN_HEADERS if name in header]
     if forbidden:
-        raise TokenRejected("malformed", f"header parameter {forbidden[0]!r} is not allowed")
+        raise TokenRejected("malformed", f"header {forbidden[0]} is not allowed")
+    unknown = sorted(set(header) - ALLOWED_HEADERS)
+    if unknown:
+        raise TokenRejected("malformed", "unexpected header parameters")
+    typ = header.get("typ")
+    if typ is not None and (not isinstance(typ, str) or typ.upper() != "JWT"):
+        raise TokenRejected("malformed", "header typ must be JWT")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
-        raise TokenRejected("malformed", "kid header is required")
-    return header, kid
+        raise TokenRejected("malformed", "header kid is missing")
+    if not signature:
+        raise TokenRejected("bad_signature", "empty signature")
+    return ParsedToken(
+        header=MappingProxyType(header),
+        signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
+        payload_b64=payload_b64,
+        signature=signature,
+        alg=alg,
+        kid=kid,
+    )
 
 
-def _int_claim(claims: Mapping[str, Any], name: str) -> int | None:
-    value = claims.get(name)
-    if value is None:
-        return None
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
+    value = claims[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TokenRejected("malformed", f"{name} claim must be a number")
-    return int(value)
+        raise TokenRejected("malformed", f"claim {name} is not a NumericDate")
+    return float(value)
+
+
+def _is_workload_id(text: str) -> bool:
+    try:
+        parse_spiffe_id(text, require_path=True)
+    except PkiError:
+        return False
+    return True
+
+
+def check_binding(claims: Mapping[str, Any], certificate_thumbprint: str | None) -> None:
+    """RFC 8705: a bound token needs the matching certificate; a thumbprint needs a bound token."""
+    cnf = claims.get("cnf")
+    if cnf is None:
+        if certificate_thumbprint:
+            raise TokenRejected("binding_mismatch", "token is not certificate-bound")
+        return
+    bound = cnf.get(CNF_THUMBPRINT) if isinstance(cnf, dict) else None
+    if not isinstance(bound, str) or not bound:
+        raise TokenRejected("malformed", "claim cnf has no x5t#S256")
+    if not certificate_thumbprint:
+        raise TokenRejected("binding_mismatch", "token is certificate-bound; no certificate")
+    if not hmac.compare_digest(bound.encode(), certificate_thumbprint.encode()):
+        raise TokenRejected("binding_mismatch", "cnf.x5t#S256 does not match the certificate")
 
 
 def verify_local(
@@ -273,69 +375,71 @@ def verify_local(
 
     The algorithm comes from the key; exp/iat/iss/aud/sub are required; ``nbf``/``iat`` in the
     future and ``exp`` in the past are judged with ``clock_skew``; a thumbprint, when given, must
-    equal the token's ``cnf.x5t#S256``.
+    equal the token's ``cnf.x5t#S256`` (and a bound token needs one). The issuer is checked when
+    known (``issuer`` argument, else an ``issuer`` member of the JWKS document).
     """
-    header, kid = read_header(token)
-    key = keys.keys.get(kid)
+    parsed = parse_token(token)
+    key = keys.keys.get(parsed.kid)
     if key is None:
-        raise TokenRejected("unknown_kid", "no published key has this kid")
-    if header["alg"] != key.algorithm:
-        raise TokenRejected("alg_not_allowed", "alg does not match the key's algorithm")
+        raise TokenRejected("unknown_kid", "no such key")
+    if parsed.alg != key.algorithm:
+        raise TokenRejected("alg_not_allowed", "header alg is not the key's algorithm")
     try:
-        decoded = _JWS.decode_complete(token, key=key.jwk, algorithms=[key.algorithm])
-    except InvalidSignatureError:
-        raise TokenRejected("bad_signature", "signature does not verify") from None
-    except InvalidAlgorithmError:
-        raise TokenRejected("alg_not_allowed", "alg does not match the key's algorithm") from None
-    except PyJWTError:
-        raise TokenRejected("malformed", "token cannot be decoded") from None
-    try:
-        claims = json.loads(decoded["payload"])
-    except (ValueError, RecursionError):
-        raise TokenRejected("malformed", "payload is not JSON") from None
-    if not isinstance(claims, dict):
-        raise TokenRejected("malformed", "payload is not a JSON object")
+        valid = _ALGORITHMS[key.algorithm].verify(
+            parsed.signing_input, key.public_key, parsed.signature
+        )
+    except Exception:  # a malformed signature can raise inside the backend: fail closed
+        valid = False
+    if not valid:
+        raise TokenRejected("bad_signature", "signature does not verify")
+    claims = _json_object(_b64url_decode(parsed.payload_b64), "payload")
+
     missing = [name for name in REQUIRED_CLAIMS if name not in claims]
     if missing:
-        raise TokenRejected("malformed", f"missing claim {missing[0]}")
-
+        raise TokenRejected("malformed", f"required claims missing: {missing}")
+    exp = _numeric_date(claims, "exp")
+    iat = _numeric_date(claims, "iat")
     skew = clock_skew.total_seconds()
-    exp = _int_claim(claims, "exp")
-    iat = _int_claim(claims, "iat")
-    nbf = _int_claim(claims, "nbf")
-    assert exp is not None and iat is not None  # required above
+    if exp <= iat:
+        raise TokenRejected("malformed", "exp is not after iat")
     if now >= exp + skew:
-        raise TokenRejected("expired", "token has expired")
-    if iat > now + skew or (nbf is not None and nbf > now + skew):
-        raise TokenRejected("not_yet_valid", "token is not valid yet")
+        raise TokenRejected("expired", f"token expired at {int(exp)}")
+    if iat > now + skew:
+        raise TokenRejected("not_yet_valid", "iat is in the future")
+    if "nbf" in claims and _numeric_date(claims, "nbf") > now + skew:
+        raise TokenRejected("not_yet_valid", "nbf is in the future")
 
     iss = claims["iss"]
-    if not isinstance(iss, str) or not iss:
-        raise TokenRejected("malformed", "iss claim must be a string")
     expected_issuer = issuer or keys.issuer
-    if expected_issuer is not None and not hmac.compare_digest(iss, expected_issuer):
+    if not isinstance(iss, str) or not iss:
+        raise TokenRejected("bad_issuer", "unexpected issuer")
+    if expected_issuer is not None and not hmac.compare_digest(
+        iss.encode(), expected_issuer.encode()
+    ):
         raise TokenRejected("bad_issuer", "unexpected issuer")
 
     aud = claims["aud"]
-    audiences = [aud] if isinstance(aud, str) else aud
-    if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
-        raise TokenRejected("malformed", "aud claim must be a string or a list of strings")
-    if audience not in audiences:
-        raise TokenRejected("bad_audience", "token is not meant for this audience")
+    token_aud = [aud] if isinstance(aud, str) else aud
+    if (
+        not isinstance(token_aud, list)
+        or not token_aud
+        or not all(isinstance(a, str) for a in token_aud)
+    ):
+        raise TokenRejected("malformed", "claim aud is not a string or a list of strings")
+    if audience not in token_aud:
+        raise TokenRejected("bad_audience", "no expected audience in aud")
 
     sub = claims["sub"]
-    if not isinstance(sub, str) or not sub:
-        raise TokenRejected("malformed", "sub claim must be a string")
-    if expected_subject is not None and not hmac.compare_digest(sub, expected_subject):
-        raise TokenRejected("bad_subject", "token subject is not the expected subject")
-
-    if certificate_thumbprint is not None:
-        cnf = claims.get("cnf")
-        bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
-        if not isinstance(bound, str) or not hmac.compare_digest(bound, certificate_thumbprint):
-            raise TokenRejected("binding_mismatch", "token is not bound to this certificate")
-
-    return VerifiedToken(subject=sub, claims=MappingProxyType(claims), kid=kid, expires_at=exp)
+    if not isinstance(sub, str):
+        raise TokenRejected("malformed", "claim sub is not a string")
+    if not _is_workload_id(sub):
+        raise TokenRejected("malformed", "claim sub is not a SPIFFE ID")
+    if expected_subject and not hmac.compare_digest(sub.encode(), expected_subject.encode()):
+        raise TokenRejected("bad_subject", "sub is not the expected subject")
+    check_binding(claims, certificate_thumbprint)
+    return VerifiedToken(
+        subject=sub, claims=MappingProxyType(claims), kid=key.kid, expires_at=int(exp)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,6 +636,10 @@ class SignerClient:
             raise SignerUnavailable("signer returned unreadable claims") from None
         if not isinstance(claims, dict) or not response.subject or not response.kid:
             raise SignerUnavailable("signer returned an incomplete VerifyResponse")
+        # Defence in depth: the binding the route asked for is checked here too.
+        check_binding(claims, thumbprint)
+        if expected_subject and response.subject != expected_subject:
+            raise TokenRejected("bad_subject", "sub is not the expected subject")
         verified = VerifiedToken(
             subject=response.subject,
             claims=MappingProxyType(claims),
@@ -553,7 +661,7 @@ class SignerClient:
         expected_subject: str | None,
         thumbprint: str | None,
     ) -> VerifiedToken:
-        _, kid = read_header(token)
+        kid = parse_token(token).kid
         keyset = self._state.keyset
         if keyset is None or kid not in keyset.keys:
             keyset = await self._refetch_for_kid(kid)

@@ -170,9 +170,12 @@ def test_time_checks_with_clock_skew(es: Signer) -> None:
     keys = keyset(es)
     skew = timedelta(seconds=30)
     # expired 10 s ago: inside the skew; 31 s ago: outside
-    verify_local(es.token(exp=int(NOW) - 10), keys, audience=AUD, now=NOW, clock_skew=skew)
-    assert reject(es.token(exp=int(NOW) - 31), keys, clock_skew=skew) == "expired"
+    old = int(NOW) - 100
+    verify_local(es.token(iat=old, exp=int(NOW) - 10), keys, audience=AUD, now=NOW, clock_skew=skew)
+    assert reject(es.token(iat=old, exp=int(NOW) - 31), keys, clock_skew=skew) == "expired"
     assert reject(es.token(iat=int(NOW) + 31), keys, clock_skew=skew) == "not_yet_valid"
+    assert reject(es.token(iat=int(NOW) + 20), keys, clock_skew=timedelta(0)) == "not_yet_valid"
+    assert reject(es.token(iat=int(NOW), exp=int(NOW)), keys) == "malformed"  # exp <= iat
     assert reject(es.token(nbf=int(NOW) + 31), keys, clock_skew=skew) == "not_yet_valid"
     verify_local(es.token(nbf=int(NOW) + 20), keys, audience=AUD, now=NOW, clock_skew=skew)
     assert reject(es.token(exp="soon"), keys) == "malformed"
@@ -229,12 +232,31 @@ def test_algorithm_comes_from_the_key(es: Signer) -> None:
     assert reject(rs.token(), keys) == "alg_not_allowed"
 
 
-@pytest.mark.parametrize("header", ["jku", "x5u", "jwk", "x5c", "crit"])
+@pytest.mark.parametrize("header", ["jku", "x5u", "jwk", "x5c", "crit", "zip", "cty", "x-extra"])
 def test_key_selecting_headers_are_refused(es: Signer, header: str) -> None:
     value: Any = ["exp"] if header == "crit" else "https://evil.example/x"
     if header == "jwk":
         value = es.jwk
     assert reject(es.token(headers={header: value}), keyset(es)) == "malformed"
+
+
+def test_header_and_payload_strictness(es: Signer) -> None:
+    keys = keyset(es)
+    assert reject(es.token(headers={"typ": "JOSE+JSON"}), keys) == "malformed"
+    verify_local(es.token(headers={"typ": "jwt"}), keys, audience=AUD, now=NOW)
+    assert reject(es.token(sub="web"), keys) == "malformed"  # not a SPIFFE ID
+    assert reject(es.token(sub="spiffe://example.org"), keys) == "malformed"  # no path
+    assert reject(es.token(aud=[]), keys) == "malformed"
+    assert reject(es.token(iss=""), keys) == "bad_issuer"
+    # duplicate keys in the header JSON
+    head = b64url(b'{"alg":"ES256","kid":"k1","kid":"k2"}')
+    _, body, sig = es.token().split(".")
+    assert reject(f"{head}.{body}.{sig}", keys) == "malformed"
+    # empty signature
+    head, body, _ = es.token().split(".")
+    assert reject(f"{head}.{body}.", keys) == "bad_signature"
+    assert reject(forge({"alg": "ES384", "kid": "k1"}, {}), keys) == "alg_not_allowed"
+    assert reject(forge({"kid": "k1"}, {}), keys) == "malformed"
 
 
 def test_certificate_binding(es: Signer) -> None:
@@ -245,7 +267,8 @@ def test_certificate_binding(es: Signer) -> None:
     other = b64url(hashlib.sha256(b"other").digest())
     assert reject(bound, keyset(es), certificate_thumbprint=other) == "binding_mismatch"
     assert reject(es.token(), keyset(es), certificate_thumbprint=thumb) == "binding_mismatch"
-    assert reject(es.token(cnf="x"), keyset(es), certificate_thumbprint=thumb) == "binding_mismatch"
+    assert reject(bound, keyset(es)) == "binding_mismatch"  # bound token, no certificate
+    assert reject(es.token(cnf="x"), keyset(es), certificate_thumbprint=thumb) == "malformed"
 
 
 @pytest.mark.parametrize(
