@@ -69,6 +69,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="nginx,svidgate",
         help="comma list of nginx,svidgate (nginx alone proves the plumbing)",
     )
+    p.add_argument(
+        "--routes",
+        default=",".join(ROUTES),
+        help=f"comma list of svidgate routes to measure (default {','.join(ROUTES)})",
+    )
     p.add_argument("--idle", type=int, default=1000, help="idle connections for RSS (0 = skip)")
     p.add_argument("--access-log", action="store_true", help="keep access logs on (both)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -83,6 +88,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.proxies) - {"nginx", "svidgate"}
     if unknown:
         p.error(f"unknown proxies: {', '.join(sorted(unknown))}")
+    args.routes = tuple(x.strip() for x in args.routes.split(",") if x.strip())
+    bad = set(args.routes) - set(ROUTES)
+    if bad or not args.routes:
+        p.error(f"--routes takes a comma list of {', '.join(ROUTES)}")
     return args
 
 
@@ -214,9 +223,12 @@ def measure_memory(
     count: int,
     ctx: ssl.SSLContext,
     path: str,
+    headers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     try:
-        procs = asyncio.run(idle.memory_under_idle(pids, port, count, ctx, path=path))
+        procs = asyncio.run(
+            idle.memory_under_idle(pids, port, count, ctx, path=path, headers=headers)
+        )
         summary = idle.worker_summary(procs)
     except BenchError as exc:
         print(f"  memory {name}: FAILED: {exc}")
@@ -301,11 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 upstream_port=up_port,
                 workers=args.workers,
                 cpus=args.server_cpus,
+                routes=args.routes,
                 access_log=args.access_log,
             )
             gp = stack.port
             bearer = {"Authorization": f"Bearer {stack.token}"}
-            for route, prefix_path in ROUTES.items():
+            for route in args.routes:
+                prefix_path = ROUTES[route]
                 headers = (f"Authorization: Bearer {stack.token}",) if route != "rbac" else ()
                 targets.append(
                     Target(
@@ -316,12 +330,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         headers=headers,
                     )
                 )
-            checks += [
-                ("svidgate rbac, client", "200", lambda: probe(gp, "/rbac", client_ctx, {})),
-                ("svidgate rbac, other ID", "403", lambda: probe(gp, "/rbac", other_ctx, {})),
-                ("svidgate rbac, no cert", "!200", lambda: probe(gp, "/rbac", anon_ctx, {})),
-            ]
-            for route in ("jwt-remote", "jwt-local"):
+            checks += (
+                [
+                    ("svidgate rbac, client", "200", lambda: probe(gp, "/rbac", client_ctx, {})),
+                    ("svidgate rbac, other ID", "403", lambda: probe(gp, "/rbac", other_ctx, {})),
+                    ("svidgate rbac, no cert", "!200", lambda: probe(gp, "/rbac", anon_ctx, {})),
+                ]
+                if "rbac" in args.routes
+                else []
+            )
+            for route in args.routes:
+                if route == "rbac":
+                    continue
                 path = ROUTES[route]
                 checks += [
                     (
@@ -354,8 +374,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "nginx", nginx_proxy.tree(), nginx_port, args.idle, client_ctx, "/rbac"
                 )
             if stack is not None:
+                first = args.routes[0]
                 memory["svidgate"] = measure_memory(
-                    "svidgate", stack.gateway_pids(), stack.port, args.idle, client_ctx, "/rbac"
+                    f"svidgate ({first})",
+                    stack.gateway_pids(),
+                    stack.port,
+                    args.idle,
+                    client_ctx,
+                    ROUTES[first],
+                    () if first == "rbac" else (f"Authorization: Bearer {stack.token}",),
                 )
         samples = [s for t in targets for s in t.samples]
         summary = report.summarize(samples)
@@ -372,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "workers": args.workers,
                 "idle_connections": args.idle,
                 "access_log": args.access_log,
+                "routes": list(args.routes),
                 "nproc": os.cpu_count(),
                 "loadavg_before": load_before,
                 "loadavg_after": os.getloadavg(),

@@ -148,7 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "upstream nginx", work / "upstream", conf, cpus=args.client_cpus, port=up_port
         )
         stack = start_stack(
-            work, pki, upstream_port=up_port, workers=args.workers, cpus=args.server_cpus
+            work,
+            pki,
+            upstream_port=up_port,
+            workers=args.workers,
+            cpus=args.server_cpus,
+            routes=(args.route,),
         )
         url = f"https://127.0.0.1:{stack.port}{ROUTES[args.route]}"
         ab = ["ab", "-q", "-S", "-r", "-c", str(args.concurrency)]
@@ -169,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spies = []
         pids = stack.server_pids()
         cpu0 = cpu_seconds(pids)
-        for name, pid in (("gateway", stack.gateway.proc.pid), ("signer", stack.signer.proc.pid)):
+        targets = [("gateway", stack.gateway.proc.pid)]
+        if stack.signer is not None:
+            targets.append(("signer", stack.signer.proc.pid))
+        for name, pid in targets:
             raw = args.out / f"{tag}-{name}.txt"
             cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", str(args.rate)]
             cmd += ["--duration", str(args.seconds), "--format", "raw", "--output", str(raw)]

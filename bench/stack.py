@@ -121,21 +121,22 @@ def make_pki(work: Path) -> Pki:
 @dataclass
 class SvidgateStack:
     work: Path
-    signer: Service
+    signer: Service | None
     gateway: Service
     port: int
     admin_port: int
     token: str
 
     def server_pids(self) -> list[int]:
-        return self.gateway.tree() + self.signer.tree()
+        return self.gateway.tree() + (self.signer.tree() if self.signer else [])
 
     def gateway_pids(self) -> list[int]:
         return self.gateway.tree()
 
     def stop(self) -> None:
         self.gateway.stop()
-        self.signer.stop()
+        if self.signer is not None:
+            self.signer.stop()
 
 
 def _signer_config(work: Path, pki: Pki) -> Path:
@@ -170,7 +171,8 @@ def _gateway_config(
     admin_port: int,
     upstream_port: int,
     workers: int,
-    signer_sock: Path,
+    signer_sock: Path | None,
+    routes: tuple[str, ...],
     access_log: bool,
 ) -> Path:
     def route(name: str, prefix: str) -> dict[str, object]:
@@ -191,16 +193,18 @@ def _gateway_config(
         "admin_listen": f"127.0.0.1:{admin_port}",
         "tls": {"cert": str(pki.server_crt), "key": str(pki.server_key), "min_version": "1.3"},
         "trust_domains": {TRUST_DOMAIN: {"bundle": str(pki.bundle)}},
-        "signer": {"address": f"unix:{signer_sock}", "timeout": "250ms"},
+        "signer": {"address": f"unix:{signer_sock}", "timeout": "250ms"} if signer_sock else None,
         "upstreams": {"upstream": {"url": f"http://127.0.0.1:{upstream_port}"}},
-        "routes": [route(name, prefix) for name, prefix in ROUTES.items()],
+        "routes": [route(name, ROUTES[name]) for name in routes],
         "identity_headers": {"xfcc": True},
         "access_log": access_log,
     }
     d = work / "gateway"
     d.mkdir(parents=True, exist_ok=True)
     path = d / "gateway.yaml"
-    path.write_text(yaml.safe_dump(conf, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump({k: v for k, v in conf.items() if v is not None}, sort_keys=False)
+    )
     return path
 
 
@@ -222,35 +226,28 @@ def start_stack(
     upstream_port: int,
     workers: int,
     cpus: str,
+    routes: tuple[str, ...] = tuple(ROUTES),
     access_log: bool = False,
 ) -> SvidgateStack:
-    """Start signer then gateway (both pinned to the server cores), mint the bench token."""
+    """Start signer (if a JWT route is wanted) then gateway, pinned; mint the bench token."""
     env = {**os.environ, "SVIDGATE_DEBUG": "1"}
     signer_conf = _signer_config(work, pki)
     sock = signer_conf.parent / "run" / "signer.sock"
-    signer = Service.start(
-        "svidgate signer",
-        pinned([*svidgate_cmd(), "signer", "serve", "--config", str(signer_conf)], cpus),
-        log=work / "signer.log",
-        cwd=signer_conf.parent,
-        env=env,
-    )
+    with_jwt = any(r.startswith("jwt-") for r in routes)
+    signer: Service | None = None
+    if with_jwt:
+        signer = Service.start(
+            "svidgate signer",
+            pinned([*svidgate_cmd(), "signer", "serve", "--config", str(signer_conf)], cpus),
+            log=work / "signer.log",
+            cwd=signer_conf.parent,
+            env=env,
+        )
     try:
-        _wait_file(sock, signer)
-        token = cli(
-            "signer",
-            "sign",
-            "--config",
-            str(signer_conf),
-            "--subject",
-            CLIENT_ID,
-            "--audience",
-            AUDIENCE,
-            "--ttl",
-            "2h",
-        ).strip()
-        if token.count(".") != 2:
-            raise BenchError("`svidgate signer sign` did not print a JWT")
+        token = ""
+        if signer is not None:
+            _wait_file(sock, signer)
+            token = _mint(signer_conf)
         port, admin_port = free_port(), free_port()
         gw_conf = _gateway_config(
             work,
@@ -259,7 +256,8 @@ def start_stack(
             admin_port=admin_port,
             upstream_port=upstream_port,
             workers=workers,
-            signer_sock=sock,
+            signer_sock=sock if with_jwt else None,
+            routes=routes,
             access_log=access_log,
         )
         cli("gateway", "check", "--config", str(gw_conf))
@@ -271,7 +269,8 @@ def start_stack(
             env=env,
         )
     except BaseException:
-        signer.stop()
+        if signer is not None:
+            signer.stop()
         raise
     stack = SvidgateStack(work, signer, gateway, port, admin_port, token)
     try:
@@ -282,6 +281,24 @@ def start_stack(
         stack.stop()
         raise
     return stack
+
+
+def _mint(signer_conf: Path) -> str:
+    token = cli(
+        "signer",
+        "sign",
+        "--config",
+        str(signer_conf),
+        "--subject",
+        CLIENT_ID,
+        "--audience",
+        AUDIENCE,
+        "--ttl",
+        "2h",
+    ).strip()
+    if token.count(".") != 2:
+        raise BenchError("`svidgate signer sign` did not print a JWT")
+    return token
 
 
 def _wait_ready(admin_port: int, svc: Service, timeout: float = 30.0) -> None:
