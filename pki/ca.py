@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pki.bundle import Bundle, marshal_json, marshal_pem
+from pki.durations import format_duration
 from pki.errors import CaError, InvalidSpiffeIdError, PkiError
 from pki.spiffe_id import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain
 from pki.svid import load_certificates, load_private_key, uri_sans
@@ -188,6 +189,10 @@ class CertificateAuthority:
         if ttl <= timedelta(0):
             raise CaError("CA TTL must be positive")
         now = now or datetime.now(UTC)
+        try:
+            not_after = now + ttl
+        except OverflowError:
+            raise CaError(f"CA TTL {format_duration(ttl)} is too long") from None
         root_key = generate_private_key(key_type)
         root = _ca_certificate(
             td,
@@ -196,7 +201,7 @@ class CertificateAuthority:
             None,
             root_key,
             not_before=now - BACKDATE,
-            not_after=now + ttl,
+            not_after=not_after,
             path_length=1 if intermediate else 0,
         )
         if not intermediate:
@@ -209,7 +214,7 @@ class CertificateAuthority:
             root,
             root_key,
             not_before=now - BACKDATE,
-            not_after=now + ttl,
+            not_after=not_after,
             path_length=0,
         )
         return cls(td, root, root_key, inter, inter_key)
@@ -283,7 +288,10 @@ class CertificateAuthority:
             raise CaError("SVID TTL must be positive")
         now = now or datetime.now(UTC)
         issuer_cert, issuer_key = self.signing_cert, self.signing_key
-        not_after = min(now + ttl, issuer_cert.not_valid_after_utc)
+        try:
+            not_after = min(now + ttl, issuer_cert.not_valid_after_utc)
+        except OverflowError:  # a TTL past year 9999 is capped by the CA like any other
+            not_after = issuer_cert.not_valid_after_utc
         if not_after <= now:
             raise CaError("the signing CA certificate has expired; run `svidgate pki init` again")
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(sid))]

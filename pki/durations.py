@@ -26,7 +26,10 @@ def parse_duration(text: str) -> timedelta:
         pos = match.end()
     if pos != len(text) or not text:
         raise DurationError(f"{text!r} is not a duration (use forms like '250ms', '90s', '1h30m')")
-    return timedelta(microseconds=round(total_us))
+    try:
+        return timedelta(microseconds=round(total_us))
+    except OverflowError:
+        raise DurationError(f"{text!r} is too large a duration") from None
 
 
 def format_duration(value: timedelta) -> str:
@@ -48,6 +51,6 @@ def format_duration(value: timedelta) -> str:
     if minutes:
         parts.append(f"{minutes}m")
     if rem:
-        seconds = rem / 1_000_000
-        parts.append(f"{seconds:g}s")
+        whole, frac = divmod(rem, 1_000_000)
+        parts.append(f"{whole}.{frac:06d}".rstrip("0").rstrip(".") + "s")
     return sign + "".join(parts)

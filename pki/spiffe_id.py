@@ -59,13 +59,15 @@ def _check_trust_domain_name(name: str, text: str) -> None:
         raise InvalidSpiffeIdError(
             f"{text!r}: trust domain is longer than {MAX_TRUST_DOMAIN_BYTES} bytes"
         )
+    if "@" in name:
+        raise InvalidSpiffeIdError(f"{text!r}: userinfo is not allowed in a trust domain")
     for ch in name:
         if ch in _TRUST_DOMAIN_CHARS:
             continue
+        if ch == "%":
+            raise InvalidSpiffeIdError(f"{text!r}: percent-encoding is not allowed")
         if ch == ":":
             raise InvalidSpiffeIdError(f"{text!r}: a port is not allowed in a trust domain")
-        if ch == "@":
-            raise InvalidSpiffeIdError(f"{text!r}: userinfo is not allowed in a trust domain")
         if ch in string.ascii_uppercase:
             raise InvalidSpiffeIdError(f"{text!r}: trust domain must be lowercase")
         raise InvalidSpiffeIdError(
@@ -100,6 +102,8 @@ def parse_trust_domain(text: str) -> TrustDomain:
         if not spiffe_id.is_trust_domain_id:
             raise InvalidSpiffeIdError(f"{text!r}: a trust domain has no path")
         return spiffe_id.trust_domain
+    if "://" in text:
+        raise InvalidSpiffeIdError(f"{text!r}: scheme must be 'spiffe://'")
     _check_trust_domain_name(text, text)
     return TrustDomain(text)
 
