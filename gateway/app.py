@@ -23,6 +23,7 @@ from aiohttp import web
 
 from gateway.admin import Metrics
 from gateway.config import JwtConfig
+from gateway.context import CANONICAL_PATH, ROUTE, STREAMING, UPSTREAM, UPSTREAM_SECONDS
 from gateway.credentials import GatewayState, StateHolder
 from gateway.errors import (
     BadRequest,
@@ -204,31 +205,30 @@ class GatewayApp:
         started = time.perf_counter()
         state = self.holder.current
         identity = self.peers.get(request.transport) if request.transport else None
-        request["route"] = None
         try:
             if identity is None:  # cannot happen: PeerGate refuses such connections
                 raise Forbidden("no_identity")
             response = await self._pipeline(request, state, identity)
         except GatewayError as err:
-            response = self._error_response(err, request["route"])
+            response = self._error_response(err, request.get(ROUTE))
         except asyncio.CancelledError:
             raise
         except Exception:
-            if request.get("streaming"):
+            if request.get(STREAMING):
                 raise
             log.exception("unexpected error while handling a request")
-            response = self._error_response(GatewayError("internal"), request["route"])
-        route = request["route"] or "-"
+            response = self._error_response(GatewayError("internal"), request.get(ROUTE))
+        route = request.get(ROUTE) or "-"
         self.metrics.requests.labels(route, str(response.status)).inc()
-        upstream_seconds = request.get("upstream_seconds")
-        if upstream_seconds is not None and request.get("upstream"):
-            self.metrics.upstream_latency.labels(request["upstream"]).observe(upstream_seconds)
+        upstream_seconds = request.get(UPSTREAM_SECONDS)
+        if upstream_seconds is not None and request.get(UPSTREAM):
+            self.metrics.upstream_latency.labels(request[UPSTREAM]).observe(upstream_seconds)
         if state.config.access_log:
             emit(
                 access_log,
                 event="access",
                 method=request.method,
-                path=request.get("canonical_path", "-"),
+                path=request.get(CANONICAL_PATH, "-"),
                 status=response.status,
                 route=route,
                 spiffe_id=identity.id_text if identity else None,
@@ -246,11 +246,12 @@ class GatewayApp:
         if len(hosts) != 1:
             raise BadRequest("bad_host", "exactly one Host header is required")
         target = parse_target(_origin_form(request.raw_path, hosts[0]))
-        request["canonical_path"] = target.path
+        request[CANONICAL_PATH] = target.path
         decision = state.policy.explain(identity.spiffe_id, method, target.path)
         self._audit(decision, identity, method, target.path)
         route = decision.route
-        request["route"] = route.name if route is not None else None
+        if route is not None:
+            request[ROUTE] = route.name
         if not decision.allowed:
             if route is None:
                 raise NoRoute(decision.reason)
@@ -270,7 +271,7 @@ class GatewayApp:
             claims=claims,
         )
         upstream = self.upstreams[route.upstream]
-        request["upstream"] = upstream.name
+        request[UPSTREAM] = upstream.name
         return await upstream.forward(request, target.forward(), headers)
 
     async def _check_jwt(

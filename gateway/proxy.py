@@ -18,6 +18,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import UpstreamConfig
+from gateway.context import STREAMING, UPSTREAM_SECONDS
 from gateway.errors import CircuitOpen, UpstreamError, UpstreamTimeout
 from gateway.headers import downstream_response_headers
 from gateway.tls import check_peer_id
@@ -187,8 +188,9 @@ class Upstream:
             self.breaker.failure(loop.time())
             raise
         self.breaker.success()
-        request["upstream_seconds"] = time.perf_counter() - started
+        request[UPSTREAM_SECONDS] = time.perf_counter() - started
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out_headers)
+        request[STREAMING] = True
         if request.method == "HEAD" or resp.status in (204, 304) or resp.status < 200:
             await out.prepare(request)
             await out.write_eof()
