@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pki.ca import CertificateAuthority, write_private_file
-from tests.gateway.conftest import WEB_ID, A, Echo, Harness, build_request, raw_exchange
+from tests.gateway.conftest import GATEWAY_ID, WEB_ID, A, Echo, Harness, build_request, raw_exchange
 
 
 async def test_valid_svid_reaches_upstream(gw: Harness, echo: Echo) -> None:
