@@ -78,6 +78,10 @@ class SigningUnavailableError(SignerError):
     """No key may sign right now (no active key, or the cached key's window has run out)."""
 
 
+class NotReadyError(SignerError):
+    """The signer has not loaded any key yet (the source was never reachable)."""
+
+
 class KeySourceError(SignerError):
     """The key source (directory, Vault) failed; the cached key ring stays in use."""
 

@@ -1,1 +1,24 @@
-"""Key sources: file, Vault KV v2, Vault Transit."""
+"""Key sources: file, Vault KV v2, Vault Transit. Each implements :class:`KeySource`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from signer.keyring import SigningKey
+from signer.rotation import NewKeyPlan
+
+
+class KeySource(Protocol):
+    """Where keys live. ``create`` is check-and-set against the last ``load``: it raises
+    SourceConflictError when another replica wrote first (reload, then plan again)."""
+
+    description: str
+
+    async def load(self) -> list[SigningKey]: ...
+
+    async def create(self, plan: NewKeyPlan) -> SigningKey: ...
+
+    async def remove(self, kids: Sequence[str]) -> None: ...
+
+    async def close(self) -> None: ...

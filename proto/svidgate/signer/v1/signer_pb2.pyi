@@ -33,16 +33,18 @@ class SignResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ..., kid: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("token", "audience", "expected_subject", "certificate_thumbprint")
+    __slots__ = ("token", "audience", "expected_subject", "certificate_thumbprint", "require_binding")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SUBJECT_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_BINDING_FIELD_NUMBER: _ClassVar[int]
     token: str
     audience: _containers.RepeatedScalarFieldContainer[str]
     expected_subject: str
     certificate_thumbprint: str
-    def __init__(self, token: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ..., expected_subject: _Optional[str] = ..., certificate_thumbprint: _Optional[str] = ...) -> None: ...
+    require_binding: bool
+    def __init__(self, token: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ..., expected_subject: _Optional[str] = ..., certificate_thumbprint: _Optional[str] = ..., require_binding: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("claims_json", "kid", "subject", "expires_at", "key_valid_until")

@@ -1,0 +1,305 @@
+"""The live key store: the current :class:`KeyRing`, its source, polling, scheduled rotation and
+key-set change notifications (WatchKeys). Sign and Verify read one immutable ring reference.
+
+Source errors never empty the cache: the ring keeps serving verification, the store reports
+itself degraded, and signing goes on until the cached active key's window runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from signer import jwt as sjwt
+from signer.config import SignerConfig
+from signer.errors import (
+    InvalidRequestError,
+    KeySourceError,
+    NotReadyError,
+    SigningUnavailableError,
+    SourceConflictError,
+)
+from signer.keyring import KeyRing, KeyState, SigningKey, Timing
+from signer.rotation import Action, next_rotation_at, plan_rotation
+from signer.sources import KeySource
+
+log = logging.getLogger("svidgate.signer.keys")
+Clock = Callable[[], datetime]
+MIN_TOKEN_LIFETIME = timedelta(seconds=1)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedToken:
+    token: str
+    kid: str
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    token: sjwt.VerifiedToken
+    key_valid_until: int
+
+
+def timing_from(cfg: SignerConfig) -> Timing:
+    return Timing(
+        period=cfg.rotation.period,
+        prepare_ahead=cfg.rotation.prepare_ahead,
+        retain=cfg.retain_retired,
+        clock_skew=cfg.tokens.clock_skew,
+        max_ttl=cfg.tokens.max_ttl,
+    )
+
+
+class KeyStore:
+    def __init__(self, source: KeySource, cfg: SignerConfig, *, clock: Clock = utcnow) -> None:
+        self.source = source
+        self.cfg = cfg
+        self.clock = clock
+        self.timing = timing_from(cfg)
+        self.policy = sjwt.VerifyPolicy(cfg.issuer, cfg.tokens.clock_skew, cfg.tokens.max_ttl)
+        self.ring: KeyRing | None = None
+        self.sequence = 0
+        self.jwks_json = json.dumps({"keys": []})
+        self.source_healthy = False
+        self.last_error: str | None = None
+        self._changed = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="signer-keystore")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.source.close()
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self.refresh()
+                await self.maintain()
+                backoff = 0.2
+            except KeySourceError as exc:
+                self._mark_unhealthy(exc)
+            except Exception as exc:  # never let the loop die; the cache stays in use
+                log.exception("key store maintenance failed")
+                self._mark_unhealthy(exc)
+            self.publish()
+            delay = self._next_wake()
+            if not self.source_healthy:
+                delay = min(delay, backoff)
+                backoff = min(backoff * 2, self.timing.prepare_ahead.total_seconds() / 4, 5.0)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
+
+    def _mark_unhealthy(self, exc: Exception) -> None:
+        if self.source_healthy or self.last_error != str(exc):
+            log.warning("key source %s unavailable: %s", self.source.description, exc)
+        self.source_healthy = False
+        self.last_error = str(exc)
+
+    def _next_wake(self) -> float:
+        now = self.clock()
+        candidates = [self.cfg.rotation.poll_interval.total_seconds()]
+        if self.ring is not None:
+            for when in (self.ring.next_change(now), next_rotation_at(self.ring)):
+                if when is not None and when > now:
+                    candidates.append((when - now).total_seconds() + 0.01)
+        return min(candidates)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- source synchronisation ---------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the source and swap in the merged ring; removed keys are deleted from it."""
+        keys = await self.source.load()
+        now = self.clock()
+        base = self.ring or KeyRing([], self.timing, now)
+        ring = base.with_keys(keys, now)
+        self.ring = ring
+        self.source_healthy = True
+        self.last_error = None
+        kept = {k.kid for k in ring.keys}
+        removed = [k.kid for k in keys if k.kid not in kept]
+        if removed:
+            try:
+                await self.source.remove(removed)
+            except KeySourceError as exc:
+                log.warning("could not delete removed keys from the source: %s", exc)
+        self.publish()
+
+    async def maintain(self) -> None:
+        """Bootstrap an empty source and run the scheduled rotation."""
+        if self.ring is None:
+            return
+        if plan_rotation(self.ring, self.clock()).action != Action.NONE:
+            await self._create(forced=False)
+
+    async def _create(self, *, forced: bool) -> SigningKey | None:
+        async with self._write_lock:
+            for _ in range(5):
+                assert self.ring is not None
+                plan = plan_rotation(self.ring, self.clock(), forced=forced)
+                if plan.action == Action.NONE:
+                    return None
+                try:
+                    key = await self.source.create(plan)
+                except SourceConflictError:
+                    await self.refresh()
+                    continue
+                log.info("created %s key %s (activates %s)", plan.action, key.kid, key.activate_at)
+                await self.refresh()
+                return key
+            raise SourceConflictError("gave up after repeated check-and-set conflicts")
+
+    async def rotate(self) -> tuple[str, str]:
+        """Start a rotation now: a prepared key that activates ``prepare_ahead`` later."""
+        await self.refresh()
+        key = await self._create(forced=True)
+        assert key is not None and self.ring is not None
+        active = self.ring.active(self.clock())
+        self.wake()
+        return key.kid, active.kid if active is not None else ""
+
+    # -- publication --------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        if self.ring is None:
+            return
+        text = json.dumps(self.ring.jwks(self.clock()), separators=(",", ":"))
+        if text != self.jwks_json:
+            self.jwks_json = text
+            self.sequence += 1
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def watch(self, after: int) -> AsyncIterator[tuple[int, str]]:
+        """Yield (sequence, jwks) whenever the key set changes past ``after``."""
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda seen=after: self.sequence > seen)
+                after, text = self.sequence, self.jwks_json
+            yield after, text
+
+    def statuses(self) -> list[dict[str, Any]]:
+        if self.ring is None:
+            return []
+        return [
+            {"kid": s.key.kid, "state": s.state.value, "activate_at": s.key.activate_at}
+            for s in self.ring.statuses(self.clock())
+        ]
+
+    @property
+    def can_verify(self) -> bool:
+        return self.ring is not None and bool(self.ring.keys)
+
+    @property
+    def can_sign(self) -> bool:
+        if self.ring is None:
+            return False
+        now = self.clock()
+        found = self.ring.sign_deadline(now)
+        return found is not None and found[1] - now >= MIN_TOKEN_LIFETIME
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    async def sign(
+        self,
+        *,
+        subject: str,
+        audience: Sequence[str],
+        ttl: timedelta | None,
+        extra: dict[str, Any],
+        thumbprint: str | None,
+    ) -> SignedToken:
+        ring = self.ring
+        if ring is None:
+            raise SigningUnavailableError("no keys loaded yet")
+        now = self.clock()
+        found = ring.sign_deadline(now)
+        if found is None:
+            raise SigningUnavailableError("no active key")
+        key, deadline = found
+        if key.private_key is None and key.remote_sign is None:
+            raise SigningUnavailableError("the active key cannot sign here")
+        wanted = self.cfg.tokens.default_ttl if ttl is None else ttl
+        if wanted < timedelta(0):
+            raise InvalidRequestError("ttl_seconds must not be negative")
+        lifetime = min(wanted, self.cfg.tokens.max_ttl, deadline - now)
+        lifetime = timedelta(seconds=int(lifetime.total_seconds()))
+        if lifetime < MIN_TOKEN_LIFETIME:
+            raise SigningUnavailableError(
+                "the cached active key's verification window has run out (key source unreachable)"
+            )
+        claims = sjwt.build_claims(
+            issuer=self.cfg.issuer,
+            subject=subject,
+            audience=audience,
+            now=now,
+            ttl=lifetime,
+            extra=extra,
+            thumbprint=thumbprint,
+        )
+        data = sjwt.signing_input(key.algorithm, key.kid, claims)
+        if key.private_key is not None:
+            signature = sjwt.sign_local(key.algorithm, key.private_key, data)
+        else:
+            assert key.remote_sign is not None
+            signature = await key.remote_sign(data)
+        return SignedToken(sjwt.assemble(data, signature), key.kid, int(claims["exp"]))
+
+    def verify(
+        self,
+        token: str,
+        *,
+        audiences: Sequence[str],
+        expected_subject: str = "",
+        thumbprint: str = "",
+        require_binding: bool = False,
+    ) -> VerifyResult:
+        ring = self.ring
+        if ring is None:
+            raise NotReadyError("no keys loaded yet")
+        now = self.clock()
+
+        def lookup(kid: str) -> sjwt.VerificationKey:
+            status = ring.lookup(kid, now)
+            assert status.state != KeyState.REMOVED
+            return status.key.verification_key
+
+        result = sjwt.verify_token(
+            token,
+            lookup=lookup,
+            policy=self.policy,
+            audiences=audiences,
+            now=now,
+            expected_subject=expected_subject,
+            thumbprint=thumbprint,
+            require_binding=require_binding,
+        )
+        valid_until = ring.earliest_removal(result.kid, now)
+        return VerifyResult(result, int(valid_until.timestamp()))

@@ -1,0 +1,131 @@
+"""The ``file`` key source: a directory of PEM keys (0600) plus ``state.json``.
+
+``state.json`` holds a generation counter and, per key, its kid, algorithm, creation and
+activation times. Writers take an exclusive ``flock`` on ``.lock`` and compare the generation,
+so replicas sharing the directory get check-and-set semantics like Vault KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pki.ca import write_private_file
+from signer.errors import KeySourceError, SourceConflictError
+from signer.keygen import (
+    generate_private_key,
+    local_signing_key,
+    parse_private_key,
+    private_key_pem,
+)
+from signer.keyring import SigningKey
+from signer.rotation import NewKeyPlan
+
+STATE_FILE = "state.json"
+
+
+class FileKeySource:
+    def __init__(self, directory: Path, algorithm: str) -> None:
+        self.directory = directory
+        self.algorithm = algorithm
+        self.description = f"file:{directory}"
+        self._generation = 0
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read_state(self) -> dict[str, Any]:
+        path = self.directory / STATE_FILE
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"generation": 0, "keys": []}
+        except (OSError, ValueError) as exc:
+            raise KeySourceError(f"{path}: unreadable key state ({exc})") from None
+        if not isinstance(state, dict) or not isinstance(state.get("keys"), list):
+            raise KeySourceError(f"{path}: invalid key state")
+        return state
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        tmp = self.directory / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+        tmp.replace(self.directory / STATE_FILE)
+
+    def _load_sync(self) -> list[SigningKey]:
+        with self._locked():
+            state = self._read_state()
+        self._generation = int(state.get("generation", 0))
+        keys = []
+        for entry in state["keys"]:
+            try:
+                kid, alg = str(entry["kid"]), str(entry["alg"])
+                created = datetime.fromisoformat(entry["created_at"])
+                activate = datetime.fromisoformat(entry["activate_at"])
+            except (KeyError, TypeError, ValueError):
+                raise KeySourceError(f"{self.directory / STATE_FILE}: invalid key entry") from None
+            path = self.directory / f"{kid}.pem"
+            try:
+                pem = path.read_bytes()
+            except OSError as exc:
+                raise KeySourceError(f"{path}: cannot read ({exc.strerror})") from None
+            key = local_signing_key(parse_private_key(pem, alg, str(path)), alg, created, activate)
+            if key.kid != kid:
+                raise KeySourceError(f"{path}: key does not match its kid")
+            keys.append(key)
+        return keys
+
+    def _create_sync(self, plan: NewKeyPlan) -> SigningKey:
+        private = generate_private_key(self.algorithm)
+        key = local_signing_key(private, self.algorithm, plan.created_at, plan.activate_at)
+        with self._locked():
+            state = self._read_state()
+            if int(state.get("generation", 0)) != self._generation:
+                raise SourceConflictError("key state changed since the last read")
+            write_private_file(self.directory / f"{key.kid}.pem", private_key_pem(private))
+            state["keys"].append(
+                {
+                    "kid": key.kid,
+                    "alg": key.algorithm,
+                    "created_at": key.created_at.isoformat(),
+                    "activate_at": key.activate_at.isoformat(),
+                }
+            )
+            self._generation = int(state.get("generation", 0)) + 1
+            state["generation"] = self._generation
+            self._write_state(state)
+        return key
+
+    def _remove_sync(self, kids: Sequence[str]) -> None:
+        with self._locked():
+            state = self._read_state()
+            state["keys"] = [k for k in state["keys"] if k.get("kid") not in kids]
+            state["generation"] = int(state.get("generation", 0)) + 1
+            self._write_state(state)
+            for kid in kids:
+                (self.directory / f"{kid}.pem").unlink(missing_ok=True)
+
+    async def load(self) -> list[SigningKey]:
+        return await asyncio.to_thread(self._load_sync)
+
+    async def create(self, plan: NewKeyPlan) -> SigningKey:
+        return await asyncio.to_thread(self._create_sync, plan)
+
+    async def remove(self, kids: Sequence[str]) -> None:
+        await asyncio.to_thread(self._remove_sync, kids)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,96 @@
+"""The ``vault-kv`` key source: one KV v2 secret; each version is one key.
+
+A version holds ``{kid, alg, private_key (PEM), created_at, activate_at}``. New keys are written
+with check-and-set on the current version, so concurrent replicas cannot both rotate; the loser
+reloads and plans again. Versions are immutable, so each is read once and cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from signer.errors import KeySourceError
+from signer.keygen import (
+    generate_private_key,
+    local_signing_key,
+    parse_private_key,
+    private_key_pem,
+)
+from signer.keyring import SigningKey
+from signer.rotation import NewKeyPlan
+from signer.vault import VaultClient
+
+
+class VaultKvKeySource:
+    def __init__(self, client: VaultClient, algorithm: str) -> None:
+        self.client = client
+        self.algorithm = algorithm
+        self.description = f"vault-kv:{client.cfg.kv_mount}/{client.cfg.kv_path}"
+        self._current_version = 0
+        self._cache: dict[tuple[int, str], SigningKey] = {}
+        self._versions: dict[str, int] = {}
+
+    async def load(self) -> list[SigningKey]:
+        meta = await self.client.kv_metadata()
+        if meta is None:
+            self._current_version = 0
+            return []
+        self._current_version = int(meta.get("current_version") or 0)
+        keys: list[SigningKey] = []
+        versions: dict[str, int] = {}
+        cache: dict[tuple[int, str], SigningKey] = {}
+        for number, info in sorted((meta.get("versions") or {}).items(), key=lambda i: int(i[0])):
+            if info.get("deletion_time") or info.get("destroyed"):
+                continue
+            version = int(number)
+            cache_key = (version, str(info.get("created_time")))
+            key = self._cache.get(cache_key)
+            if key is None:
+                data = await self.client.kv_read(version)
+                if data is None:
+                    continue
+                key = self._parse(data, version)
+            cache[cache_key] = key
+            versions[key.kid] = version
+            keys.append(key)
+        self._cache, self._versions = cache, versions
+        return keys
+
+    def _parse(self, data: dict[str, object], version: int) -> SigningKey:
+        where = f"{self.description} version {version}"
+        try:
+            alg = str(data["alg"])
+            pem = str(data["private_key"]).encode()
+            created = datetime.fromisoformat(str(data["created_at"]))
+            activate = datetime.fromisoformat(str(data["activate_at"]))
+        except (KeyError, ValueError):
+            raise KeySourceError(f"{where}: not a signing key entry") from None
+        key = local_signing_key(parse_private_key(pem, alg, where), alg, created, activate)
+        if key.kid != data.get("kid"):
+            raise KeySourceError(f"{where}: key does not match its kid")
+        return key
+
+    async def create(self, plan: NewKeyPlan) -> SigningKey:
+        private = generate_private_key(self.algorithm)
+        key = local_signing_key(private, self.algorithm, plan.created_at, plan.activate_at)
+        version = await self.client.kv_write(
+            {
+                "kid": key.kid,
+                "alg": key.algorithm,
+                "private_key": private_key_pem(private).decode(),
+                "created_at": key.created_at.isoformat(),
+                "activate_at": key.activate_at.isoformat(),
+            },
+            cas=self._current_version,
+        )
+        self._current_version = version
+        return key
+
+    async def remove(self, kids: Sequence[str]) -> None:
+        versions = [self._versions[kid] for kid in kids if kid in self._versions]
+        if versions:
+            await self.client.kv_destroy(versions)
+
+    async def close(self) -> None:
+        self.client.close()
