@@ -32,7 +32,7 @@ B_ID = f"spiffe://{B}/ns/shop/sa/web"
 
 
 @dataclass
-class TestPki:
+class LabPki:
     dir: Path
     ca_a: CertificateAuthority
     ca_b: CertificateAuthority
@@ -55,12 +55,12 @@ class TestPki:
 
 
 @pytest.fixture
-def test_pki(tmp_path: Path) -> TestPki:
+def test_pki(tmp_path: Path) -> LabPki:
     ca_a = CertificateAuthority.create(A)
     ca_b = CertificateAuthority.create(B)
     (tmp_path / "bundle-a.pem").write_bytes(marshal_pem(ca_a.bundle()))
     (tmp_path / "bundle-b.pem").write_bytes(marshal_pem(ca_b.bundle()))
-    pki = TestPki(tmp_path, ca_a, ca_b)
+    pki = LabPki(tmp_path, ca_a, ca_b)
     pki.issue(GATEWAY_ID, "gateway", dns=["localhost"], ips=["127.0.0.1"])
     pki.issue(UPSTREAM_ID, "upstream", dns=["localhost"], ips=["127.0.0.1"])
     for sid, name in [(WEB_ID, "web"), (WRITER_ID, "writer"), (OPS_ID, "ops"), (B_ID, "b-web")]:
@@ -82,7 +82,7 @@ class Echo:
         return [r["target"] for r in self.seen]
 
 
-async def start_echo(pki: TestPki, *, server_id: str = UPSTREAM_ID) -> tuple[Echo, web.BaseRunner]:
+async def start_echo(pki: LabPki, *, server_id: str = UPSTREAM_ID) -> tuple[Echo, web.BaseRunner]:
     name = "echo-" + server_id.rsplit("/", 1)[1]
     cert, key = pki.issue(server_id, name, dns=["localhost"], ips=["127.0.0.1"])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -119,13 +119,13 @@ async def start_echo(pki: TestPki, *, server_id: str = UPSTREAM_ID) -> tuple[Ech
 
 
 @pytest.fixture
-async def echo(test_pki: TestPki) -> AsyncIterator[Echo]:
+async def echo(test_pki: LabPki) -> AsyncIterator[Echo]:
     e, runner = await start_echo(test_pki)
     yield e
     await runner.cleanup()
 
 
-def gateway_config(pki: TestPki, echo_port: int, **overrides: Any) -> dict[str, Any]:
+def gateway_config(pki: LabPki, echo_port: int, **overrides: Any) -> dict[str, Any]:
     upstream_tls = {
         "cert": "gateway.crt",
         "key": "gateway.key",
@@ -178,7 +178,7 @@ def gateway_config(pki: TestPki, echo_port: int, **overrides: Any) -> dict[str, 
     return doc
 
 
-def write_config(pki: TestPki, doc: dict[str, Any]) -> Path:
+def write_config(pki: LabPki, doc: dict[str, Any]) -> Path:
     path = pki.dir / "gateway.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -268,7 +268,7 @@ def build_request(
 
 @dataclass
 class Harness:
-    pki: TestPki
+    pki: LabPki
     server: GatewayServer
     config_path: Path
 
@@ -301,7 +301,7 @@ GatewayFactory = Callable[..., "asyncio.Future[Harness]"]
 
 
 @pytest.fixture
-async def start_gateway(test_pki: TestPki) -> AsyncIterator[Callable[..., Any]]:
+async def start_gateway(test_pki: LabPki) -> AsyncIterator[Callable[..., Any]]:
     servers: list[GatewayServer] = []
 
     async def start(doc: dict[str, Any]) -> Harness:
@@ -317,6 +317,6 @@ async def start_gateway(test_pki: TestPki) -> AsyncIterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-async def gw(test_pki: TestPki, echo: Echo, start_gateway: Callable[..., Any]) -> Harness:
+async def gw(test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]) -> Harness:
     harness: Harness = await start_gateway(gateway_config(test_pki, echo.port))
     return harness
