@@ -117,8 +117,10 @@ def parse_json_bundle(data: bytes, trust_domain: TrustDomain | str) -> Bundle:
     sequence = doc.get("spiffe_sequence")
     hint = doc.get("spiffe_refresh_hint")
     for name, value in (("spiffe_sequence", sequence), ("spiffe_refresh_hint", hint)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise BundleError(f"bundle for {td}: {name} must be an integer")
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 0
+        ):
+            raise BundleError(f"bundle for {td}: {name} must be a non-negative integer")
     return Bundle(td, tuple(certs), tuple(jwt_keys), sequence, hint)
 
 
