@@ -1,4 +1,4 @@
-"""Steps 3–6 over real TLS: routing, policy, path normalization, header hygiene, proxying."""
+"""Steps 3 to 6 over real TLS: routing, policy, path normalization, header hygiene, proxying."""
 
 from __future__ import annotations
 
