@@ -85,7 +85,8 @@ def summarize(raw: Path, top: int = 25) -> dict[str, object]:
         for name in set(names):
             incl_c[name] += count
         # A sample belongs (self) to the innermost frame that has an area.
-        areas = [area_of(func, file) for func, file in frames]
+        # Process/thread header frames carry no file: they say nothing about the area.
+        areas = [area_of(func, file) if file else None for func, file in frames]
         leaf_area = next((a for a in reversed(areas) if a), "other")
         area_self[leaf_area] += count
         for a in {a for a in areas if a}:
@@ -181,9 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw = args.out / f"{tag}-{name}.txt"
             cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", str(args.rate)]
             cmd += ["--duration", str(args.seconds), "--format", "raw", "--output", str(raw)]
-            cmd += ["--nonblocking"]
-            if args.native:
-                cmd.append("--native")
+            # --native (C frames: OpenSSL, uvloop) needs to stop the process while sampling.
+            cmd.append("--native" if args.native else "--nonblocking")
             spies.append(
                 (
                     name,
@@ -194,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         for _name, _raw, sp in spies:
             sp.wait(timeout=args.seconds + 60)
+        time.sleep(max(0.0, args.seconds - (time.monotonic() - t0)))
         cpu = (cpu_seconds(pids) - cpu0) / (time.monotonic() - t0)
         out, _ = load.communicate(timeout=args.seconds + 60)
         rps = re.search(r"Requests per second:\s+([\d.]+)", out)
