@@ -1,10 +1,123 @@
-"""`svidgate signer …` subcommands."""
+"""`svidgate signer serve|sign|rotate --config signer.yaml`.
+
+``sign`` and ``rotate`` talk to the running signer over its configured Unix socket (or, without
+one, over TCP with the config's TLS material as the client certificate) and fail with one clear
+line when it is not running. ``sign`` prints only the JWT on stdout.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from signer.errors import SignerError
+
+if TYPE_CHECKING:
+    import grpc
+
+    from signer.config import SignerConfig
+
+RPC_TIMEOUT = 10.0
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add the `signer` subcommands (not built yet: the command is absent, not faked)."""
+    """Add ``signer`` with its ``serve``, ``sign`` and ``rotate`` subcommands."""
+    parser = sub.add_parser("signer", help="the JWT signer sidecar (gRPC)")
+    commands = parser.add_subparsers(dest="signer_command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser("serve", help="run the signer")
+    serve.add_argument("--config", required=True, help="signer.yaml")
+    serve.set_defaults(handler=_serve)
+
+    sign = commands.add_parser("sign", help="mint a JWT with the running signer (prints it)")
+    sign.add_argument("--config", required=True, help="signer.yaml")
+    sign.add_argument("--subject", required=True, help="SPIFFE ID for the sub claim")
+    sign.add_argument("--audience", required=True, action="append", help="aud (repeatable)")
+    sign.add_argument("--ttl", help="token lifetime, e.g. 5m (default: tokens.default_ttl)")
+    sign.set_defaults(handler=_sign)
+
+    rotate = commands.add_parser("rotate", help="start a rotation now (prepared → active)")
+    rotate.add_argument("--config", required=True, help="signer.yaml")
+    rotate.set_defaults(handler=_rotate)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from signer.config import load_config
+    from signer.server import run
+
+    return run(load_config(args.config))
+
+
+def _channel(cfg: SignerConfig) -> tuple[grpc.Channel, str]:
+    import grpc
+
+    if cfg.listen.unix is not None:
+        if not cfg.listen.unix.exists():
+            raise SignerError(f"the signer is not running (no socket at {cfg.listen.unix})")
+        target = f"unix:{cfg.listen.unix}"
+        return grpc.insecure_channel(target), target
+    address = cfg.tcp_address()
+    assert address is not None and cfg.tls is not None
+    try:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=cfg.tls.bundle.read_bytes(),
+            private_key=cfg.tls.key.read_bytes(),
+            certificate_chain=cfg.tls.cert.read_bytes(),
+        )
+    except OSError as exc:
+        raise SignerError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
+    host, port = address
+    target = f"{host}:{port}"
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    return grpc.secure_channel(target, creds, options=options), target
+
+
+def _call(cfg: SignerConfig, method: str, request: Any) -> Any:
+    import grpc
+    from svidgate.signer.v1 import signer_pb2_grpc
+
+    channel, target = _channel(cfg)
+    with channel:
+        stub = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            return getattr(stub, method)(request, timeout=RPC_TIMEOUT)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            detail = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
+            reasons = ("signing_unavailable", "not_ready", "source_unavailable")
+            if code == grpc.StatusCode.UNAVAILABLE and not detail.startswith(reasons):
+                raise SignerError(f"the signer at {target} is not reachable") from None
+            raise SignerError(f"{method} failed: {detail or code}") from None
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from svidgate.signer.v1 import signer_pb2
+
+    from pki.durations import parse_duration
+    from pki.errors import PkiError
+    from signer.config import load_config
+
+    cfg = load_config(args.config)
+    ttl = 0
+    if args.ttl:
+        try:
+            ttl = int(parse_duration(args.ttl).total_seconds())
+        except PkiError as exc:
+            raise SignerError(f"--ttl: {exc}") from None
+        if ttl < 1:
+            raise SignerError("--ttl: must be at least 1s")
+    request = signer_pb2.SignRequest(subject=args.subject, audience=args.audience, ttl_seconds=ttl)
+    reply = _call(cfg, "Sign", request)
+    print(reply.token)
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from svidgate.signer.v1 import signer_pb2
+
+    from signer.config import load_config
+
+    reply = _call(load_config(args.config), "Rotate", signer_pb2.RotateRequest())
+    print(f"prepared {reply.prepared_kid} (active {reply.active_kid})")
+    return 0

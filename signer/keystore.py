@@ -201,7 +201,8 @@ class KeyStore:
         """Yield (sequence, jwks) whenever the key set changes past ``after``."""
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda seen=after: self.sequence > seen)
+                while self.sequence <= after:
+                    await self._changed.wait()
                 after, text = self.sequence, self.jwks_json
             yield after, text
 

@@ -1,0 +1,267 @@
+"""The gRPC servicer: thin. Identify and authorize the caller, decode, call the key store,
+encode. One table (:data:`STATUS_TABLE`) maps signer errors to gRPC status codes; a failed
+RPC's message is ``reason: detail`` and the reason is also in trailing metadata
+``svidgate-reason``. Anything unmapped is INTERNAL with a generic message and a logged traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
+
+from pki.errors import PkiError
+from pki.matchers import IdMatcher
+from pki.spiffe_id import SpiffeId, parse_spiffe_id
+from pki.svid import check_svid_profile
+from signer.config import SignerConfig
+from signer.errors import (
+    InvalidRequestError,
+    KeySourceError,
+    NotReadyError,
+    PermissionDeniedError,
+    SignerError,
+    SigningUnavailableError,
+    SourceConflictError,
+    TokenError,
+)
+from signer.jwt import parse_extra_claims
+from signer.keystore import KeyStore
+
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+
+log = logging.getLogger("svidgate.signer.rpc")
+REASON_KEY = "svidgate-reason"
+_THUMBPRINT = re.compile(r"^[A-Za-z0-9_-]{43}$")
+
+# (error type, status code, reason); the first matching row wins. TokenError carries its reason.
+STATUS_TABLE: tuple[tuple[type[SignerError], grpc.StatusCode, str], ...] = (
+    (TokenError, grpc.StatusCode.UNAUTHENTICATED, ""),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED, "permission_denied"),
+    (SigningUnavailableError, grpc.StatusCode.UNAVAILABLE, "signing_unavailable"),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE, "not_ready"),
+    (SourceConflictError, grpc.StatusCode.ABORTED, "conflict"),
+    (KeySourceError, grpc.StatusCode.UNAVAILABLE, "source_unavailable"),
+)
+
+
+def status_for(exc: SignerError) -> tuple[grpc.StatusCode, str, str]:
+    """(code, reason, message) for a signer error."""
+    for kind, code, reason in STATUS_TABLE:
+        if isinstance(exc, kind):
+            if isinstance(exc, TokenError):
+                return code, exc.reason, str(exc)
+            return code, reason, f"{reason}: {exc}"
+    return grpc.StatusCode.INTERNAL, "internal", "internal: internal error"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    transport: Literal["unix", "tcp"]
+    spiffe_id: SpiffeId | None = None
+    thumbprint: str | None = None
+
+
+class _PeerCache:
+    """Parsed peer leaves by PEM: the SVID profile is checked once per certificate."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._items: dict[bytes, tuple[SpiffeId, str]] = {}
+        self._limit = limit
+
+    def get(self, pem: bytes) -> tuple[SpiffeId, str]:
+        found = self._items.get(pem)
+        if found is None:
+            try:
+                leaf = x509.load_pem_x509_certificate(pem)
+                spiffe_id = check_svid_profile(leaf)
+            except (ValueError, PkiError) as exc:
+                raise PermissionDeniedError(
+                    f"peer certificate is not an X.509-SVID ({exc})"
+                ) from None
+            digest = hashlib.sha256(leaf.public_bytes(Encoding.DER)).digest()
+            found = (spiffe_id, base64.urlsafe_b64encode(digest).rstrip(b"=").decode())
+            if len(self._items) >= self._limit:
+                self._items.clear()
+            self._items[pem] = found
+        return found
+
+
+class SignerService(signer_pb2_grpc.SignerServicer):
+    def __init__(self, store: KeyStore, cfg: SignerConfig) -> None:
+        self.store = store
+        self.cfg = cfg
+        auth = cfg.authorization
+        self.may_verify = IdMatcher.parse(auth.verify)
+        self.may_sign = IdMatcher.parse(auth.sign)
+        self.may_rotate = IdMatcher.parse(auth.rotate)
+        self.may_sign_for_others = IdMatcher.parse(auth.sign_for_others)
+        self._peers = _PeerCache()
+
+    # -- caller identity ----------------------------------------------------------------------
+
+    def _caller(self, context: Context) -> Caller:
+        if context.peer().startswith("unix:"):
+            return Caller("unix")
+        auth = context.auth_context()
+        pems = list(auth.get("x509_pem_cert") or ())
+        if not pems:
+            raise PermissionDeniedError("no client certificate")
+        spiffe_id, thumbprint = self._peers.get(pems[0])
+        peer_ids = list(auth.get("peer_spiffe_id") or ())
+        if peer_ids and peer_ids[0].decode() != str(spiffe_id):
+            raise PermissionDeniedError("peer SPIFFE ID mismatch")
+        return Caller("tcp", spiffe_id, thumbprint)
+
+    @staticmethod
+    def _authorize(caller: Caller, matcher: IdMatcher, rpc: str) -> None:
+        if caller.transport == "unix":
+            return
+        assert caller.spiffe_id is not None
+        if matcher.match(caller.spiffe_id) is None:
+            raise PermissionDeniedError(f"{caller.spiffe_id} may not call {rpc}")
+
+    async def _fail(self, context: Context, exc: Exception) -> NoReturn:
+        if isinstance(exc, SignerError):
+            code, reason, message = status_for(exc)
+        else:
+            log.exception("unexpected error in RPC")
+            code, reason, message = grpc.StatusCode.INTERNAL, "internal", "internal: internal error"
+        if code == grpc.StatusCode.INTERNAL and isinstance(exc, SignerError):
+            log.error("unmapped signer error %s", type(exc).__name__)
+        await context.abort(code, message, trailing_metadata=((REASON_KEY, reason),))
+        raise AssertionError("unreachable")  # abort raises
+
+    # -- RPCs ---------------------------------------------------------------------------------
+
+    async def Sign(
+        self, request: signer_pb2.SignRequest, context: Context
+    ) -> signer_pb2.SignResponse:
+        try:
+            caller = self._caller(context)
+            subject, thumbprint = self._sign_subject(caller, request)
+            ttl = None if request.ttl_seconds == 0 else timedelta(seconds=request.ttl_seconds)
+            signed = await self.store.sign(
+                subject=subject,
+                audience=list(request.audience),
+                ttl=ttl,
+                extra=parse_extra_claims(request.claims_json),
+                thumbprint=thumbprint,
+            )
+        except Exception as exc:
+            await self._fail(context, exc)
+        return signer_pb2.SignResponse(
+            token=signed.token, kid=signed.kid, expires_at=signed.expires_at
+        )
+
+    def _sign_subject(
+        self, caller: Caller, request: signer_pb2.SignRequest
+    ) -> tuple[str, str | None]:
+        """Who the token is for, and the thumbprint to bind (or None)."""
+        wanted = request.subject
+        given = request.certificate_thumbprint
+        if given and not _THUMBPRINT.match(given):
+            raise InvalidRequestError("certificate_thumbprint is not a base64url SHA-256")
+        if caller.transport == "unix":
+            if not wanted:
+                raise InvalidRequestError("subject is required over the Unix socket")
+            subject = self._parse_subject(wanted)
+            if self.may_sign.match(subject) is None:
+                raise PermissionDeniedError(f"subject {subject} is not in authorization.sign")
+            if request.bind_certificate and not given:
+                raise InvalidRequestError("bind_certificate needs certificate_thumbprint here")
+            return str(subject), (given or None) if request.bind_certificate else None
+        assert caller.spiffe_id is not None
+        self._authorize(caller, self.may_sign, "Sign")
+        subject = self._parse_subject(wanted) if wanted else caller.spiffe_id
+        for_others = self.may_sign_for_others.match(caller.spiffe_id) is not None
+        if subject != caller.spiffe_id:
+            if not for_others:
+                raise PermissionDeniedError(f"{caller.spiffe_id} may only mint for itself")
+            if self.may_sign.match(subject) is None:
+                raise PermissionDeniedError(f"subject {subject} is not in authorization.sign")
+        if given and not for_others:
+            raise PermissionDeniedError("only sign_for_others callers may bind other certificates")
+        if not request.bind_certificate:
+            return str(subject), None
+        return str(subject), given or caller.thumbprint
+
+    @staticmethod
+    def _parse_subject(text: str) -> SpiffeId:
+        try:
+            return parse_spiffe_id(text, require_path=True)
+        except PkiError as exc:
+            raise InvalidRequestError(f"subject: {exc}") from None
+
+    async def Verify(
+        self, request: signer_pb2.VerifyRequest, context: Context
+    ) -> signer_pb2.VerifyResponse:
+        try:
+            self._authorize(self._caller(context), self.may_verify, "Verify")
+            if request.certificate_thumbprint and not _THUMBPRINT.match(
+                request.certificate_thumbprint
+            ):
+                raise InvalidRequestError("certificate_thumbprint is not a base64url SHA-256")
+            result = self.store.verify(
+                request.token,
+                audiences=list(request.audience),
+                expected_subject=request.expected_subject,
+                thumbprint=request.certificate_thumbprint,
+                require_binding=request.require_binding,
+            )
+        except Exception as exc:
+            await self._fail(context, exc)
+        token = result.token
+        return signer_pb2.VerifyResponse(
+            claims_json=json.dumps(token.claims, separators=(",", ":")),
+            kid=token.kid,
+            subject=token.subject,
+            expires_at=token.expires_at,
+            key_valid_until=result.key_valid_until,
+        )
+
+    async def GetJWKS(
+        self, request: signer_pb2.GetJWKSRequest, context: Context
+    ) -> signer_pb2.JWKS:
+        try:
+            self._authorize(self._caller(context), self.may_verify, "GetJWKS")
+            if not self.store.can_verify:
+                raise NotReadyError("no keys loaded yet")
+        except Exception as exc:
+            await self._fail(context, exc)
+        return signer_pb2.JWKS(jwks_json=self.store.jwks_json, sequence=self.store.sequence)
+
+    async def WatchKeys(
+        self, request: signer_pb2.WatchKeysRequest, context: Context
+    ) -> AsyncIterator[signer_pb2.JWKS]:
+        try:
+            self._authorize(self._caller(context), self.may_verify, "WatchKeys")
+        except Exception as exc:
+            await self._fail(context, exc)
+        async for sequence, text in self.store.watch(request.after_sequence):
+            yield signer_pb2.JWKS(jwks_json=text, sequence=sequence)
+
+    async def Rotate(
+        self, request: signer_pb2.RotateRequest, context: Context
+    ) -> signer_pb2.RotateResponse:
+        try:
+            caller = self._caller(context)
+            self._authorize(caller, self.may_rotate, "Rotate")
+            prepared, active = await self.store.rotate()
+            log.info("rotation requested by %s: prepared %s", caller.spiffe_id or "unix", prepared)
+        except Exception as exc:
+            await self._fail(context, exc)
+        return signer_pb2.RotateResponse(prepared_kid=prepared, active_kid=active)
