@@ -2,8 +2,8 @@
 
 The stdlib ``ssl`` store is one merged pool of every trust domain's roots, so the handshake
 only proves "chains to some trusted root". :func:`verify_peer` re-verifies the peer's own chain
-against the bundle of the trust domain its SPIFFE ID names, once per connection, and refuses
-resumed sessions (a resumed session skips the current CA store).
+against the bundle of the trust domain its SPIFFE ID names, once per connection — resumed
+sessions included, since a resumed session skips the current CA store.
 """
 
 from __future__ import annotations
@@ -98,10 +98,15 @@ def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certifica
 def verify_peer(
     ssl_object: ssl.SSLObject | ssl.SSLSocket, bundles: BundleSet, *, now: datetime
 ) -> X509Svid:
-    """Re-verify a fresh handshake's peer against its own trust domain; raises PkiError."""
-    if ssl_object.session_reused:
-        raise UntrustedSvidError("resumed TLS sessions are not accepted")
+    """Re-verify the peer against the bundle of its own trust domain; raises PkiError.
+
+    A resumed TLS session skipped the handshake's chain check against the *current* store, and
+    the server keeps only the leaf in the session: such a leaf is verified alone (so it must
+    chain directly to a current root; one that needs an intermediate is refused)."""
     chain = peer_chain(ssl_object)
+    if not chain and ssl_object.session_reused:
+        der = ssl_object.getpeercert(binary_form=True)
+        chain = [x509.load_der_x509_certificate(der)] if der else []
     if not chain:
         raise UntrustedSvidError("the peer presented no certificate")
     return verify_x509_svid(chain[0], chain[1:], bundles, now=now)
