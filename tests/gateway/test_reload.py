@@ -24,7 +24,7 @@ from tests.gateway.conftest import (
 
 
 async def _served_serial(gw: Harness) -> int:
-    reader, writer = await asyncio.open_connection(
+    _reader, writer = await asyncio.open_connection(
         "127.0.0.1", gw.port, ssl=gw.ctx("web"), server_hostname="localhost"
     )
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
