@@ -12,6 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -58,17 +59,23 @@ def private_key_pem(key: PrivateKey) -> bytes:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600 (also when the file already existed)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CaError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _write_public_file(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    path.chmod(0o644)
+    try:
+        path.write_bytes(data)
+        path.chmod(0o644)
+    except OSError as exc:
+        raise CaError(f"cannot write {path}: {exc.strerror}") from None
 
 
 @dataclass
@@ -226,17 +233,26 @@ class CertificateAuthority:
         root = _load_one_cert(directory / "root.crt")
         root_key = _load_ca_key(directory / "root.key")
         td = _trust_domain_of_ca(root, directory / "root.crt")
+        _check_key_pair(root, root_key, directory / "root.key")
         inter_path = directory / "intermediate.crt"
         if inter_path.exists():
             inter = _load_one_cert(inter_path)
             inter_key = _load_ca_key(directory / "intermediate.key")
+            _check_key_pair(inter, inter_key, directory / "intermediate.key")
+            try:
+                inter.verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature):
+                raise CaError(f"{inter_path} was not issued by {directory / 'root.crt'}") from None
             return cls(td, root, root_key, inter, inter_key)
         return cls(td, root, root_key)
 
     def save(self, directory: Path) -> list[Path]:
         """Write root.crt, root.key (0600), bundle.pem, bundle.json [, intermediate.crt/.key]."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CaError(f"cannot create directory {directory}: {exc.strerror}") from None
         written = [directory / "root.crt", directory / "root.key"]
         _write_public_file(written[0], self.root_cert.public_bytes(serialization.Encoding.PEM))
         write_private_file(written[1], private_key_pem(self.root_key))
@@ -251,6 +267,12 @@ class CertificateAuthority:
             )
             write_private_file(inter_key, private_key_pem(self.intermediate_key))
             written += [inter_crt, inter_key]
+        else:  # a stale intermediate from an earlier `init --force` would be loaded and used
+            for stale in (directory / "intermediate.crt", directory / "intermediate.key"):
+                try:
+                    stale.unlink(missing_ok=True)
+                except OSError as exc:
+                    raise CaError(f"cannot remove {stale}: {exc.strerror}") from None
         return written
 
     def bundle(self) -> Bundle:
@@ -361,6 +383,11 @@ def _load_ca_key(path: Path) -> PrivateKey:
     ):
         raise CaError(f"{path}: unsupported CA key type")
     return key
+
+
+def _check_key_pair(cert: x509.Certificate, key: PrivateKey, key_path: Path) -> None:
+    if cert.public_key() != key.public_key():
+        raise CaError(f"{key_path} is not the private key of its certificate")
 
 
 def _trust_domain_of_ca(cert: x509.Certificate, path: Path) -> TrustDomain:

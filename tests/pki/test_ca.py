@@ -292,3 +292,45 @@ async def test_issued_svids_work_for_real_mtls_on_loopback(tmp_path: Path) -> No
         server.close()
         await server.wait_closed()
     assert seen == [(("URI", ID),)]
+
+
+def test_save_without_intermediate_removes_a_stale_one(tmp_path: Path) -> None:
+    """`init --force` without --intermediate over a CA that had one: the old intermediate
+    must not be loaded (it would sign chains that do not verify against the new root)."""
+    CertificateAuthority.create("example.org", intermediate=True, now=NOW).save(tmp_path)
+    fresh = CertificateAuthority.create("example.org", now=NOW)
+    fresh.save(tmp_path)
+    assert not (tmp_path / "intermediate.crt").exists()
+    assert not (tmp_path / "intermediate.key").exists()
+    loaded = CertificateAuthority.load(tmp_path)
+    assert loaded.intermediate_cert is None
+    svid = loaded.issue(ID, now=NOW)
+    verify_x509_svid(svid.leaf, svid.chain[1:], BundleSet.from_bundles([fresh.bundle()]), now=NOW)
+
+
+def test_load_refuses_an_intermediate_of_another_root(tmp_path: Path) -> None:
+    CertificateAuthority.create("example.org", intermediate=True, now=NOW).save(tmp_path / "a")
+    CertificateAuthority.create("example.org", intermediate=True, now=NOW).save(tmp_path / "b")
+    for name in ("intermediate.crt", "intermediate.key"):
+        (tmp_path / "a" / name).write_bytes((tmp_path / "b" / name).read_bytes())
+    with pytest.raises(CaError, match=r"intermediate\.crt was not issued by .*root\.crt"):
+        CertificateAuthority.load(tmp_path / "a")
+
+
+def test_load_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
+    CertificateAuthority.create("example.org", now=NOW).save(tmp_path / "a")
+    CertificateAuthority.create("example.org", now=NOW).save(tmp_path / "b")
+    (tmp_path / "a" / "root.key").write_bytes((tmp_path / "b" / "root.key").read_bytes())
+    with pytest.raises(CaError, match=r"root\.key is not the private key of its certificate"):
+        CertificateAuthority.load(tmp_path / "a")
+
+
+def test_write_errors_are_ca_errors(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create("example.org", now=NOW)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(CaError, match="cannot create directory"):
+        ca.save(tmp_path / "file" / "sub")
+    with pytest.raises(CaError, match=r"cannot write .*missing/x\.crt"):
+        ca.issue(ID, now=NOW).write(tmp_path / "missing" / "x")
+    with pytest.raises(CaError, match="cannot write"):
+        write_private_file(tmp_path / "missing" / "k", b"x")
