@@ -87,9 +87,10 @@ def ratios(
             mine = scen.get(name, {}).get("rps")
             theirs = ref.get(name, {}).get("rps")
             row[name] = round(mine / theirs, 3) if mine and theirs else None
-        mine_pc = scen.get("ka-c64", {}).get("rps_per_core")
-        ref_pc = ref.get("ka-c64", {}).get("rps_per_core")
-        row["ka-c64_per_core"] = round(mine_pc / ref_pc, 3) if mine_pc and ref_pc else None
+        for name in ("ka-c64", "new-c16"):
+            mine_pc = scen.get(name, {}).get("rps_per_core")
+            ref_pc = ref.get(name, {}).get("rps_per_core")
+            row[f"{name}_per_core"] = round(mine_pc / ref_pc, 3) if mine_pc and ref_pc else None
         p99 = scen.get("ka-c1", {}).get("p99_ms")
         row["p99_added_ms"] = round(p99 - direct_p99, 3) if p99 is not None and direct_p99 else None
         mem = memory.get(_proxy_of(target), {}).get("rss_per_worker_mb_max")
@@ -204,6 +205,7 @@ def render(result: dict[str, Any]) -> str:
         "ka c=64",
         "new c=16",
         "ka c=64 per core",
+        "new c=16 per core",
         "+p99 c=1 ms",
         "RSS/worker",
     ]
@@ -216,7 +218,10 @@ def render(result: dict[str, Any]) -> str:
             [
                 t,
                 *(_fmt(r.get(s), ".2f") + ("x" if r.get(s) else "") for s in SCENARIOS),
-                _fmt(r.get("ka-c64_per_core"), ".2f") + ("x" if r.get("ka-c64_per_core") else ""),
+                *(
+                    _fmt(r.get(k), ".2f") + ("x" if r.get(k) else "")
+                    for k in ("ka-c64_per_core", "new-c16_per_core")
+                ),
                 _fmt(r.get("p99_added_ms"), "+.3f"),
                 _fmt(r.get("rss_per_worker"), ".1f") + ("x" if r.get("rss_per_worker") else ""),
             ]
@@ -229,7 +234,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         "Absolute (medians over rounds; ka = keep-alive, new = full mTLS handshake per request;",
         "CPU = server cores busy during the c=64 run; +p99 = p99 over the direct upstream at c=1;",
-        "per core = c=64 requests per busy server core, fair when a side did not saturate)",
+        "per core = requests per busy server core, fair when a side did not saturate its core)",
         _table(header, rows),
         "",
         "Ratios to nginx in the same run (throughput: higher is better)",
