@@ -1,0 +1,168 @@
+"""`svidgate gateway serve` as a real process: SIGTERM drains, SIGHUP reloads, workers share
+the port with SO_REUSEPORT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+
+from tests.gateway.conftest import (
+    GATEWAY_ID,
+    Echo,
+    LabPki,
+    build_request,
+    gateway_config,
+    raw_exchange,
+    write_config,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin: int, log: Path) -> None:
+        self.proc, self.port, self.admin, self.log = proc, port, admin, log
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    async def readyz(self) -> int | None:
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"http://127.0.0.1:{self.admin}/readyz") as r,
+            ):
+                return r.status
+        except aiohttp.ClientError:
+            return None
+
+
+@pytest.fixture
+async def serve(test_pki: LabPki) -> AsyncIterator[Callable[..., Any]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def start(doc: dict[str, Any]) -> Proc:
+        port, admin = _free_port(), _free_port()
+        doc = {**doc, "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}"}
+        path = write_config(test_pki, doc)
+        log = test_pki.dir / f"gateway-{len(procs)}.log"
+        with log.open("wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "svidgate.cli", "gateway", "serve", "--config", str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        procs.append(proc)
+        p = Proc(proc, port, admin, log)
+        for _ in range(100):
+            if await p.readyz() == 200:
+                return p
+            assert proc.poll() is None, log.read_text()
+            await asyncio.sleep(0.1)
+        raise AssertionError("gateway did not become ready: " + log.read_text())
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def test_sigterm_drains_in_flight_requests(
+    test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
+) -> None:
+    gw: Proc = await serve(gateway_config(test_pki, echo.port))
+    echo.delay = 1.5
+    ctx = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")
+    in_flight = asyncio.create_task(raw_exchange(gw.port, ctx, build_request("GET", "/orders/1")))
+    for _ in range(50):
+        if echo.seen:
+            break
+        await asyncio.sleep(0.05)
+    assert echo.seen, "the request reached the upstream before SIGTERM"
+    gw.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    assert await gw.readyz() in (503, None)  # not ready while draining
+    late = await raw_exchange(gw.port, ctx, build_request("GET", "/orders/2"), timeout=3)
+    assert late is None  # no longer accepting
+    resp = await in_flight
+    assert resp is not None and resp.status == 200
+    assert await asyncio.to_thread(gw.proc.wait, 10) == 0
+    assert echo.targets == ["/orders/1"]
+    events = [e.get("event") for e in gw.events()]
+    assert "draining" in events and "stopped" in events
+
+
+async def test_sighup_reloads_certificate(
+    test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
+) -> None:
+    gw: Proc = await serve(gateway_config(test_pki, echo.port))
+    ctx = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")
+
+    async def serial() -> int:
+        _r, w = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx, server_hostname="x")
+        der = w.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        w.close()
+        return x509.load_der_x509_certificate(der).serial_number
+
+    before = await serial()
+    test_pki.issue(GATEWAY_ID, "gateway", dns=["localhost"], ips=["127.0.0.1"])
+    gw.proc.send_signal(signal.SIGHUP)
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if await serial() != before:
+            break
+    assert await serial() != before
+    resp = await raw_exchange(gw.port, ctx, build_request("GET", "/orders/1"))
+    assert resp is not None and resp.status == 200
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(gw.proc.wait, 10) == 0
+
+
+async def test_workers_share_the_port(
+    test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
+) -> None:
+    gw: Proc = await serve(gateway_config(test_pki, echo.port, workers=2))
+    for _ in range(50):
+        pids = {e["pid"] for e in gw.events() if e.get("event") == "listening"}
+        if len(pids) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(pids) == 2 and gw.proc.pid not in pids
+    assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    ctx = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")
+    results = await asyncio.gather(
+        *(raw_exchange(gw.port, ctx, build_request("GET", f"/orders/{i}")) for i in range(20))
+    )
+    assert [r.status if r else None for r in results] == [200] * 20
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(gw.proc.wait, 15) == 0
+    assert not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
