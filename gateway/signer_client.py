@@ -110,15 +110,19 @@ class VerifiedToken:
 # ---------------------------------------------------------------------------------------------
 # Verification cache (remote mode)
 
-CacheKey = tuple[bytes, str, str, str]
+CacheKey = tuple[bytes, str, str, str, bool]
 
 
 def cache_key(
-    token: str, audience: str, expected_subject: str | None, thumbprint: str | None
+    token: str,
+    audience: str,
+    expected_subject: str | None,
+    thumbprint: str | None,
+    require_binding: bool = False,
 ) -> CacheKey:
     """Key of one verification; the token is hashed so the cache never holds bearer tokens."""
     digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-    return (digest, audience, expected_subject or "", thumbprint or "")
+    return (digest, audience, expected_subject or "", thumbprint or "", require_binding)
 
 
 @dataclass
@@ -344,11 +348,14 @@ def _is_workload_id(text: str) -> bool:
     return True
 
 
-def check_binding(claims: Mapping[str, Any], certificate_thumbprint: str | None) -> None:
-    """RFC 8705: a bound token needs the matching certificate; a thumbprint needs a bound token."""
+def check_binding(
+    claims: Mapping[str, Any], certificate_thumbprint: str | None, *, require_binding: bool
+) -> None:
+    """RFC 8705: a bound token always needs the matching certificate; ``require_binding``
+    refuses an unbound token."""
     cnf = claims.get("cnf")
     if cnf is None:
-        if certificate_thumbprint:
+        if require_binding:
             raise TokenRejected("binding_mismatch", "token is not certificate-bound")
         return
     bound = cnf.get(CNF_THUMBPRINT) if isinstance(cnf, dict) else None
@@ -369,13 +376,15 @@ def verify_local(
     issuer: str | None = None,
     expected_subject: str | None = None,
     certificate_thumbprint: str | None = None,
+    require_binding: bool | None = None,
     clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
 ) -> VerifiedToken:
     """Verify ``token`` against ``keys`` with the signer's rules; raises :class:`TokenRejected`.
 
     The algorithm comes from the key; exp/iat/iss/aud/sub are required; ``nbf``/``iat`` in the
-    future and ``exp`` in the past are judged with ``clock_skew``; a thumbprint, when given, must
-    equal the token's ``cnf.x5t#S256`` (and a bound token needs one). The issuer is checked when
+    future and ``exp`` in the past are judged with ``clock_skew``; a certificate-bound token needs
+    a matching thumbprint, and ``require_binding`` (default: a thumbprint was given) refuses an
+    unbound token. The issuer is checked when
     known (``issuer`` argument, else an ``issuer`` member of the JWKS document).
     """
     parsed = parse_token(token)
@@ -436,7 +445,9 @@ def verify_local(
         raise TokenRejected("malformed", "claim sub is not a SPIFFE ID")
     if expected_subject and not hmac.compare_digest(sub.encode(), expected_subject.encode()):
         raise TokenRejected("bad_subject", "sub is not the expected subject")
-    check_binding(claims, certificate_thumbprint)
+    if require_binding is None:
+        require_binding = bool(certificate_thumbprint)
+    check_binding(claims, certificate_thumbprint, require_binding=require_binding)
     return VerifiedToken(
         subject=sub, claims=MappingProxyType(claims), kid=key.kid, expires_at=int(exp)
     )
@@ -583,17 +594,26 @@ class SignerClient:
         mode: VerifyMode,
         expected_subject: str | None = None,
         certificate_thumbprint: str | None = None,
+        require_binding: bool | None = None,
     ) -> VerifiedToken:
-        """Verify ``token`` for ``audience``; raises TokenRejected or SignerUnavailable."""
+        """Verify ``token`` for ``audience``; raises TokenRejected or SignerUnavailable.
+
+        ``expected_subject``: ``sub`` must equal it. ``certificate_thumbprint``: the connection's
+        ``x5t#S256``; a certificate-bound token always needs it to match, and
+        ``require_binding`` (default: whether a thumbprint is given) refuses unbound tokens.
+        """
         if not audience:
             raise ValueError("audience is required")
+        require = bool(certificate_thumbprint) if require_binding is None else require_binding
         if mode == "local":
             return await self._verify_local(
-                token, audience, expected_subject, certificate_thumbprint
+                token, audience, expected_subject, certificate_thumbprint, require
             )
         if mode != "remote":
             raise ValueError(f"unknown verify mode {mode!r}")
-        return await self._verify_remote(token, audience, expected_subject, certificate_thumbprint)
+        return await self._verify_remote(
+            token, audience, expected_subject, certificate_thumbprint, require
+        )
 
     async def _verify_remote(
         self,
@@ -601,13 +621,14 @@ class SignerClient:
         audience: str,
         expected_subject: str | None,
         thumbprint: str | None,
+        require_binding: bool,
     ) -> VerifiedToken:
         import grpc
         import grpc.aio
         from svidgate.signer.v1 import signer_pb2
 
         precheck_token(token)
-        key = cache_key(token, audience, expected_subject, thumbprint)
+        key = cache_key(token, audience, expected_subject, thumbprint, require_binding)
         cached = self.cache.get(key, now=time.time())
         if cached is not None:
             return cached
@@ -617,6 +638,7 @@ class SignerClient:
             audience=[audience],
             expected_subject=expected_subject or "",
             certificate_thumbprint=thumbprint or "",
+            require_binding=require_binding,
         )
         try:
             response = await stub.Verify(request, timeout=self.timeout.total_seconds())
@@ -637,7 +659,7 @@ class SignerClient:
         if not isinstance(claims, dict) or not response.subject or not response.kid:
             raise SignerUnavailable("signer returned an incomplete VerifyResponse")
         # Defence in depth: the binding the route asked for is checked here too.
-        check_binding(claims, thumbprint)
+        check_binding(claims, thumbprint, require_binding=require_binding)
         if expected_subject and response.subject != expected_subject:
             raise TokenRejected("bad_subject", "sub is not the expected subject")
         verified = VerifiedToken(
@@ -660,6 +682,7 @@ class SignerClient:
         audience: str,
         expected_subject: str | None,
         thumbprint: str | None,
+        require_binding: bool,
     ) -> VerifiedToken:
         kid = parse_token(token).kid
         keyset = self._state.keyset
@@ -673,6 +696,7 @@ class SignerClient:
             issuer=self.issuer,
             expected_subject=expected_subject,
             certificate_thumbprint=thumbprint,
+            require_binding=require_binding,
             clock_skew=self.clock_skew,
         )
 

@@ -268,6 +268,16 @@ def test_certificate_binding(es: Signer) -> None:
     assert reject(bound, keyset(es), certificate_thumbprint=other) == "binding_mismatch"
     assert reject(es.token(), keyset(es), certificate_thumbprint=thumb) == "binding_mismatch"
     assert reject(bound, keyset(es)) == "binding_mismatch"  # bound token, no certificate
+    # a thumbprint without require_binding accepts an unbound token (bind: subject routes)
+    verify_local(
+        es.token(),
+        keyset(es),
+        audience=AUD,
+        now=NOW,
+        certificate_thumbprint=thumb,
+        require_binding=False,
+    )
+    assert reject(es.token(), keyset(es), require_binding=True) == "binding_mismatch"
     assert reject(es.token(cnf="x"), keyset(es), certificate_thumbprint=thumb) == "malformed"
 
 
