@@ -1,0 +1,314 @@
+"""Step 5 end to end: the gateway verifies JWTs through a REAL signer process
+(`svidgate signer serve`, file key source, Unix socket) started by a fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
+
+from pki.svid import load_certificates, x5t_s256
+from tests.gateway.conftest import (
+    WEB_ID,
+    WRITER_ID,
+    Echo,
+    Harness,
+    LabPki,
+    gateway_config,
+)
+
+AUDIENCE = "orders"
+
+
+class Signer:
+    """A real signer process and a gRPC client for minting tokens over its Unix socket."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.socket = directory / "run" / "signer.sock"
+        self.config = directory / "signer.yaml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "trust_domain": "example.org",
+                    "issuer": "spiffe://example.org/signer",
+                    "listen": {"unix": "run/signer.sock"},
+                    "authorization": {"sign": ["spiffe://example.org/**"]},
+                    "keys": {"source": "file", "algorithm": "ES256", "dir": "keys"},
+                    "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "30s"},
+                    "rotation": {"period": "24h", "prepare_ahead": "1s", "poll_interval": "500ms"},
+                }
+            )
+        )
+
+    async def start(self) -> None:
+        self.socket.unlink(missing_ok=True)
+        log = (self.dir / "signer.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "svidgate.cli", "signer", "serve", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        for _ in range(100):
+            if self.socket.exists():
+                try:
+                    await self.sign(WEB_ID)
+                    return
+                except grpc.RpcError:
+                    pass
+            assert self.proc.poll() is None, (self.dir / "signer.log").read_text()
+            await asyncio.sleep(0.1)
+        raise AssertionError("signer did not start: " + (self.dir / "signer.log").read_text())
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def _call(self, method: str, request: Any) -> Any:
+        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+            stub = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
+            return getattr(stub, method)(request, timeout=5)
+
+    async def sign(
+        self, subject: str, audience: str = AUDIENCE, *, thumbprint: str = "", ttl: int = 0
+    ) -> str:
+        request = signer_pb2.SignRequest(
+            audience=[audience],
+            subject=subject,
+            ttl_seconds=ttl,
+            bind_certificate=bool(thumbprint),
+            certificate_thumbprint=thumbprint,
+        )
+        response = await asyncio.to_thread(self._call, "Sign", request)
+        return str(response.token)
+
+    async def rotate(self) -> Any:
+        return await asyncio.to_thread(self._call, "Rotate", signer_pb2.RotateRequest())
+
+
+@pytest.fixture
+async def signer(tmp_path: Path) -> AsyncIterator[Signer]:
+    s = Signer(tmp_path / "signer")
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def _jwt_config(pki: LabPki, echo: Echo, signer: Signer) -> dict[str, Any]:
+    doc = gateway_config(pki, echo.port)
+    doc["signer"] = {"address": f"unix:{signer.socket}", "timeout": "500ms"}
+    doc["identity_headers"]["claims"] = {"sub": "X-Svidgate-Subject", "aud": "X-Svidgate-Aud"}
+    allow = [WEB_ID, WRITER_ID]
+    for name, bind, verify in [
+        ("subject", "subject", "remote"),
+        ("cert", "certificate", "remote"),
+        ("local", "subject", "local"),
+        ("localcert", "certificate", "local"),
+    ]:
+        doc["routes"].append(
+            {
+                "name": f"jwt-{name}",
+                "match": {"path_prefix": f"/jwt/{name}"},
+                "upstream": "echo",
+                "allow": allow,
+                "jwt": {"required": True, "audience": AUDIENCE, "bind": bind, "verify": verify},
+            }
+        )
+    return doc
+
+
+@pytest.fixture
+async def jgw(
+    test_pki: LabPki, echo: Echo, signer: Signer, start_gateway: Callable[..., Any]
+) -> Harness:
+    gw: Harness = await start_gateway(_jwt_config(test_pki, echo, signer))
+    signer_client = gw.server.app.signer
+    assert signer_client is not None
+    for _ in range(100):  # local mode needs the first key set
+        if signer_client.ready(mode="local") and signer_client.ready(mode="remote"):
+            break
+        await asyncio.sleep(0.05)
+    return gw
+
+
+def _bearer(token: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {token}")]
+
+
+def _thumbprint(pki: LabPki, name: str) -> str:
+    return x5t_s256(load_certificates(pki.dir / f"{name}.crt")[0])
+
+
+async def test_valid_token_reaches_upstream_with_claim_headers(
+    jgw: Harness, echo: Echo, signer: Signer
+) -> None:
+    token = await signer.sign(WEB_ID)
+    resp = await jgw.request(
+        "GET", "/jwt/subject/1", [*_bearer(token), ("x_svidgate_subject", "spiffe://evil/x")]
+    )
+    assert resp is not None and resp.status == 200
+    headers = echo.seen[0]["headers"]
+    assert [v for k, v in headers if k.lower() == "x-svidgate-subject"] == [WEB_ID]
+    assert [v for k, v in headers if k.lower() == "x-svidgate-aud"] == [AUDIENCE]
+    assert all(k.lower() != "x_svidgate_subject" for k, _ in headers)
+
+
+async def test_missing_token_401(jgw: Harness, echo: Echo) -> None:
+    resp = await jgw.request("GET", "/jwt/subject/1")
+    assert resp is not None and resp.status == 401
+    assert (resp.header("WWW-Authenticate") or "").startswith("Bearer")
+    assert resp.json()["reason"] == "missing_token"
+    assert echo.seen == []
+
+
+async def test_policy_before_jwt_403_not_401(jgw: Harness, echo: Echo) -> None:
+    resp = await jgw.request("GET", "/jwt/subject/1", client="ops")  # no token, not allowed
+    assert resp is not None and resp.status == 403
+    assert echo.seen == []
+
+
+async def test_wrong_audience_401(jgw: Harness, echo: Echo, signer: Signer) -> None:
+    token = await signer.sign(WEB_ID, audience="payments")
+    resp = await jgw.request("GET", "/jwt/subject/1", _bearer(token))
+    assert resp is not None and resp.status == 401
+    assert echo.seen == []
+
+
+async def test_other_subject_401(jgw: Harness, echo: Echo, signer: Signer) -> None:
+    token = await signer.sign(WRITER_ID)  # a valid token, but for another workload
+    resp = await jgw.request("GET", "/jwt/subject/1", _bearer(token))  # presented by web
+    assert resp is not None and resp.status == 401
+    assert echo.seen == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", "Bearer {t}"), ("Authorization", "Bearer {t}")],
+        [("Authorization", "Bearer {t}, Bearer {t}")],
+        [("Authorization", "Basic dXNlcjpwYXNz")],
+        [("Authorization", "Bearer")],
+        [("Authorization", "Bearer {t} extra")],
+    ],
+)
+async def test_malformed_or_multiple_tokens_401(
+    jgw: Harness, echo: Echo, signer: Signer, headers: list[tuple[str, str]]
+) -> None:
+    token = await signer.sign(WEB_ID)
+    filled = [(k, v.format(t=token)) for k, v in headers]
+    resp = await jgw.request("GET", "/jwt/subject/1", filled)
+    assert resp is not None and resp.status == 401
+    assert resp.header("WWW-Authenticate") is not None
+    assert echo.seen == []
+
+
+async def test_token_in_query_string_401(jgw: Harness, echo: Echo, signer: Signer) -> None:
+    token = await signer.sign(WEB_ID)
+    resp = await jgw.request("GET", f"/jwt/subject/1?access_token={token}", _bearer(token))
+    assert resp is not None and resp.status == 401
+    assert echo.seen == []
+
+
+async def test_certificate_binding(jgw: Harness, echo: Echo, signer: Signer) -> None:
+    pki = jgw.pki
+    bound = await signer.sign(WEB_ID, thumbprint=_thumbprint(pki, "web"))
+    ok = await jgw.request("GET", "/jwt/cert/1", _bearer(bound))
+    assert ok is not None and ok.status == 200
+    # The same token presented on another client's connection: wrong binding.
+    stolen = await jgw.request("GET", "/jwt/cert/1", _bearer(bound), client="writer")
+    assert stolen is not None and stolen.status == 401
+    # A token bound to another certificate.
+    other = await signer.sign(WEB_ID, thumbprint=_thumbprint(pki, "writer"))
+    wrong = await jgw.request("GET", "/jwt/cert/1", _bearer(other))
+    assert wrong is not None and wrong.status == 401
+    # An unbound token on a route that requires binding.
+    unbound = await signer.sign(WEB_ID)
+    missing = await jgw.request("GET", "/jwt/cert/1", _bearer(unbound))
+    assert missing is not None and missing.status == 401
+    assert echo.targets == ["/jwt/cert/1"]
+
+
+async def test_local_verification(jgw: Harness, echo: Echo, signer: Signer) -> None:
+    good = await signer.sign(WEB_ID)
+    bad_aud = await signer.sign(WEB_ID, audience="payments")
+    other = await signer.sign(WRITER_ID)
+    statuses = []
+    for token in (good, bad_aud, other):
+        resp = await jgw.request("GET", "/jwt/local/1", _bearer(token))
+        statuses.append(resp.status if resp else None)
+    assert statuses == [200, 401, 401]
+    bound = await signer.sign(WEB_ID, thumbprint=_thumbprint(jgw.pki, "web"))
+    resp = await jgw.request("GET", "/jwt/localcert/1", _bearer(bound), client="writer")
+    assert resp is not None and resp.status == 401
+    assert echo.targets == ["/jwt/local/1"]
+
+
+async def test_signer_stopped_503_then_recovers(jgw: Harness, echo: Echo, signer: Signer) -> None:
+    token = await signer.sign(WEB_ID)
+    await signer.stop()
+    resp = await jgw.request("GET", "/jwt/subject/1", _bearer(token))
+    assert resp is not None and resp.status == 503
+    assert resp.header("Retry-After") is not None
+    assert echo.seen == []
+    await signer.start()
+    status = None
+    for _ in range(60):  # bounded: the client reconnects with a backoff of at most 2 s
+        resp = await jgw.request("GET", "/jwt/subject/1", _bearer(token))
+        status = resp.status if resp else None
+        if status == 200:
+            break
+        assert status == 503
+        await asyncio.sleep(0.25)
+    assert status == 200
+    assert echo.targets == ["/jwt/subject/1"]
+
+
+async def test_key_rotation_while_serving_zero_failures(
+    jgw: Harness, echo: Echo, signer: Signer
+) -> None:
+    results: list[tuple[str, int | None]] = []
+    tokens = [await signer.sign(WEB_ID)]
+    stop = asyncio.Event()
+
+    async def client(path: str) -> None:
+        while not stop.is_set():
+            resp = await jgw.request("GET", path, _bearer(tokens[-1]))
+            results.append((path, resp.status if resp else None))
+
+    async def minter() -> None:
+        while not stop.is_set():
+            tokens.append(await signer.sign(WEB_ID))
+            await asyncio.sleep(0.2)
+
+    tasks = [
+        asyncio.create_task(client("/jwt/subject/1")),
+        asyncio.create_task(client("/jwt/local/1")),
+        asyncio.create_task(minter()),
+    ]
+    first_kid = tokens[0].split(".")[0]
+    rotated = await signer.rotate()
+    assert rotated.prepared_kid
+    await asyncio.sleep(2.5)  # prepare_ahead is 1 s: the prepared key becomes active
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert tokens[-1].split(".")[0] != first_kid, "tokens are now signed with the new key"
+    assert len(results) > 10
+    assert {status for _, status in results} == {200}
+    assert {path for path, _ in results} == {"/jwt/subject/1", "/jwt/local/1"}
