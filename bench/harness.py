@@ -192,7 +192,12 @@ def measure_rounds(args: argparse.Namespace, targets: list[Target], client_pem: 
             for t in order:
                 if scen not in t.scenarios:
                     continue
-                sample: dict[str, Any] = {"target": t.name, "scenario": scen, "round": rnd + 1}
+                sample: dict[str, Any] = {
+                    "target": t.name,
+                    "scenario": scen,
+                    "round": rnd + 1,
+                    "load1_before": round(os.getloadavg()[0], 2),  # shows other load on the box
+                }
                 try:
                     res = run_ab(
                         t.url,
