@@ -44,6 +44,25 @@ AREAS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+# Inclusive markers: share of busy samples whose stack contains a matching frame.
+MARKERS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("TLS handshake (SSLObject.do_handshake)", re.compile(r"do_handshake")),
+    ("OpenSSL (libssl/libcrypto, --native only)", re.compile(r"libssl|libcrypto")),
+    ("per-connection SVID re-verification", re.compile(r"verify_x509_svid|verify_peer \(")),
+    ("upstream leg: aiohttp client", re.compile(r"aiohttp/(client|connector)")),
+    ("response relay to the client", re.compile(r"Upstream\._relay")),
+    ("JWT verification (local, pyjwt)", re.compile(r"verify_local|jwt/algorithms")),
+    ("JWT cache lookup", re.compile(r"cache_key|_cache")),
+    ("signer gRPC", re.compile(r"grpc")),
+    ("logging (audit/access/error)", re.compile(r"logging/__init__|_audit|emit \(gateway")),
+    ("prometheus metrics", re.compile(r"prometheus_client")),
+    ("identity header building", re.compile(r"gateway/headers")),
+    ("yarl URL / multidict", re.compile(r"yarl|multidict")),
+    ("route match / policy", re.compile(r"gateway/(routes|policy)|pki/matchers")),
+    ("write syscalls (--native only)", re.compile(r"write \(libc")),
+)
+
+
 def parse_frame(frame: str) -> tuple[str, str]:
     """(function, file) of one py-spy frame ``func (path/file.py:123)`` or ``0x… (lib.so)``."""
     m = _FRAME.match(frame.strip())
@@ -72,6 +91,7 @@ def summarize(raw: Path, top: int = 25) -> dict[str, object]:
     incl_c: Counter[str] = Counter()
     area_self: Counter[str] = Counter()
     area_incl: Counter[str] = Counter()
+    markers: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_s = line.rpartition(" ")
@@ -91,6 +111,9 @@ def summarize(raw: Path, top: int = 25) -> dict[str, object]:
         area_self[leaf_area] += count
         for a in {a for a in areas if a}:
             area_incl[a] += count
+        for name, rx in MARKERS:
+            if rx.search(stack):
+                markers[name] += count
 
     def pct(c: Counter[str]) -> list[tuple[str, float]]:
         return [(k, round(100 * v / total, 1)) for k, v in c.most_common(top)] if total else []
@@ -101,6 +124,7 @@ def summarize(raw: Path, top: int = 25) -> dict[str, object]:
         "inclusive": pct(incl_c),
         "area_self": pct(area_self),
         "area_inclusive": pct(area_incl),
+        "markers": pct(markers),
     }
 
 
@@ -108,7 +132,7 @@ def render(title: str, s: dict[str, object], top: int) -> str:
     lines = [f"== {title}: {s['samples']} samples (busy samples only)"]
     for key, label in (
         ("area_self", "by area, self (innermost area frame)"),
-        ("area_inclusive", "by area, inclusive"),
+        ("markers", "what the samples were doing (inclusive, can overlap)"),
         ("self", "top functions, self"),
         ("inclusive", "top functions, inclusive"),
     ):
@@ -179,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stack.signer is not None:
             targets.append(("signer", stack.signer.proc.pid))
         for name, pid in targets:
-            raw = args.out / f"{tag}-{name}.txt"
+            raw = args.out / f"{tag}-{name}.raw"
             cmd = [spy, "record", "--pid", str(pid), "--subprocesses", "--rate", str(args.rate)]
             cmd += ["--duration", str(args.seconds), "--format", "raw", "--output", str(raw)]
             # --native (C frames: OpenSSL, uvloop) needs to stop the process while sampling.
