@@ -3,21 +3,29 @@ signer process on a Unix socket / mTLS TCP, remote and local verification end to
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from gateway.config import SignerConfig
-from gateway.errors import ConfigError, TokenRejected
+from gateway.errors import ConfigError, SignerUnavailable, TokenRejected
 from gateway.signer_client import (
     MAX_TOKEN_BYTES,
     KeySet,
@@ -362,10 +370,359 @@ def test_tcp_without_tls_is_a_config_error(tmp_path: Path) -> None:
 
 
 async def test_unstarted_client_is_unavailable(es: Signer) -> None:
-    from gateway.errors import SignerUnavailable
-
     client = SignerClient(address="unix:/nonexistent/s.sock", timeout=timedelta(seconds=1))
     with pytest.raises(SignerUnavailable):
         await client.verify(es.token(), audience=AUD, mode="remote")
     with pytest.raises(SignerUnavailable):
         await client.verify(es.token(), audience=AUD, mode="local")
+
+
+# ---------------------------------------------------------------------------------------------
+# Against a real signer process (`svidgate signer serve`, file keys) on a Unix socket / mTLS TCP
+
+SIGNER_ID = "spiffe://example.org/signer"
+GATEWAY_ID = "spiffe://example.org/gateway"
+MODES = ("remote", "local")
+
+
+class SignerProcess:
+    """`svidgate signer serve` as a child process, plus a blocking client to mint tokens."""
+
+    def __init__(self, directory: Path, *, tcp_port: int | None = None) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.socket = self.dir / "run" / "signer.sock"
+        self.config = self.dir / "signer.yaml"
+        self.log = self.dir / "signer.log"
+        self.tcp_port = tcp_port
+        cfg: dict[str, Any] = {
+            "trust_domain": "example.org",
+            "issuer": ISS,
+            "listen": {"unix": "run/signer.sock"},
+            "authorization": {
+                "verify": [GATEWAY_ID],
+                "sign": ["spiffe://example.org/**"],
+                "rotate": ["spiffe://example.org/admin"],
+            },
+            "keys": {"source": "file", "algorithm": "ES256", "dir": "keys"},
+            "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "0s"},
+            "rotation": {"period": "24h", "prepare_ahead": "1s", "poll_interval": "1s"},
+        }
+        if tcp_port is not None:
+            cfg["listen"]["tcp"] = f"127.0.0.1:{tcp_port}"
+            cfg["tls"] = {"cert": "signer.crt", "key": "signer.key", "bundle": "bundle.pem"}
+        self.config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        (self.dir / "run").mkdir(exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "svidgate.cli",
+                    "signer",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            if self.socket.exists() and self._serving():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"signer not ready: {self.log.read_text()[-2000:]}")
+
+    def _serving(self) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1
+                )
+            except grpc.RpcError:
+                return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def _stub(self, channel: grpc.Channel) -> Any:
+        from svidgate.signer.v1 import signer_pb2_grpc
+
+        return signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
+
+    def sign(
+        self, *, subject: str = SUB, audience: str = AUD, ttl: int = 0, thumbprint: str = ""
+    ) -> str:
+        from svidgate.signer.v1 import signer_pb2
+
+        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+            reply = self._stub(channel).Sign(
+                signer_pb2.SignRequest(
+                    subject=subject,
+                    audience=[audience],
+                    ttl_seconds=ttl,
+                    certificate_thumbprint=thumbprint,
+                    bind_certificate=bool(thumbprint),
+                ),
+                timeout=5,
+            )
+        return str(reply.token)
+
+    def rotate(self) -> None:
+        from svidgate.signer.v1 import signer_pb2
+
+        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+            self._stub(channel).Rotate(signer_pb2.RotateRequest(), timeout=5)
+
+    def client(self, **kwargs: Any) -> SignerClient:
+        kwargs.setdefault("issuer", ISS)
+        kwargs.setdefault("clock_skew", timedelta(0))
+        return SignerClient(address=f"unix:{self.socket}", timeout=timedelta(seconds=2), **kwargs)
+
+
+async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SignerProcess]:
+    proc = SignerProcess(tmp_path_factory.mktemp("signer"))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def own_signer(tmp_path: Path) -> Iterator[SignerProcess]:
+    proc = SignerProcess(tmp_path / "s")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_real_signer_valid_token(signer: SignerProcess, mode: str) -> None:
+    token = signer.sign()
+    async with signer.client() as client:
+        await wait_until(lambda: client.ready(mode=mode))  # type: ignore[arg-type]
+        got = await client.verify(token, audience=AUD, mode=mode, expected_subject=SUB)  # type: ignore[arg-type]
+    assert got.subject == SUB
+    assert got.expires_at == claims_of(token)["exp"]
+    assert got.kid == jwt.get_unverified_header(token)["kid"]
+    assert got.claims["iss"] == ISS
+
+
+def _thumb(data: bytes) -> str:
+    return b64url(hashlib.sha256(data).digest())
+
+
+def _retoken(
+    token: str, *, header: dict[str, Any] | None = None, claims: dict[str, Any] | None = None
+) -> str:
+    head, body, sig = token.split(".")
+    if header is not None:
+        head = b64url(json.dumps(header).encode())
+    if claims is not None:
+        body = b64url(json.dumps(claims).encode())
+    return f"{head}.{body}.{sig}"
+
+
+def _tampered(s: SignerProcess) -> str:
+    token = s.sign()
+    return _retoken(token, claims={**claims_of(token), "sub": "spiffe://example.org/admin"})
+
+
+def _hs256(s: SignerProcess) -> str:
+    token = s.sign()
+    return _retoken(token, header={"alg": "HS256", "kid": jwt.get_unverified_header(token)["kid"]})
+
+
+REJECTIONS: dict[str, Any] = {
+    "bad_audience": lambda s: (s.sign(audience="billing"), {}),
+    "bad_subject": lambda s: (s.sign(), {"expected_subject": "spiffe://example.org/other"}),
+    "binding_mismatch-unbound": lambda s: (s.sign(), {"certificate_thumbprint": _thumb(b"a")}),
+    "binding_mismatch-other-cert": lambda s: (
+        s.sign(thumbprint=_thumb(b"a")),
+        {"certificate_thumbprint": _thumb(b"b")},
+    ),
+    "binding_mismatch-no-cert": lambda s: (s.sign(thumbprint=_thumb(b"a")), {}),
+    "binding_mismatch-required": lambda s: (s.sign(), {"require_binding": True}),
+    "bad_signature": lambda s: (_tampered(s), {}),
+    "unknown_kid": lambda s: (
+        _retoken(s.sign(), header={"alg": "ES256", "kid": "no-such-key", "typ": "JWT"}),
+        {},
+    ),
+    "alg_not_allowed": lambda s: (_hs256(s), {}),
+    "malformed": lambda s: ("e30.e30.e30", {}),
+    "too_large": lambda s: ("a" * (MAX_TOKEN_BYTES + 1), {}),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+async def test_real_signer_rejections(signer: SignerProcess, mode: str, case: str) -> None:
+    token, kwargs = REJECTIONS[case](signer)
+    async with signer.client() as client:
+        await wait_until(lambda: client.ready(mode=mode))  # type: ignore[arg-type]
+        with pytest.raises(TokenRejected) as info:
+            await client.verify(token, audience=AUD, mode=mode, **kwargs)  # type: ignore[arg-type]
+    assert info.value.reason == case.split("-", maxsplit=1)[0]
+
+
+async def test_real_signer_expired_in_both_modes(signer: SignerProcess) -> None:
+    token = signer.sign(ttl=1)
+    exp = claims_of(token)["exp"]
+    async with signer.client() as client:
+        await wait_until(lambda: client.ready(mode="local"))
+        await wait_until(lambda: time.time() >= exp + 0.05, timeout=5)
+        for mode in MODES:
+            with pytest.raises(TokenRejected) as info:
+                await client.verify(token, audience=AUD, mode=mode)  # type: ignore[arg-type]
+            assert info.value.reason == "expired", mode
+
+
+async def test_signer_stopped_then_restarted(own_signer: SignerProcess) -> None:
+    cached, fresh = own_signer.sign(), own_signer.sign()
+    async with own_signer.client() as client:
+        await wait_until(client.ready)
+        await client.verify(cached, audience=AUD, mode="remote")
+        own_signer.stop()
+        # a verification cached before the outage still answers; anything new fails closed
+        assert (await client.verify(cached, audience=AUD, mode="remote")).subject == SUB
+        with pytest.raises(SignerUnavailable):
+            await client.verify(fresh, audience=AUD, mode="remote")
+        await wait_until(lambda: not client.ready())
+        # local mode keeps the last good key set while the signer is away
+        assert client.ready(mode="local")
+        assert (await client.verify(fresh, audience=AUD, mode="local")).subject == SUB
+
+        own_signer.start()  # same key directory: same keys
+        await wait_until(client.ready)
+        assert (await client.verify(fresh, audience=AUD, mode="remote")).subject == SUB
+        newer = own_signer.sign()
+        assert (await client.verify(newer, audience=AUD, mode="remote")).subject == SUB
+
+
+async def test_rotation_without_failures(own_signer: SignerProcess) -> None:
+    async with own_signer.client() as client:
+        await wait_until(lambda: client.ready(mode="local"))
+        kids: list[str] = []
+        failures: list[str] = []
+        rotated_at: float | None = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            token = await asyncio.to_thread(own_signer.sign)
+            for mode in MODES:
+                try:
+                    got = await client.verify(token, audience=AUD, mode=mode)  # type: ignore[arg-type]
+                except Exception as exc:
+                    failures.append(f"{mode}: {exc!r}")
+                else:
+                    if not kids or kids[-1] != got.kid:
+                        kids.append(got.kid)
+            if rotated_at is None and len(kids) == 1:
+                await asyncio.to_thread(own_signer.rotate)
+                rotated_at = time.monotonic()
+            if len(kids) >= 2 and time.monotonic() - (rotated_at or 0) > 2.5:
+                break
+            await asyncio.sleep(0.02)
+    assert failures == []
+    assert len(kids) == 2, kids  # the prepared key activated and signed, verified at once
+
+
+def _tls_config(tmp: Path, spiffe_id: str, cert: str = "gateway") -> SignerConfig:
+    return SignerConfig.model_validate(
+        {
+            "address": "placeholder:1",
+            "timeout": "2s",
+            "issuer": ISS,
+            "tls": {
+                "cert": f"{cert}.crt",
+                "key": f"{cert}.key",
+                "bundle": "bundle.pem",
+                "spiffe_id": spiffe_id,
+                "server_name": "localhost",
+            },
+        },
+        context={"base_dir": tmp},
+    )
+
+
+@pytest.fixture
+def tcp_signer(tmp_path: Path) -> Iterator[SignerProcess]:
+    from pki.bundle import marshal_pem
+    from pki.ca import CertificateAuthority
+
+    ca = CertificateAuthority.create("example.org")
+    proc = SignerProcess(tmp_path / "tcp", tcp_port=_free_port())
+    (proc.dir / "bundle.pem").write_bytes(marshal_pem(ca.bundle()))
+    ca.issue(SIGNER_ID, dns=["localhost"]).write(proc.dir / "signer")
+    ca.issue(GATEWAY_ID).write(proc.dir / "gateway")
+    ca.issue("spiffe://example.org/ns/shop/sa/web").write(proc.dir / "web")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tcp_client(proc: SignerProcess, spiffe_id: str, cert: str = "gateway") -> SignerClient:
+    cfg = _tls_config(proc.dir, spiffe_id, cert).model_copy(
+        update={"address": f"127.0.0.1:{proc.tcp_port}"}
+    )
+    client = SignerClient.from_config(cfg)
+    client.clock_skew = timedelta(0)
+    return client
+
+
+async def test_tcp_mtls_checks_the_signer_identity(tcp_signer: SignerProcess) -> None:
+    token = tcp_signer.sign()
+    async with _tcp_client(tcp_signer, SIGNER_ID) as client:
+        await wait_until(client.ready)
+        for mode in MODES:
+            got = await client.verify(token, audience=AUD, mode=mode)  # type: ignore[arg-type]
+            assert got.subject == SUB
+    # the same signer, but the gateway expects another SPIFFE ID: never used
+    async with _tcp_client(tcp_signer, "spiffe://example.org/not-the-signer") as client:
+        await asyncio.sleep(1.0)
+        assert not client.ready() and not client.ready(mode="local")
+        for mode in MODES:
+            with pytest.raises(SignerUnavailable):
+                await client.verify(token, audience=AUD, mode=mode)  # type: ignore[arg-type]
+
+
+async def test_tcp_caller_not_allowed_to_verify(tcp_signer: SignerProcess) -> None:
+    token = tcp_signer.sign()
+    async with _tcp_client(tcp_signer, SIGNER_ID, cert="web") as client:
+        await asyncio.sleep(1.0)
+        assert not client.ready()
+        with pytest.raises(SignerUnavailable):
+            await client.verify(token, audience=AUD, mode="remote")
