@@ -187,9 +187,9 @@ class SignerConfig(_Model):
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    """``127.0.0.1:7443`` / ``[::1]:7443`` → (host, port); raises ValueError."""
+    """``127.0.0.1:7443`` / ``[::1]:7443`` → (host, port); port 0 = any free port."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
