@@ -267,6 +267,12 @@ async def test_signer_stopped_503_then_recovers(jgw: Harness, echo: Echo, signer
     assert resp is not None and resp.status == 503
     assert resp.header("Retry-After") is not None
     assert echo.seen == []
+    for _ in range(40):  # readiness follows the signer
+        ready, reason = jgw.server.app.readiness()
+        if not ready:
+            break
+        await asyncio.sleep(0.05)
+    assert not ready and reason.startswith("signer_not_ready")
     await signer.start()
     status = None
     for _ in range(60):  # bounded: the client reconnects with a backoff of at most 2 s
@@ -278,6 +284,7 @@ async def test_signer_stopped_503_then_recovers(jgw: Harness, echo: Echo, signer
         await asyncio.sleep(0.25)
     assert status == 200
     assert echo.targets == ["/jwt/subject/1"]
+    assert jgw.server.app.readiness() == (True, "ok")
 
 
 async def test_key_rotation_while_serving_zero_failures(

@@ -239,7 +239,7 @@ async def test_upstream_read_timeout_504(
     test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]
 ) -> None:
     slow, runner = await start_echo(test_pki, server_id="spiffe://example.org/slow")
-    slow.delay = 3.0
+    slow.delay = 1.0
     try:
         doc = _with_upstream(
             test_pki,
