@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from pki.bundle import BundleSet, load_bundle
+from pki.bundle import Bundle, BundleSet, load_bundle
 from pki.ca import DEFAULT_CA_TTL, DEFAULT_SVID_TTL, CertificateAuthority, KeyType
 from pki.durations import format_duration, parse_duration
 from pki.errors import CaError, PkiError
-from pki.spiffe_id import parse_spiffe_id, parse_trust_domain
+from pki.spiffe_id import TrustDomain, parse_spiffe_id, parse_trust_domain
 from pki.svid import (
     check_svid_profile,
     load_certificates,
@@ -56,6 +57,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     inspect = cmds.add_parser("inspect", help="show a certificate and check the SVID rules")
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--bundle", type=Path, help="also verify the chain against this bundle")
+    inspect.add_argument(
+        "--trust-domain",
+        help="the trust domain the --bundle belongs to (default: named by its CA certificates)",
+    )
     inspect.set_defaults(handler=cmd_inspect)
 
 
@@ -105,6 +110,40 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
+def _names_a_workload(cert: x509.Certificate) -> bool:
+    """True when a URI SAN is a SPIFFE ID with a path: a CA certificate that claims a workload
+    identity is checked (and fails) as an SVID instead of being shown as a CA."""
+    for uri in uri_sans(cert):
+        try:
+            if not parse_spiffe_id(uri).is_trust_domain_id:
+                return True
+        except PkiError:
+            continue
+    return False
+
+
+def _inspect_bundle(path: Path, trust_domain: str | None, leaf_td: TrustDomain) -> Bundle:
+    """The bundle to check a leaf against, as the bundle of ITS OWN trust domain: given by
+    --trust-domain or named by the bundle's CA certificates, never assumed from the leaf."""
+    td = parse_trust_domain(trust_domain) if trust_domain is not None else None
+    bundle = load_bundle(path, td or leaf_td)
+    if td is None:
+        named: set[TrustDomain] = set()
+        for cert in bundle.x509_authorities:
+            for uri in uri_sans(cert):
+                try:
+                    named.add(parse_spiffe_id(uri).trust_domain)
+                except PkiError:
+                    continue
+        if len(named) != 1:
+            raise PkiError(
+                f"cannot tell which trust domain bundle {path} belongs to "
+                "(its CA certificates do not name exactly one); pass --trust-domain"
+            )
+        bundle = dataclasses.replace(bundle, trust_domain=named.pop())
+    return bundle
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what a certificate is; exit 1 when a leaf breaks the SVID rules or the chain check."""
     certs = load_certificates(args.file)
@@ -140,7 +179,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ("chain", f"{len(certs)} certificate(s) (leaf first)"),
     ]
     ok = True
-    if _is_ca(leaf):
+    if _is_ca(leaf) and not _names_a_workload(leaf):
         lines.append(("svid_checks", "skipped (a CA certificate, not an SVID)"))
     else:
         try:
@@ -151,8 +190,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             lines.append(("svid_checks", f"FAIL: {exc}"))
             ok = False
         if args.bundle is not None and ok:
+            bundle = _inspect_bundle(args.bundle, args.trust_domain, spiffe_id.trust_domain)
             try:
-                bundle = load_bundle(args.bundle, spiffe_id.trust_domain)
                 verify_x509_svid(leaf, intermediates, BundleSet.from_bundles([bundle]), now=now)
                 lines.append(("chain_check", f"ok (against {args.bundle})"))
             except PkiError as exc:
