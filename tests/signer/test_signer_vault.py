@@ -1,0 +1,173 @@
+"""Vault / OpenBao key sources against a real `bao server -dev`: Sign→Verify per algorithm and
+source, least-privilege token, two replicas converging, AppRole login and token renewal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from signer_harness import (
+    CLIENT_ID,
+    BaoServer,
+    base_config,
+    deep_merge,
+    reason_of,
+    rpc_error,
+    running_signer,
+    signer_pb2,
+    unix_stub,
+    vault_keys,
+    wait_for,
+    write_config,
+)
+
+from signer.config import VaultConfig
+from signer.jwt import ALGORITHMS
+from signer.server import SignerServer
+from signer.vault import VaultClient
+
+
+def token_file(bao: BaoServer, directory: Path) -> Path:
+    path = directory / "vault-token"
+    path.write_text(bao.signer_token("1h") + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize("source", ["vault-kv", "vault-transit"])
+@pytest.mark.parametrize("alg", ALGORITHMS)
+async def test_sign_verify_per_source_and_algorithm(
+    bao: BaoServer, short_dir: Path, source: str, alg: str
+) -> None:
+    sock = short_dir / "s.sock"
+    keys = vault_keys(bao, source, alg, token_file(bao, short_dir))
+    cfg = write_config(short_dir, deep_merge(base_config(sock, short_dir), {"keys": keys}))
+    async with running_signer(cfg), unix_stub(sock) as stub:
+        signed = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["orders"]))
+        verified = await stub.Verify(
+            signer_pb2.VerifyRequest(token=signed.token, audience=["orders"])
+        )
+        assert verified.subject == CLIENT_ID and verified.kid == signed.kid
+        rotated = await stub.Rotate(signer_pb2.RotateRequest())
+        assert rotated.prepared_kid not in ("", rotated.active_kid)
+        jwks = json.loads((await stub.GetJWKS(signer_pb2.GetJWKSRequest())).jwks_json)
+        assert {k["kid"] for k in jwks["keys"]} == {rotated.prepared_kid, rotated.active_kid}
+        assert all(k["alg"] == alg for k in jwks["keys"])
+    if source == "vault-kv":
+        meta = bao.api("GET", f"secret/metadata/{keys['vault']['kv_path']}")["data"]
+        assert meta["current_version"] == 2  # one version per key, written with CAS
+    else:
+        data = bao.api("GET", f"transit/keys/{keys['vault']['transit_key']}")["data"]
+        assert data["latest_version"] == 2 and data["exportable"] is False
+
+
+async def test_two_replicas_converge(bao: BaoServer, short_dir: Path) -> None:
+    tokens = token_file(bao, short_dir)
+    keys = vault_keys(bao, "vault-kv", "ES256", tokens)
+    timing = {"rotation": {"period": "1h", "prepare_ahead": "1s", "poll_interval": "250ms"}}
+    configs = [
+        write_config(
+            short_dir,
+            deep_merge(base_config(short_dir / f"{n}.sock", short_dir), {"keys": keys, **timing}),
+        )
+        for n in ("a", "b")
+    ]
+    a, b = SignerServer(configs[0]), SignerServer(configs[1])
+    await asyncio.gather(a.start(), b.start())  # both race to bootstrap the empty path
+    try:
+        await wait_for(lambda: a.store.can_sign and b.store.can_sign, 10, "both ready")
+        await wait_for(lambda: a.store.jwks_json == b.store.jwks_json, 5, "same key ring")
+        assert len(json.loads(a.store.jwks_json)["keys"]) == 1
+        async with unix_stub(short_dir / "a.sock") as sa, unix_stub(short_dir / "b.sock") as sb:
+            await converge(a, b, sa, sb)
+    finally:
+        await asyncio.gather(a.stop(grace=0.1), b.stop(grace=0.1))
+    meta = bao.api("GET", f"secret/metadata/{keys['vault']['kv_path']}")["data"]
+    assert meta["current_version"] == 2  # check-and-set: one bootstrap, one rotation
+
+
+async def converge(a: SignerServer, b: SignerServer, sa: Any, sb: Any) -> None:
+    rotated = await sa.Rotate(signer_pb2.RotateRequest())
+    # b sees the prepared key (poll) well before it activates (prepare_ahead)
+    await wait_for(lambda: rotated.prepared_kid in b.store.jwks_json, 1.0, "b polls")
+    for _ in range(3):
+        ta = await sa.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["x"]))
+        tb = await sb.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["x"]))
+        await sb.Verify(signer_pb2.VerifyRequest(token=ta.token, audience=["x"]))
+        await sa.Verify(signer_pb2.VerifyRequest(token=tb.token, audience=["x"]))
+        await asyncio.sleep(0.5)
+    # after activation both sign with the new key
+    ta = await sa.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["x"]))
+    tb = await sb.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["x"]))
+    assert ta.kid == tb.kid == rotated.prepared_kid
+    assert a.store.jwks_json == b.store.jwks_json
+
+
+async def test_approle_login_and_token_renewal(bao: BaoServer, short_dir: Path) -> None:
+    role_id, secret_id = bao.approle("signer-renew", token_ttl="2s", token_max_ttl="5s")
+    secret_file = short_dir / "secret-id"
+    secret_file.write_text(secret_id)
+    cfg = VaultConfig.model_validate(
+        {
+            "address": bao.address,
+            "auth": {"method": "approle", "role_id": role_id, "secret_id_file": str(secret_file)},
+        }
+    )
+    client = VaultClient(cfg)
+    await client.login()
+    first = (await client.token_info())["accessor"]
+    task = asyncio.create_task(client.renew_forever(retry_after=0.2))
+    try:
+        await asyncio.sleep(3.0)  # past the 2 s TTL: only renewal keeps the token alive
+        info = await client.token_info()
+        assert info["accessor"] == first and client.renewals >= 1
+        await asyncio.sleep(4.0)  # past the 5 s max TTL: renewal cannot extend, re-login
+        info = await client.token_info()
+        assert info["accessor"] != first and client.logins >= 2
+        assert info["policies"] == ["svidgate-signer"]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        client.close()
+
+
+async def test_signer_with_approle_and_least_privilege(bao: BaoServer, short_dir: Path) -> None:
+    role_id, secret_id = bao.approle("signer-kv")
+    (short_dir / "secret-id").write_text(secret_id)
+    auth = {"method": "approle", "role_id": role_id, "secret_id_file": "secret-id"}
+    keys = vault_keys(bao, "vault-kv", "EdDSA", short_dir / "unused", **auth)
+    sock = short_dir / "s.sock"
+    cfg = write_config(short_dir, deep_merge(base_config(sock, short_dir), {"keys": keys}))
+    async with running_signer(cfg), unix_stub(sock) as stub:
+        signed = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
+        await stub.Verify(signer_pb2.VerifyRequest(token=signed.token, audience=["a"]))
+    # the policy is narrow: outside svidgate/ the signer's token is refused
+    token = bao.signer_token()
+    with pytest.raises(RuntimeError, match="403"):
+        bao.api("GET", "secret/data/other", token=token)
+
+
+async def test_wrong_transit_key_type_is_reported(bao: BaoServer, short_dir: Path) -> None:
+    keys = vault_keys(bao, "vault-transit", "ES256", token_file(bao, short_dir))
+    bao.api("POST", f"transit/keys/{keys['vault']['transit_key']}", {"type": "ed25519"})
+    sock = short_dir / "s.sock"
+    cfg = write_config(short_dir, deep_merge(base_config(sock, short_dir), {"keys": keys}))
+    server = SignerServer(cfg)
+    await server.start()
+    try:
+        await wait_for(lambda: server.store.last_error is not None, 5, "source error")
+        assert "does not fit ES256" in (server.store.last_error or "")
+        assert not server.store.can_verify
+        async with unix_stub(sock) as stub:
+            err = await rpc_error(
+                stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
+            )
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert await reason_of(err) == "signing_unavailable"
+    finally:
+        await server.stop(grace=0.1)
