@@ -284,6 +284,10 @@ async def test_signer_stopped_503_then_recovers(jgw: Harness, echo: Echo, signer
         await asyncio.sleep(0.25)
     assert status == 200
     assert echo.targets == ["/jwt/subject/1"]
+    for _ in range(60):  # the key subscription reconnects with a bounded backoff
+        if jgw.server.app.readiness() == (True, "ok"):
+            break
+        await asyncio.sleep(0.1)
     assert jgw.server.app.readiness() == (True, "ok")
 
 
