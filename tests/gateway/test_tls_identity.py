@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -11,7 +13,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pki.ca import CertificateAuthority, write_private_file
-from tests.gateway.conftest import GATEWAY_ID, WEB_ID, A, Echo, Harness, build_request, raw_exchange
+from tests.gateway.conftest import (
+    GATEWAY_ID,
+    WEB_ID,
+    A,
+    Echo,
+    Harness,
+    LabPki,
+    build_request,
+    gateway_config,
+    raw_exchange,
+)
 
 
 async def test_valid_svid_reaches_upstream(gw: Harness, echo: Echo) -> None:
@@ -139,3 +151,28 @@ async def test_trust_domain_a_signed_by_b_refused(gw: Harness, echo: Echo) -> No
     resp = await gw.request("GET", "/public", client="b-web")
     assert resp is not None and resp.status == 200
     assert len(echo.seen) == 1
+
+
+async def test_tls12_non_aead_cipher_refused(gw: Harness, echo: Echo) -> None:
+    ctx = gw.ctx("web", tls13=False)
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA")  # CBC, not AEAD
+    assert await raw_exchange(gw.port, ctx, build_request("GET", "/orders/1")) is None
+    assert echo.seen == []
+
+
+async def test_tls12_aead_ecdhe_accepted(gw: Harness, echo: Echo) -> None:
+    ctx = gw.ctx("web", tls13=False)
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+    resp = await raw_exchange(gw.port, ctx, build_request("GET", "/orders/1"))
+    assert resp is not None and resp.status == 200
+
+
+async def test_min_version_13_refuses_tls12(
+    test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]
+) -> None:
+    doc = gateway_config(test_pki, echo.port)
+    doc["tls"]["min_version"] = "1.3"
+    gw: Harness = await start_gateway(doc)
+    assert await gw.request("GET", "/orders/1") is not None
+    tls12 = await raw_exchange(gw.port, gw.ctx("web", tls13=False), build_request("GET", "/x"))
+    assert tls12 is None
