@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -15,6 +17,7 @@ from typing import Any
 
 import grpc
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
 from pki.ca import CertificateAuthority
@@ -24,6 +27,7 @@ from signer.server import SignerServer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bao_server import BaoServer, bao_server
 
+SERVICE = "svidgate.signer.v1.Signer"
 TD = "example.org"
 ISSUER = f"spiffe://{TD}/signer"
 SIGNER_ID = f"spiffe://{TD}/signer"
@@ -161,6 +165,7 @@ __all__ = [
     "TD",
     "BaoServer",
     "Pki",
+    "SignerProcess",
     "bao_server",
     "base_config",
     "deep_merge",
@@ -174,3 +179,56 @@ __all__ = [
     "wait_for",
     "write_config",
 ]
+
+
+class SignerProcess:
+    """``svidgate signer serve --config PATH`` as a real child process."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self, socket: Path, timeout: float = 20.0) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "svidgate.cli",
+                    "signer",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            if socket.exists():
+                async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+                    health = health_pb2_grpc.HealthStub(channel)
+                    try:
+                        reply = await health.Check(
+                            health_pb2.HealthCheckRequest(service=f"{SERVICE}.Sign"), timeout=1
+                        )
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            return
+                    except grpc.aio.AioRpcError:
+                        pass
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"signer did not become ready: {self.log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait, return the exit code (a graceful shutdown returns 0)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return int(self.proc.returncode)
