@@ -514,7 +514,8 @@ class Stack:
                     f"{child.name} exited with status {code}{detail} (log: {child.log_path})"
                 )
 
-    def wait_until(self, what: str, probe: Callable[[], bool], timeout: float) -> None:
+    def wait_until(self, child: Child, probe: Callable[[], bool], timeout: float) -> None:
+        """Poll ``probe`` until it holds; a dead child or the deadline is a DevstackError."""
         deadline = time.monotonic() + timeout
         while True:
             if self.stopping:
@@ -523,7 +524,12 @@ class Stack:
             if probe():
                 return
             if time.monotonic() >= deadline:
-                raise DevstackError(f"{what} was not ready within {timeout:.0f}s")
+                last = child.last_log_line()
+                detail = f"; last log line: {last}" if last else ""
+                raise DevstackError(
+                    f"{child.name} was not ready within {timeout:.0f}s{detail} "
+                    f"(log: {child.log_path})"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -652,7 +658,7 @@ def run_up(state_dir: Path, *, no_vault: bool, out: IO[str]) -> int:
         if bao is not None and ports.vault is not None:
             address = f"http://127.0.0.1:{ports.vault}"
             root_token = secrets.token_urlsafe(24)
-            stack.spawn(
+            bao_child = stack.spawn(
                 "openbao",
                 [
                     bao,
@@ -662,12 +668,14 @@ def run_up(state_dir: Path, *, no_vault: bool, out: IO[str]) -> int:
                     f"-dev-listen-address=127.0.0.1:{ports.vault}",
                 ],
             )
-            stack.wait_until("OpenBao", lambda: http_ok(f"{address}/v1/sys/health"), READY_TIMEOUT)
+            stack.wait_until(bao_child, lambda: http_ok(f"{address}/v1/sys/health"), READY_TIMEOUT)
             provision_vault(address, root_token, layout.vault_token)
         else:
             layout.keys_dir.mkdir(mode=0o700, exist_ok=True)
-        stack.spawn("signer", [*svidgate, "signer", "serve", "--config", str(layout.signer_yaml)])
-        stack.spawn(
+        signer = stack.spawn(
+            "signer", [*svidgate, "signer", "serve", "--config", str(layout.signer_yaml)]
+        )
+        upstream = stack.spawn(
             "upstream",
             [
                 sys.executable,
@@ -685,13 +693,13 @@ def run_up(state_dir: Path, *, no_vault: bool, out: IO[str]) -> int:
                 GATEWAY_ID,
             ],
         )
-        stack.wait_until("the signer", lambda: grpc_serving(socket_path), READY_TIMEOUT)
-        stack.wait_until("the demo upstream", lambda: tcp_open(ports.upstream), READY_TIMEOUT)
-        stack.spawn(
+        stack.wait_until(signer, lambda: grpc_serving(socket_path), READY_TIMEOUT)
+        stack.wait_until(upstream, lambda: tcp_open(ports.upstream), READY_TIMEOUT)
+        gateway = stack.spawn(
             "gateway", [*svidgate, "gateway", "serve", "--config", str(layout.gateway_yaml)]
         )
         stack.wait_until(
-            "the gateway",
+            gateway,
             lambda: http_ok(f"http://127.0.0.1:{ports.admin}/readyz"),
             READY_TIMEOUT,
         )
