@@ -42,7 +42,7 @@ class GatewayState:
     cert_not_after: datetime
     policy: Policy
     upstream_contexts: dict[str, ssl.SSLContext | None]
-    watched: dict[Path, tuple[int, int, int]] = field(default_factory=dict)
+    watched: dict[Path, tuple[int, int, int]] = field(default_factory=dict)  # stamps at build
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int]:
@@ -150,6 +150,8 @@ class StateHolder:
         self.current = build_state(self.config_path, sni_callback=self.sni_callback)
         self.listeners: list[Callable[[GatewayState, GatewayState], None]] = []
         self.last_error: str | None = None
+        # What the files looked like at the last reload attempt (successful or not).
+        self._stamps = dict(self.current.watched)
 
     def sni_callback(
         self, ssl_object: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext
@@ -162,7 +164,7 @@ class StateHolder:
 
     def changed(self) -> bool:
         """True when a watched file's mtime, size or inode differs from the loaded state."""
-        return any(_file_stamp(p) != stamp for p, stamp in self.current.watched.items())
+        return any(_file_stamp(p) != stamp for p, stamp in self._stamps.items())
 
     def reload(self) -> bool:
         """Try to load a new state; on failure keep the old one, log and return False."""
@@ -174,11 +176,11 @@ class StateHolder:
         except GatewayError as exc:
             self.last_error = str(exc)
             # Remember the stamps so a broken file is reported once, not on every poll.
-            stamps = {p: _file_stamp(p) for p in old.watched}
-            object.__setattr__(old, "watched", stamps)
+            self._stamps = {p: _file_stamp(p) for p in self._stamps}
             log.error("reload failed, keeping the previous state: %s", exc)
             return False
         self.current = new
+        self._stamps = dict(new.watched)
         self.last_error = None
         log.info("reloaded configuration and credentials (generation %d)", new.generation)
         for listener in self.listeners:

@@ -83,6 +83,8 @@ async def test_no_route_404(gw: Harness, echo: Echo) -> None:
         "/admin%00",
         "/admin\\x",
         "/%ff/../admin",
+        "/\xffadmin",
+        "/%c0%afadmin",
     ],
 )
 async def test_path_bypass_never_reaches_upstream(gw: Harness, echo: Echo, target: str) -> None:
