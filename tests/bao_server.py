@@ -183,18 +183,20 @@ class BaoServer:
             self.api("POST", "sys/auth/approle", {"type": "approle"})
         self.api("PUT", f"sys/policies/acl/{SIGNER_POLICY}", {"policy": signer_policy_hcl()})
 
-    def signer_token(self, ttl: str = "1h", *, renewable: bool = True) -> str:
-        """A token carrying only the signer policy."""
-        reply = self.api(
-            "POST",
-            "auth/token/create",
-            {
-                "policies": [SIGNER_POLICY],
-                "ttl": ttl,
-                "renewable": renewable,
-                "no_default_policy": True,
-            },
-        )
+    def signer_token(
+        self, ttl: str = "1h", *, renewable: bool = True, token_id: str | None = None
+    ) -> str:
+        """A token carrying only the signer policy. ``token_id`` (root only) recreates the same
+        token after a dev-mode restart, which loses every token but the root token."""
+        body: dict[str, Any] = {
+            "policies": [SIGNER_POLICY],
+            "ttl": ttl,
+            "renewable": renewable,
+            "no_default_policy": True,
+        }
+        if token_id is not None:
+            body["id"] = token_id
+        reply = self.api("POST", "auth/token/create", body)
         return str(reply["auth"]["client_token"])
 
     def approle(

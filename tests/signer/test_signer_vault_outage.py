@@ -1,0 +1,99 @@
+"""Vault stopped mid-run: verification goes on from the cached ring, health reports the degraded
+parts, signing continues until the cached key's window runs out; Vault restarted (dev mode: data
+lost, setup re-run): signing and rotation resume by themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from signer_harness import (
+    CLIENT_ID,
+    BaoServer,
+    base_config,
+    deep_merge,
+    reason_of,
+    rpc_error,
+    running_signer,
+    signer_pb2,
+    unix_stub,
+    vault_keys,
+    wait_for,
+    write_config,
+)
+
+# retain = 2s + 1s + 200ms = 3.2s; a stale ring may sign until synced_at + 0.5 + 3.2 - 1 s
+TIMING = {
+    "tokens": {"default_ttl": "2s", "max_ttl": "2s", "clock_skew": "1s"},
+    "rotation": {"period": "1h", "prepare_ahead": "500ms", "poll_interval": "200ms"},
+}
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_of(channel: grpc.aio.Channel, name: str) -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=name)
+    )
+    return int(reply.status)
+
+
+async def test_vault_outage_and_recovery(short_dir: Path) -> None:
+    token_id = f"signer-{uuid.uuid4().hex}"
+    with BaoServer() as bao:
+        bao.setup_signer()
+        token_file = short_dir / "vault-token"
+        token_file.write_text(bao.signer_token(token_id=token_id))
+        keys = vault_keys(bao, "vault-kv", "ES256", token_file)
+        sock = short_dir / "s.sock"
+        data = deep_merge(base_config(sock, short_dir), {"keys": keys, **TIMING})
+        cfg = write_config(short_dir, data)
+        async with (
+            running_signer(cfg) as server,
+            unix_stub(sock) as stub,
+            grpc.aio.insecure_channel(f"unix:{sock}") as channel,
+        ):
+            store = server.store
+            before = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
+
+            bao.stop()
+            await wait_for(lambda: not store.source_healthy, 5, "outage noticed")
+            # verification goes on from the cache; readiness shows what is degraded
+            await stub.Verify(signer_pb2.VerifyRequest(token=before.token, audience=["a"]))
+            await asyncio.sleep(0.3)
+            assert await health_of(channel, "") == SERVING
+            assert await health_of(channel, "svidgate.signer.v1.Signer.KeySource") == NOT_SERVING
+            err = await rpc_error(stub.Rotate(signer_pb2.RotateRequest()))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert await reason_of(err) == "source_unavailable"
+            # signing continues from the cached key while its window allows …
+            during = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
+            assert during.kid == before.kid
+            await stub.Verify(signer_pb2.VerifyRequest(token=during.token, audience=["a"]))
+            # … and stops when a token could outlive the key (stale ring, no Vault)
+            await wait_for(lambda: not store.can_sign, 5, "signing window to run out")
+            err = await rpc_error(
+                stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
+            )
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+            assert await reason_of(err) == "signing_unavailable"
+            await asyncio.sleep(0.3)
+            assert await health_of(channel, "svidgate.signer.v1.Signer.Sign") == NOT_SERVING
+            assert await health_of(channel, "") == SERVING
+            assert store.ring is not None and store.ring.keys  # nothing was dropped
+
+            bao.start()  # same port; dev mode lost everything: set up again
+            bao.setup_signer()
+            bao.signer_token(token_id=token_id)
+            await wait_for(lambda: store.source_healthy and store.can_sign, 10, "recovery")
+            after = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
+            assert after.kid != before.kid  # the emptied KV path was bootstrapped again
+            await stub.Verify(signer_pb2.VerifyRequest(token=after.token, audience=["a"]))
+            rotated = await stub.Rotate(signer_pb2.RotateRequest())
+            assert rotated.active_kid == after.kid and rotated.prepared_kid
+            await asyncio.sleep(0.3)
+            assert await health_of(channel, "svidgate.signer.v1.Signer.KeySource") == SERVING
+            assert await health_of(channel, "svidgate.signer.v1.Signer.Sign") == SERVING
