@@ -15,6 +15,7 @@ import pytest
 
 from pki.bundle import load_bundle
 from pki.svid import load_certificates, thumbprint_sha256, x5t_s256
+from svidgate.cli import main
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "pki"
 ID = "spiffe://example.org/ns/a/sa/b"
@@ -255,7 +256,11 @@ def test_inspect_good_vector_shows_validity_status() -> None:
     assert fields["not_after"] == "2091-01-01T00:00:00Z (not yet valid)"
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, ca_dir: Path) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, ca_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole table through the real dispatcher (`svidgate.cli.main`) in this process, and
+    every fifth case also as a real `svidgate` process (exit status, no traceback)."""
     (tmp_path / "plain").write_text("not a certificate\n")
     d = tmp_path / "new"
     init = ["pki", "init", "--trust-domain", "example.org", "--dir"]
@@ -305,9 +310,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, ca_dir: Path) -> None:
         ),
         (["pki", "frobnicate"], "invalid choice: 'frobnicate'"),
     ]
-    with ThreadPoolExecutor(max_workers=4) as pool:  # independent processes; saves wall time
-        procs = list(pool.map(lambda case: run(*case[0]), cases))
-    for (_, fragment), proc in zip(cases, procs, strict=True):
+    for args, fragment in cases:
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse usage errors
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        result = subprocess.CompletedProcess(args, code, captured.out, captured.err)
+        assert_user_error(result, fragment)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(lambda case: run(*case[0]), cases[::5]))
+    for (_, fragment), proc in zip(cases[::5], procs, strict=True):
         assert_user_error(proc, fragment)
     assert not d.exists()  # nothing was created by a refused init
 
