@@ -6,7 +6,7 @@ Everything is deterministic: keys are derived from a label (EC P-256 and Ed25519
 SHA-256 of the label, RSA-2048 from primes found by a PRNG seeded with the label), serial
 numbers are hashes of the label, validity windows are fixed dates, ECDSA signatures are
 RFC 6979 deterministic, Ed25519 and RSA PKCS#1 v1.5 signatures are deterministic anyway.
-Running it twice gives identical files; ``tests/pki/test_vectors.py`` checks that the
+Running it twice gives identical files; ``tests/pki/test_pki_vectors.py`` checks that the
 committed files equal a fresh run.
 
 The certificates are built with ``cryptography`` directly (not with ``pki.ca``) because most
