@@ -166,3 +166,32 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+async def test_crashed_worker_is_restarted(
+    test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
+) -> None:
+    gw: Proc = await serve(gateway_config(test_pki, echo.port, workers=2))
+
+    def worker_pids() -> list[int]:
+        return [e["pid"] for e in gw.events() if e.get("event") == "listening"]
+
+    for _ in range(50):
+        if len(worker_pids()) == 2:
+            break
+        await asyncio.sleep(0.1)
+    victim = worker_pids()[-1]
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(60):
+        if len(worker_pids()) == 3:
+            break
+        await asyncio.sleep(0.1)
+    pids = worker_pids()
+    assert len(pids) == 3 and pids[2] not in pids[:2]
+    ctx = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")
+    results = await asyncio.gather(
+        *(raw_exchange(gw.port, ctx, build_request("GET", f"/orders/{i}")) for i in range(10))
+    )
+    assert [r.status if r else None for r in results] == [200] * 10
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(gw.proc.wait, 15) == 0
