@@ -259,7 +259,19 @@ class GatewayApp:
         assert route is not None
         claims: Mapping[str, Any] | None = None
         if route.jwt is not None:
-            claims = await self._check_jwt(request, route.jwt, identity, target.query)
+            try:
+                claims = await self._check_jwt(request, route.jwt, identity, target.query)
+            except TokenRejected as err:
+                self.metrics.decisions.labels("deny", f"token:{err.reason}").inc()
+                emit(
+                    audit_log,
+                    event="token",
+                    decision="deny",
+                    reason=err.reason,
+                    spiffe_id=identity.id_text,
+                    route=route.name,
+                )
+                raise
         ih = state.config.identity_headers
         headers = upstream_request_headers(
             request.headers,
@@ -330,8 +342,6 @@ class GatewayApp:
         resp = web.json_response(body, status=spec.status)
         for name, value in spec.headers:
             resp.headers[name] = value
-        if isinstance(err, TokenRejected):
-            emit(audit_log, event="token", decision="deny", reason=err.reason, route=route)
         return resp
 
 

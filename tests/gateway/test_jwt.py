@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import signal
 import subprocess
 import sys
@@ -170,12 +172,18 @@ async def test_valid_token_reaches_upstream_with_claim_headers(
     assert all(k.lower() != "x_svidgate_subject" for k, _ in headers)
 
 
-async def test_missing_token_401(jgw: Harness, echo: Echo) -> None:
+async def test_missing_token_401(
+    jgw: Harness, echo: Echo, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="svidgate.audit")
     resp = await jgw.request("GET", "/jwt/subject/1")
     assert resp is not None and resp.status == 401
     assert (resp.header("WWW-Authenticate") or "").startswith("Bearer")
     assert resp.json()["reason"] == "missing_token"
     assert echo.seen == []
+    audits = [json.loads(r.getMessage()) for r in caplog.records if r.name == "svidgate.audit"]
+    token_denial = next(a for a in audits if a["event"] == "token")
+    assert token_denial["spiffe_id"] == WEB_ID and token_denial["route"] == "jwt-subject"
 
 
 async def test_policy_before_jwt_403_not_401(jgw: Harness, echo: Echo) -> None:
