@@ -77,6 +77,7 @@ class KeyStore:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
+        self._source_kids: frozenset[str] = frozenset()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class KeyStore:
     async def refresh(self) -> None:
         """Read the source and swap in the merged ring; removed keys are deleted from it."""
         keys = await self.source.load()
+        self._source_kids = frozenset(k.kid for k in keys)
         now = self.clock()
         base = self.ring or KeyRing([], self.timing, now)
         ring = base.with_keys(keys, now)
@@ -153,14 +155,17 @@ class KeyStore:
         """Bootstrap an empty source and run the scheduled rotation."""
         if self.ring is None:
             return
-        if plan_rotation(self.ring, self.clock()).action != Action.NONE:
+        plan = plan_rotation(self.ring, self.clock(), source_kids=self._source_kids)
+        if plan.action != Action.NONE:
             await self._create(forced=False)
 
     async def _create(self, *, forced: bool) -> SigningKey | None:
         async with self._write_lock:
             for _ in range(5):
                 assert self.ring is not None
-                plan = plan_rotation(self.ring, self.clock(), forced=forced)
+                plan = plan_rotation(
+                    self.ring, self.clock(), forced=forced, source_kids=self._source_kids
+                )
                 if plan.action == Action.NONE:
                     return None
                 try:

@@ -113,6 +113,16 @@ def test_plan_rotation(
         assert plan.activate_at == T0 + activate * S
 
 
+def test_plan_prepares_when_the_source_lost_the_newest_key() -> None:
+    ring = KeyRing([key("a", 0)], TIMING, T0 + 20 * S)
+    assert plan_rotation(ring, T0 + 20 * S, source_kids={"a"}).action == Action.NONE
+    plan = plan_rotation(ring, T0 + 20 * S, source_kids=set())
+    assert plan.action == Action.PREPARE and plan.activate_at == T0 + 30 * S
+    # once the new key is in the source (and the ring), nothing more is planned
+    after = KeyRing([key("a", 0), key("n", 30, 20)], TIMING, T0 + 21 * S)
+    assert plan_rotation(after, T0 + 21 * S, source_kids={"n"}).action == Action.NONE
+
+
 def test_next_change() -> None:
     assert RING.next_change(T0 + 50 * S) == T0 + 100 * S
     assert RING.next_change(T0 + 100 * S) == T0 + 120 * S

@@ -89,8 +89,17 @@ async def test_vault_outage_and_recovery(short_dir: Path) -> None:
             bao.setup_signer()
             bao.signer_token(token_id=token_id)
             await wait_for(lambda: store.source_healthy and store.can_sign, 10, "recovery")
+
+            # the emptied KV path gets a new key, published before it signs; the cached key
+            # keeps signing until then
+            def active_kid() -> str:
+                assert store.ring is not None
+                found = store.ring.active(store.clock())
+                return found.kid if found is not None else ""
+
+            await wait_for(lambda: active_kid() != before.kid, 5, "the new key's activation")
             after = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
-            assert after.kid != before.kid  # the emptied KV path was bootstrapped again
+            assert after.kid != before.kid
             await stub.Verify(signer_pb2.VerifyRequest(token=after.token, audience=["a"]))
             rotated = await stub.Rotate(signer_pb2.RotateRequest())
             assert rotated.active_kid == after.kid and rotated.prepared_kid
