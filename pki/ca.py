@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,11 @@ from pki.svid import load_certificates, load_private_key, uri_sans
 DEFAULT_CA_TTL = timedelta(days=365)
 DEFAULT_SVID_TTL = timedelta(hours=1)
 BACKDATE = timedelta(minutes=1)
+
+MAX_DNS_NAME = 253
+# LDH labels (underscore tolerated, as in service names), optionally a leading "*." wildcard.
+_DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
@@ -318,8 +324,11 @@ class CertificateAuthority:
             raise CaError("the signing CA certificate has expired; run `svidgate pki init` again")
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(sid))]
         for name in dns:
-            if not name or any(c.isspace() for c in name):
-                raise CaError(f"invalid DNS name {name!r}")
+            if len(name) > MAX_DNS_NAME or not _DNS_NAME.fullmatch(name):
+                raise CaError(
+                    f"invalid DNS name {name!r} (ASCII labels of letters, digits, '-' and '_'; "
+                    "IDNs as A-labels: xn--…)"
+                )
             names.append(x509.DNSName(name))
         for ip in ips:
             try:

@@ -96,6 +96,29 @@ def test_issued_svids_verify(
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= timedelta(hours=1, minutes=1)
 
 
+@pytest.mark.parametrize("leaf_type", list(KeyType))
+@pytest.mark.parametrize("ca_type", list(KeyType))
+def test_leaf_key_type_independent_of_the_ca_key_type(
+    cas: dict[tuple[KeyType, bool], CertificateAuthority], ca_type: KeyType, leaf_type: KeyType
+) -> None:
+    """Mixed chains (e.g. an Ed25519 leaf under an EC CA) take pki's Ed25519 chain walk or
+    cryptography's verifier; both must accept what the CA issues."""
+    for intermediate in (False, True):
+        ca = cas[(ca_type, intermediate)]
+        svid = ca.issue(ID, key_type=leaf_type, now=NOW)
+        assert isinstance(svid.private_key, KEY_CLASSES[leaf_type])
+        bundles = BundleSet.from_bundles([ca.bundle()])
+        assert str(verify_x509_svid(svid.leaf, svid.chain[1:], bundles, now=NOW).spiffe_id) == ID
+
+
+def test_accepted_dns_names() -> None:
+    ca = CertificateAuthority.create("example.org", now=NOW)
+    names = ["localhost", "*.svc.example.org", "xn--exmple-cua.org", "_grpc.a-b.internal"]
+    svid = ca.issue(ID, dns=names, now=NOW)
+    san = svid.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == names
+
+
 def test_default_ttl_is_short_and_capped_by_the_ca() -> None:
     ca = CertificateAuthority.create("example.org", ttl=timedelta(hours=2), now=NOW)
     svid = ca.issue(ID, now=NOW)
@@ -122,6 +145,11 @@ def test_issuing_after_the_ca_expired_is_refused() -> None:
         ({"ttl": timedelta(seconds=-1)}, CaError, "TTL must be positive"),
         ({"dns": ["a b"]}, CaError, "invalid DNS name 'a b'"),
         ({"dns": [""]}, CaError, "invalid DNS name ''"),
+        ({"dns": ["exämple.org"]}, CaError, "invalid DNS name 'exämple.org'"),
+        ({"dns": ["a..b"]}, CaError, "invalid DNS name 'a..b'"),
+        ({"dns": ["a.*.b"]}, CaError, "invalid DNS name 'a.*.b'"),
+        ({"dns": ["a/b"]}, CaError, "invalid DNS name 'a/b'"),
+        ({"dns": ["a" * 64 + ".org"]}, CaError, "invalid DNS name"),
         ({"ips": ["300.1.1.1"]}, CaError, "invalid IP address '300.1.1.1'"),
     ],
 )

@@ -274,6 +274,7 @@ def test_bad_input_is_one_line_and_exit_2(
         ([*issue, ID, "--ttl", "10 minutes"], "'10 minutes' is not a duration"),
         ([*issue, ID, "--ttl", "0s"], "SVID TTL must be positive"),
         ([*issue, ID, "--ip", "localhost"], "invalid IP address 'localhost'"),
+        ([*issue, ID, "--dns", "exämple.org"], "invalid DNS name 'exämple.org'"),
         ([*issue, ID, "--key-type", "dsa"], "invalid choice: 'dsa'"),
         ([*init, d, "--ttl", "1y"], "'1y' is not a duration"),
         ([*init, d, "--ttl", "99999999999999999999h"], "too large a duration"),
