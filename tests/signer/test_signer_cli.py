@@ -1,0 +1,97 @@
+"""`svidgate signer serve|sign|rotate` as real processes: sign prints only the JWT, errors are
+one line with exit code 2, SIGTERM shuts down cleanly with exit code 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from signer_harness import (
+    CLIENT_ID,
+    SignerProcess,
+    base_config,
+    deep_merge,
+    signer_pb2,
+    unix_stub,
+)
+
+
+def svidgate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "svidgate.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_serve_sign_rotate_and_shutdown(short_dir: Path) -> None:
+    config = short_dir / "signer.yaml"
+    sock = short_dir / "run" / "signer.sock"
+    data = base_config(Path("run/signer.sock"), Path("keys"))  # relative to the config file
+    config.write_text(yaml.safe_dump(data))
+    proc = SignerProcess(config, short_dir / "signer.log")
+    await proc.start(sock)
+    try:
+        done = svidgate(
+            "signer", "sign", "--config", str(config), "--subject", CLIENT_ID,
+            "--audience", "orders", "--ttl", "90s",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        token = done.stdout.strip()
+        assert done.stdout == token + "\n" and token.count(".") == 2
+        async with unix_stub(sock) as stub:
+            verified = await stub.Verify(signer_pb2.VerifyRequest(token=token, audience=["orders"]))
+        assert verified.subject == CLIENT_ID
+        assert (
+            verified.expires_at - int(verified.claims_json.split('"iat":')[1].split(",")[0]) == 90
+        )
+
+        done = svidgate("signer", "rotate", "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("prepared ")
+
+        done = svidgate(
+            "signer", "sign", "--config", str(config), "--subject", "spiffe://evil.org/x",
+            "--audience", "orders",
+        )  # fmt: skip
+        assert done.returncode == 2
+        assert done.stdout == ""
+        assert done.stderr.strip().splitlines() == [
+            "svidgate: error: Sign failed: permission_denied: "
+            "subject spiffe://evil.org/x is not in authorization.sign"
+        ]
+    finally:
+        assert proc.stop() == 0
+    assert not sock.exists()
+    done = svidgate(
+        "signer", "sign", "--config", str(config), "--subject", CLIENT_ID, "--audience", "o"
+    )
+    assert done.returncode == 2
+    assert done.stderr == f"svidgate: error: the signer is not running (no socket at {sock})\n"
+
+
+def test_config_errors_are_one_line(short_dir: Path) -> None:
+    config = short_dir / "signer.yaml"
+    data = deep_merge(
+        base_config(short_dir / "s.sock", short_dir / "keys"),
+        {"rotation": {"prepare_ahead": "5s", "poll_interval": "10s"}},
+    )
+    config.write_text(yaml.safe_dump(data))
+    done = svidgate("signer", "serve", "--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"svidgate: error: {config}: rotation.prepare_ahead: must be >= rotation.poll_interval "
+        "(10s) so every replica sees a key before it signs (got 5s)\n"
+    )
+    done = svidgate("signer", "serve", "--config", str(short_dir / "missing.yaml"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "cannot read" in done.stderr
+    done = svidgate(
+        "signer", "sign", "--config", str(config), "--subject", CLIENT_ID, "--audience", "a",
+        "--ttl", "soon",
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
