@@ -7,8 +7,18 @@ from datetime import timedelta
 
 from pki.errors import DurationError
 
-_UNITS_US = {"us": 1, "µs": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|s|m|h)")
+# Go's units: ns, us / µs (micro sign) / μs (Greek mu), ms, s, m, h. Nanoseconds round to µs.
+_UNITS_US = {
+    "ns": 0.001,
+    "us": 1,
+    "µs": 1,  # U+00B5 MICRO SIGN, as Go accepts
+    "μs": 1,  # U+03BC GREEK SMALL LETTER MU, as Go accepts
+    "ms": 1_000,
+    "s": 1_000_000,
+    "m": 60_000_000,
+    "h": 3_600_000_000,
+}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
 def parse_duration(text: str) -> timedelta:

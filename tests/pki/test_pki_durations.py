@@ -24,7 +24,13 @@ VALID = [
     ("1.5h", timedelta(minutes=90)),
     ("0.25s", timedelta(milliseconds=250)),
     ("10us", timedelta(microseconds=10)),
-    ("10µs", timedelta(microseconds=10)),
+    ("10µs", timedelta(microseconds=10)),  # U+00B5 micro sign
+    ("10\u03bcs", timedelta(microseconds=10)),  # U+03BC Greek mu (Go accepts both)
+    ("1000ns", timedelta(microseconds=1)),
+    ("1500ns", timedelta(microseconds=2)),  # rounded to the microsecond
+    (".5s", timedelta(milliseconds=500)),
+    ("5.s", timedelta(seconds=5)),
+    ("1h.5m", timedelta(hours=1, seconds=30)),
     ("1s500ms", timedelta(milliseconds=1500)),
     ("8760h", timedelta(days=365)),
 ]
@@ -48,7 +54,11 @@ INVALID = [
     "1H",
     "h",
     "s5",
-    ".5s",
+    ".s",
+    ".",
+    "5..s",
+    "1.2.3s",
+    "5ns5",
     "1e3s",
     "1,5s",
     "ms",
