@@ -1,0 +1,605 @@
+"""deploy/: every manifest parses; the embedded gateway.yaml / signer.yaml pass the real config
+loaders; sockets, volumes, ports and identities agree across containers, Services and Vault
+roles; the image's `pip install .` builds a complete wheel; and the OpenBao setup script, run
+against a real `bao server -dev`, yields a token that can do the signer's job (proved by running
+the real signer with vault-kv and vault-transit keys) and nothing else."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from bao_server import BaoServer
+
+from gateway.config import GatewayConfig
+from gateway.config import load_config as load_gateway_config
+from pki.bundle import marshal_pem
+from pki.ca import CertificateAuthority
+from signer.config import SignerConfig
+from signer.config import load_config as load_signer_config
+from svidgate.devstack import signer_policy_hcl
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SETUP = DEPLOY / "vault" / "setup.sh"
+POLICY = DEPLOY / "vault" / "signer-policy.hcl"
+
+
+def yaml_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+
+
+def k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    objects: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml_docs(path):
+            objects[(doc["kind"], doc["metadata"].get("name", ""))] = doc
+    return objects
+
+
+def write_and_load_gateway(tmp: Path, text: str) -> GatewayConfig:
+    path = tmp / "gateway.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_gateway_config(path)
+
+
+def write_and_load_signer(tmp: Path, text: str) -> SignerConfig:
+    path = tmp / "signer.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_signer_config(path)
+
+
+def under(path: Path | str, mounts: list[str]) -> bool:
+    p = PurePosixPath(str(path))
+    return any(p == PurePosixPath(m) or PurePosixPath(m) in p.parents for m in mounts)
+
+
+def gateway_files(cfg: GatewayConfig) -> list[Path]:
+    files = [cfg.tls.cert, cfg.tls.key, *(td.bundle for td in cfg.trust_domains.values())]
+    for upstream in cfg.upstreams.values():
+        if upstream.tls is not None:
+            files += [f for f in (upstream.tls.cert, upstream.tls.key, upstream.tls.bundle) if f]
+    return files
+
+
+def port_of(host_port: str) -> int:
+    return int(host_port.rpartition(":")[2])
+
+
+def shell_var(name: str) -> str:
+    match = re.search(rf"^{name}=(?:\$\{{{name}:-)?([^}}\s]+)\}}?$", SETUP.read_text(), re.M)
+    assert match, name
+    return match.group(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+@pytest.fixture(scope="module")
+def k8s() -> dict[tuple[str, str], dict[str, Any]]:
+    return k8s_objects()
+
+
+@pytest.fixture(scope="module")
+def pod(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    return dict(k8s[("Deployment", "svidgate")]["spec"]["template"])
+
+
+def containers(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    spec = pod["spec"]
+    return {c["name"]: c for c in [*spec.get("initContainers", []), *spec["containers"]]}
+
+
+def mounts_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+
+
+@pytest.fixture(scope="module")
+def k8s_configs(
+    k8s: dict[tuple[str, str], dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[GatewayConfig, SignerConfig]:
+    data = k8s[("ConfigMap", "svidgate-config")]["data"]
+    tmp = tmp_path_factory.mktemp("k8s-config")
+    return write_and_load_gateway(tmp, data["gateway.yaml"]), write_and_load_signer(
+        tmp, data["signer.yaml"]
+    )
+
+
+def test_every_yaml_file_parses() -> None:
+    files = sorted(DEPLOY.rglob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        docs = yaml_docs(path)
+        assert docs, path
+        assert all(isinstance(d, dict) for d in docs), path
+
+
+def test_kustomization_lists_every_manifest(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
+    kustomization = yaml_docs(K8S / "kustomization.yaml")[0]
+    listed = set(kustomization["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+    kinds = {kind for kind, _ in k8s}
+    assert {"Deployment", "Service", "ServiceAccount", "ConfigMap", "PodDisruptionBudget"} <= kinds
+    namespaces = {o["metadata"].get("namespace") for o in k8s.values() if o["kind"] != "Namespace"}
+    assert namespaces == {kustomization["namespace"]}
+
+
+def test_k8s_configs_load_with_the_real_models(
+    k8s_configs: tuple[GatewayConfig, SignerConfig],
+) -> None:
+    gateway, signer = k8s_configs
+    assert gateway.needs_signer
+    assert signer.keys.source == "vault-kv"
+    assert signer.keys.vault is not None and signer.keys.vault.auth.method == "kubernetes"
+
+
+def test_k8s_signer_socket_is_shared(
+    pod: dict[str, Any], k8s_configs: tuple[GatewayConfig, SignerConfig]
+) -> None:
+    gateway_cfg, signer_cfg = k8s_configs
+    assert signer_cfg.listen.unix is not None
+    socket_dir = str(signer_cfg.listen.unix.parent)
+    assert gateway_cfg.signer is not None
+    assert gateway_cfg.signer.address == f"unix:{signer_cfg.listen.unix}"
+    by_name = containers(pod)
+    assert by_name["signer"].get("restartPolicy") == "Always"  # native sidecar
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    names = set()
+    for name in ("signer", "gateway"):
+        mount = mounts_of(by_name[name])[socket_dir]
+        assert not mount.get("readOnly", False)
+        names.add(mount["name"])
+    assert len(names) == 1
+    assert "emptyDir" in volumes[names.pop()]
+
+
+def test_k8s_files_are_mounted(
+    pod: dict[str, Any],
+    k8s: dict[tuple[str, str], dict[str, Any]],
+    k8s_configs: tuple[GatewayConfig, SignerConfig],
+) -> None:
+    gateway_cfg, signer_cfg = k8s_configs
+    by_name = containers(pod)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    config_map = k8s[("ConfigMap", "svidgate-config")]
+    for name, config_file in (("gateway", "gateway.yaml"), ("signer", "signer.yaml")):
+        container = by_name[name]
+        args = container["args"]
+        path = args[args.index("--config") + 1]
+        mount = mounts_of(container)[path]
+        assert mount["subPath"] == config_file and mount["readOnly"]
+        assert volumes[mount["name"]]["configMap"]["name"] == "svidgate-config"
+        assert config_file in config_map["data"]
+        assert args[0] == name
+    gateway_mounts = list(mounts_of(by_name["gateway"]))
+    for f in gateway_files(gateway_cfg):
+        assert under(f, gateway_mounts), f
+    vault = signer_cfg.keys.vault
+    assert vault is not None
+    signer_mounts = list(mounts_of(by_name["signer"]))
+    assert vault.ca_cert is not None and under(vault.ca_cert, signer_mounts)
+    assert under(vault.auth.jwt_file, signer_mounts)
+    # the projected service-account token lands exactly where the signer reads it
+    token_mount = next(
+        m for m in by_name["signer"]["volumeMounts"] if under(vault.auth.jwt_file, [m["mountPath"]])
+    )
+    source = volumes[token_mount["name"]]["projected"]["sources"][0]["serviceAccountToken"]
+    assert PurePosixPath(token_mount["mountPath"]) / source["path"] == PurePosixPath(
+        str(vault.auth.jwt_file)
+    )
+    assert source["audience"] == "vault"
+    assert "audience=vault" in SETUP.read_text()
+
+
+def test_k8s_ports_and_selectors_agree(
+    pod: dict[str, Any],
+    k8s: dict[tuple[str, str], dict[str, Any]],
+    k8s_configs: tuple[GatewayConfig, SignerConfig],
+) -> None:
+    gateway_cfg, _ = k8s_configs
+    gateway = containers(pod)["gateway"]
+    ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert ports["https"] == port_of(gateway_cfg.listen)
+    assert gateway_cfg.admin_listen is not None
+    assert ports["admin"] == port_of(gateway_cfg.admin_listen)
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert gateway[probe]["httpGet"]["port"] in ("admin", ports["admin"])
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    service = k8s[("Service", "svidgate")]
+    (svc_port,) = service["spec"]["ports"]
+    assert svc_port["targetPort"] in ("https", ports["https"])
+    labels = pod["metadata"]["labels"]
+    deployment = k8s[("Deployment", "svidgate")]
+    for selector in (
+        service["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"],
+        k8s[("PodDisruptionBudget", "svidgate")]["spec"]["selector"]["matchLabels"],
+    ):
+        assert selector.items() <= labels.items()
+    assert (
+        k8s[("PodDisruptionBudget", "svidgate")]["spec"]["minAvailable"]
+        < deployment["spec"]["replicas"]
+    )
+
+
+def test_k8s_runs_unprivileged(pod: dict[str, Any]) -> None:
+    spec = pod["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["automountServiceAccountToken"] is False
+    for container in containers(pod).values():
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_k8s_vault_role_matches_service_account(
+    pod: dict[str, Any],
+    k8s: dict[tuple[str, str], dict[str, Any]],
+    k8s_configs: tuple[GatewayConfig, SignerConfig],
+) -> None:
+    _, signer_cfg = k8s_configs
+    account = pod["spec"]["serviceAccountName"]
+    assert ("ServiceAccount", account) in k8s
+    assert shell_var("SERVICE_ACCOUNT") == account
+    assert (
+        shell_var("SIGNER_NAMESPACE") == k8s[("ServiceAccount", account)]["metadata"]["namespace"]
+    )
+    assert signer_cfg.keys.vault is not None
+    assert shell_var("ROLE") == signer_cfg.keys.vault.auth.role
+
+
+# ---------------------------------------------------------------------------------------------
+# Compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml_docs(DEPLOY / "compose.yaml")[0]
+
+
+def service_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """container path → (source, read-only) for short-syntax volumes."""
+    out = {}
+    for spec in service.get("volumes", []):
+        parts = spec.split(":")
+        out[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+    return out
+
+
+def compose_config(compose: dict[str, Any], service: str) -> Path:
+    svc = compose["services"][service]
+    cmd = svc["command"]
+    container_path = cmd[cmd.index("--config") + 1]
+    source, read_only = service_mounts(svc)[container_path]
+    assert read_only
+    return (DEPLOY / source).resolve()
+
+
+def test_compose_configs_load_and_agree(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    gateway_cfg = load_gateway_config(compose_config(compose, "gateway"))
+    signer_cfg = load_signer_config(compose_config(compose, "signer"))
+    # the socket directory is one shared named volume, writable in both
+    assert signer_cfg.listen.unix is not None and gateway_cfg.signer is not None
+    assert gateway_cfg.signer.address == f"unix:{signer_cfg.listen.unix}"
+    socket_dir = str(signer_cfg.listen.unix.parent)
+    sources = {name: service_mounts(services[name])[socket_dir] for name in ("gateway", "signer")}
+    assert len({s for s, _ in sources.values()}) == 1
+    assert not any(ro for _, ro in sources.values())
+    assert next(iter(sources.values()))[0] in compose["volumes"]
+    # files the gateway reads are mounted
+    gateway_mounts = list(service_mounts(services["gateway"]))
+    for f in gateway_files(gateway_cfg):
+        assert under(f, gateway_mounts), f
+    # published port → gateway listen port
+    published = services["gateway"]["ports"][0].split(":")
+    assert int(published[-1]) == port_of(gateway_cfg.listen)
+    # the upstream URL names the upstream service and the port it listens on
+    url = gateway_cfg.upstreams["echo"].url
+    host, port = url.removeprefix("https://").split(":")
+    assert host in services
+    listen = next(a for a in services[host]["command"] if a.startswith("--listen="))
+    assert port_of(listen) == int(port)
+    # vault: the signer talks to the openbao service and reads the token vault-setup writes
+    vault = signer_cfg.keys.vault
+    assert vault is not None
+    assert vault.address.split("//")[1].split(":")[0] in services
+    token_dir = str(vault.auth.token_file.parent) if vault.auth.token_file else ""
+    token_volume, _ = service_mounts(services["signer"])[token_dir]
+    setup_env = services["vault-setup"]["environment"]
+    setup_dir = str(PurePosixPath(setup_env["TOKEN_FILE"]).parent)
+    assert service_mounts(services["vault-setup"])[setup_dir][0] == token_volume
+    assert PurePosixPath(setup_env["TOKEN_FILE"]).name == vault.auth.token_file.name  # type: ignore[union-attr]
+    # every bind-mounted file exists
+    for svc in services.values():
+        for source, _ in service_mounts(svc).values():
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), source
+
+
+def test_compose_pki_script_issues_what_the_configs_use(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    script = DEPLOY / "compose" / "pki-init.sh"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PKI_DIR": str(tmp_path)}
+    for _ in range(2):  # idempotent
+        done = subprocess.run(
+            ["sh", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+    gateway_cfg = load_gateway_config(compose_config(compose, "gateway"))
+    pki_root = PurePosixPath("/var/lib/svidgate/pki")
+    for f in gateway_files(gateway_cfg):
+        rel = PurePosixPath(str(f)).relative_to(pki_root)
+        assert (tmp_path / rel).exists(), rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Image
+
+
+def test_dockerfile_installs_the_package_as_non_root(tmp_path: Path) -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001:10001$", text, re.M)
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
+    assert "pip install ." in text
+    copies = re.findall(r"^COPY (\S+)(?: (\S+))? (\S+)$", text, re.M)
+    assert copies
+    # build the wheel from exactly what the image copies: `pip install .` gets everything
+    for first, second, dest in copies:
+        for src in (s for s in (first, second) if s):
+            target = tmp_path / "src" / (Path(dest).name if dest not in ("./",) else src)
+            path = ROOT / src
+            if path.is_dir():
+                shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(tmp_path / "src"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("svidgate-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in (
+        "svidgate/cli.py",
+        "svidgate/devstack.py",
+        "svidgate/demo_upstream.py",
+        "svidgate/signer/v1/signer_pb2.py",
+        "svidgate/signer/v1/signer_pb2_grpc.py",
+        "gateway/signer_client.py",
+        "signer/cli.py",
+        "pki/ca.py",
+    ):
+        assert needed in names, needed
+    assert any(n.endswith("entry_points.txt") for n in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenBao: policy + setup script against a real dev server
+
+
+def test_policy_file_is_the_generated_least_privilege_policy(
+    k8s_configs: tuple[GatewayConfig, SignerConfig], compose: dict[str, Any]
+) -> None:
+    compose_signer = load_signer_config(compose_config(compose, "signer"))
+    for cfg in (k8s_configs[1], compose_signer):
+        vault = cfg.keys.vault
+        assert vault is not None
+        expected = signer_policy_hcl(
+            kv_mount=vault.kv_mount,
+            kv_path=vault.kv_path,
+            transit_mount=vault.transit_mount,
+            transit_key=vault.transit_key,
+        )
+        assert POLICY.read_text() == expected
+
+
+class Vault:
+    def __init__(self, server: BaoServer, token: str) -> None:
+        self.server = server
+        self.token = token
+
+    def status(self, method: str, path: str, body: dict[str, Any] | None = None) -> int:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            f"{self.server.address}/v1/{path}",
+            data=data,
+            method=method,
+            headers={"X-Vault-Token": self.token, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BaoServer, Path]]:
+    out = tmp_path_factory.mktemp("vault-setup")
+    ca = CertificateAuthority.create("k8s.test")
+    (out / "k8s-ca.pem").write_bytes(marshal_pem(ca.bundle()))
+    with BaoServer() as server:
+        env = {
+            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "VAULT_CLI": "bao",
+            "BAO_ADDR": server.address,
+            "BAO_TOKEN": server.root_token,
+            "HOME": str(out),
+            "KUBERNETES_CA_CERT": str(out / "k8s-ca.pem"),
+            "TOKEN_FILE": str(out / "signer-token"),
+            "APPROLE_DIR": str(out / "approle"),
+        }
+        for _ in range(2):  # idempotent: a second run changes nothing and succeeds
+            done = subprocess.run(
+                ["sh", str(SETUP)], env=env, capture_output=True, text=True, timeout=60, check=False
+            )
+            assert done.returncode == 0, done.stderr
+        yield server, out
+
+
+def test_setup_script_token_can_do_the_signers_job(bao: tuple[BaoServer, Path]) -> None:
+    server, out = bao
+    token_file = out / "signer-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    vault = Vault(server, token_file.read_text().strip())
+    kv = "secret/data/svidgate/signing-keys"
+    assert vault.status("POST", kv, {"data": {"k": "v"}, "options": {"cas": 0}}) == 200
+    assert vault.status("GET", kv) == 200
+    assert vault.status("GET", "secret/metadata/svidgate/signing-keys") == 200
+    assert vault.status("POST", "secret/destroy/svidgate/signing-keys", {"versions": [1]}) in (
+        200,
+        204,
+    )
+    assert vault.status("POST", "transit/keys/svidgate-jwt", {"type": "ecdsa-p256"}) in (200, 204)
+    assert vault.status("GET", "transit/keys/svidgate-jwt") == 200
+    assert vault.status("POST", "transit/sign/svidgate-jwt", {"input": "aGVsbG8="}) == 200
+    assert vault.status("POST", "transit/keys/svidgate-jwt/rotate", {}) in (200, 204)
+    assert vault.status("GET", "auth/token/lookup-self") == 200
+    assert vault.status("POST", "auth/token/renew-self", {}) == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "secret/data/other"),
+        ("POST", "secret/data/svidgate/other"),
+        ("GET", "secret/data/svidgate/signing-keys-2"),
+        ("DELETE", "secret/metadata/svidgate/signing-keys"),
+        ("POST", "secret/metadata/svidgate/signing-keys"),
+        ("LIST", "secret/metadata/"),
+        ("POST", "transit/keys/other"),
+        ("POST", "transit/sign/other"),
+        ("POST", "transit/keys/svidgate-jwt/config"),
+        ("POST", "transit/export/signing-key/svidgate-jwt"),
+        ("GET", "sys/policies/acl/svidgate-signer"),
+        ("PUT", "sys/policies/acl/svidgate-signer"),
+        ("GET", "sys/mounts"),
+        ("POST", "auth/token/create"),
+    ],
+)
+def test_setup_script_token_cannot_do_anything_else(
+    bao: tuple[BaoServer, Path], method: str, path: str
+) -> None:
+    server, out = bao
+    vault = Vault(server, (out / "signer-token").read_text().strip())
+    body = (
+        {"type": "ecdsa-p256", "input": "aGVsbG8=", "data": {"x": "y"}} if method != "GET" else None
+    )
+    assert vault.status(method, path, body) == 403
+
+
+def test_setup_script_approle_and_kubernetes_roles(bao: tuple[BaoServer, Path]) -> None:
+    server, out = bao
+    role_id = (out / "approle" / "role_id").read_text().strip()
+    secret_id = (out / "approle" / "secret_id").read_text().strip()
+    login = server.api("POST", "auth/approle/login", {"role_id": role_id, "secret_id": secret_id})
+    assert login["auth"]["policies"] == ["svidgate-signer"]
+    role = server.api("GET", "auth/kubernetes/role/svidgate-signer")["data"]
+    assert role["bound_service_account_names"] == ["svidgate"]
+    assert role["bound_service_account_namespaces"] == ["svidgate"]
+    assert role["token_policies"] == ["svidgate-signer"]
+    config = server.api("GET", "auth/kubernetes/config")["data"]
+    assert config["kubernetes_ca_cert"].startswith("-----BEGIN CERTIFICATE-----")
+
+
+def _serving(socket_path: Path) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if not socket_path.exists():
+        return False
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.mark.parametrize("source", ["vault-kv", "vault-transit"])
+def test_real_signer_runs_with_the_setup_token(
+    bao: tuple[BaoServer, Path], compose: dict[str, Any], tmp_path: Path, source: str
+) -> None:
+    from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
+
+    server, out = bao
+    # the compose signer.yaml, pointed at this OpenBao and a local socket / token file
+    cfg = yaml_docs(DEPLOY / "compose" / "signer.yaml")[0]
+    cfg["listen"]["unix"] = "run/signer.sock"
+    cfg["keys"]["source"] = source
+    cfg["keys"]["vault"]["address"] = server.address
+    cfg["keys"]["vault"]["auth"]["token_file"] = str(out / "signer-token")
+    cfg["keys"]["vault"]["kv_path"] = "svidgate/signing-keys"
+    (tmp_path / "run").mkdir()
+    config = tmp_path / "signer.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "signer.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "svidgate.cli", "signer", "serve", "--config", str(config)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        socket_path = tmp_path / "run" / "signer.sock"
+        deadline = time.monotonic() + 30
+        while not _serving(socket_path):
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+            stub = signer_pb2_grpc.SignerStub(channel)
+            jwks = json.loads(stub.GetJWKS(signer_pb2.GetJWKSRequest(), timeout=5).jwks_json)
+            assert jwks["keys"]
+            token = stub.Sign(
+                signer_pb2.SignRequest(
+                    subject="spiffe://example.org/ns/demo/sa/client", audience=["echo"]
+                ),
+                timeout=10,
+            ).token
+            verified = stub.Verify(
+                signer_pb2.VerifyRequest(token=token, audience=["echo"]), timeout=10
+            )
+            assert verified.subject == "spiffe://example.org/ns/demo/sa/client"
+        assert "permission denied" not in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
