@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from pki.bundle import BundleSet
@@ -123,10 +123,33 @@ def _is_ed25519(cert: x509.Certificate) -> bool:
     return isinstance(cert.public_key(), ed25519.Ed25519PublicKey)
 
 
+# What the Ed25519 chain walk understands. Like the WebPKI verifier it refuses any other
+# critical extension, and it refuses name constraints outright since it cannot enforce them.
+_HANDLED_EXTENSIONS = frozenset(
+    {
+        ExtensionOID.BASIC_CONSTRAINTS,
+        ExtensionOID.KEY_USAGE,
+        ExtensionOID.EXTENDED_KEY_USAGE,
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    }
+)
+
+
+def _check_extensions(cert: x509.Certificate) -> None:
+    for ext in cert.extensions:
+        if ext.oid == ExtensionOID.NAME_CONSTRAINTS:
+            raise _ChainError("name constraints are not supported on Ed25519 chains")
+        if ext.critical and ext.oid not in _HANDLED_EXTENSIONS:
+            raise _ChainError(f"unhandled critical extension {ext.oid.dotted_string}")
+
+
 def _check_issued_by(
     child: x509.Certificate, parent: x509.Certificate, now: datetime, cas_below: int
 ) -> None:
     """One link of a chain: ``parent`` is a valid CA at ``now`` that signed ``child``."""
+    _check_extensions(parent)
     if not parent.not_valid_before_utc <= now <= parent.not_valid_after_utc:
         raise _ChainError("a CA certificate of the chain is outside its validity period")
     try:
@@ -165,16 +188,22 @@ def _verify_chain_ed25519(
         eku = None
     if eku is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise _ChainError("leaf extended key usage does not allow clientAuth")
+    _check_extensions(leaf)
     chain = [leaf, *intermediates]
     for depth, (child, parent) in enumerate(itertools.pairwise(chain)):
         _check_issued_by(child, parent, now, depth)
     top = chain[-1]
+    named_issuer_error: _ChainError | None = None
     for root in authorities:
         try:
             _check_issued_by(top, root, now, len(intermediates))
-        except _ChainError:
+        except _ChainError as exc:
+            if root.subject == top.issuer:  # the likely issuer: its reason is the useful one
+                named_issuer_error = named_issuer_error or exc
             continue
         return
+    if named_issuer_error is not None:
+        raise named_issuer_error
     raise _ChainError("no authority of the bundle issued this chain")
 
 

@@ -37,8 +37,13 @@ def _generator() -> ModuleType:
 
 
 def _bundles(key_type: str = "ec-p256", *, other: bool = True) -> BundleSet:
-    suffix = KEY_SUFFIXES[key_type]
-    bundles = [load_bundle(VECTORS / f"bundle-example.org{suffix}.pem", "example.org")]
+    """example.org's bundle of ``key_type`` (or, for "constrained[-ed25519]", its
+    name-constrained root) and other.org's."""
+    if key_type.startswith("constrained"):
+        name = f"bundle-name-constrained{key_type.removeprefix('constrained')}.pem"
+    else:
+        name = f"bundle-example.org{KEY_SUFFIXES[key_type]}.pem"
+    bundles = [load_bundle(VECTORS / name, "example.org")]
     if other:
         bundles.append(load_bundle(VECTORS / "bundle-other.org.pem", "other.org"))
     return BundleSet.from_bundles(bundles)
@@ -119,11 +124,15 @@ CHAIN_DEFECTS = [
     ("not-yet-valid.pem", "ec-p256", "not valid before 2090-01-01T00:00:00Z"),
     ("other-trust-domain.pem", "ec-p256", "does not chain to the bundle of other.org"),
     ("untrusted-ca.pem", "ec-p256", "does not chain to the bundle of example.org"),
-    ("untrusted-ca-ed25519.pem", "ed25519", "no authority of the bundle issued this chain"),
+    ("untrusted-ca-ed25519.pem", "ed25519", "signature or issuer name does not match"),
     ("intermediate-not-ca.pem", "ec-p256", "basicConstraints.cA must be asserted"),
     ("intermediate-not-ca-ed25519.pem", "ed25519", "issuer is not a CA"),
     ("intermediate-expired.pem", "ec-p256", "not valid at validation time"),
     ("intermediate-expired-ed25519.pem", "ed25519", "outside its validity period"),
+    ("unknown-critical-extension.pem", "ec-p256", "unaccounted-for critical extensions"),
+    ("unknown-critical-extension-ed25519.pem", "ed25519", "unhandled critical extension"),
+    ("name-constraint-violated.pem", "constrained", "unsupported name constraint"),
+    ("name-constraint-violated-ed25519.pem", "constrained-ed25519", "name constraints are not"),
 ]
 
 

@@ -44,6 +44,7 @@ NOT_YET_VALID = (datetime(2090, 1, 1, tzinfo=UTC), datetime(2091, 1, 1, tzinfo=U
 TD_A = "example.org"
 TD_B = "other.org"
 WORKLOAD = "/ns/shop/sa/orders"
+UNKNOWN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.55555.1")  # private arc, no meaning
 KEY_TYPES = ("ec-p256", "ed25519", "rsa-2048")
 
 Key = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
@@ -146,6 +147,7 @@ class LeafSpec:
     crl_sign: bool = False
     not_before: datetime = LEAF_NOT_BEFORE
     not_after: datetime = LEAF_NOT_AFTER
+    extra: list[tuple[x509.ExtensionType, bool]] = field(default_factory=list)
 
 
 def _sign(builder: x509.CertificateBuilder, key: Key) -> x509.Certificate:
@@ -176,6 +178,7 @@ def make_ca(
     key_label: str | None = None,
     not_before: datetime = CA_NOT_BEFORE,
     not_after: datetime = CA_NOT_AFTER,
+    extra: tuple[tuple[x509.ExtensionType, bool], ...] = (),
 ) -> Issuer:
     """A root (``issuer`` None) or intermediate CA of ``trust_domain``; ``ca=False`` builds the
     broken 'intermediate' that is not a CA. ``key_label`` gives a different key, same name."""
@@ -219,6 +222,8 @@ def make_ca(
             critical=False,
         )
     )
+    for ext, critical in extra:
+        builder = builder.add_extension(ext, critical=critical)
     return Issuer(_sign(builder, signer.key), key)
 
 
@@ -261,6 +266,8 @@ def make_leaf(label: str, issuer: Issuer, key_type: str, spec: LeafSpec) -> x509
             critical=False,
         )
     )
+    for ext, critical in spec.extra:
+        builder = builder.add_extension(ext, critical=critical)
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return _sign(builder, issuer.key)
@@ -354,6 +361,20 @@ def build() -> dict[str, bytes]:
         )
         leaf = make_leaf(f"leaf intermediate-expired {kt}", old, kt, LeafSpec())
         files[f"intermediate-expired{suffix}.pem"] = _pem(leaf, old.cert)
+        unknown = x509.UnrecognizedExtension(UNKNOWN_OID, b"\x05\x00")  # DER NULL
+        spec = LeafSpec(extra=[(unknown, True)])
+        leaf = make_leaf(f"leaf unknown-critical-extension {kt}", root, kt, spec)
+        files[f"unknown-critical-extension{suffix}.pem"] = _pem(leaf)
+        # A root that may only issue for other.org: its example.org leaf breaks the constraint.
+        only_b = x509.NameConstraints(
+            permitted_subtrees=[x509.UniformResourceIdentifier(TD_B)], excluded_subtrees=None
+        )
+        constrained = make_ca(
+            f"root {TD_A} {kt} name constrained", TD_A, kt, extra=((only_b, True),)
+        )
+        files[f"bundle-name-constrained{suffix}.pem"] = _pem(constrained.cert)
+        leaf = make_leaf(f"leaf name-constrained {kt}", constrained, kt, LeafSpec())
+        files[f"name-constraint-violated{suffix}.pem"] = _pem(leaf)
     return dict(sorted(files.items()))
 
 
