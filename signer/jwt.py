@@ -219,9 +219,10 @@ def parse_token(token: str) -> ParsedToken:
     try:
         header_raw = b64url_decode(header_b64)
         signature = b64url_decode(sig_b64)
-        b64url_decode(payload_b64)
     except ValueError:
         raise MalformedTokenError("a part is not base64url") from None
+    if not _B64URL.match(payload_b64) or len(payload_b64) % 4 == 1:
+        raise MalformedTokenError("a part is not base64url")  # decoded after the signature
     header = parse_json_object(header_raw, "header")
     alg = header.get("alg")
     if not isinstance(alg, str):
