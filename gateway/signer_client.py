@@ -538,8 +538,9 @@ class SignerClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 5_000),
+            # gRPC servers refuse pings more often than every 5 min by default (GOAWAY)
+            ("grpc.keepalive_time_ms", 300_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.enable_retries", 0),
         ]
         if self.tls is None:
