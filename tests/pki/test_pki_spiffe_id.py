@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from spiffe import SpiffeId as PySpiffeId
+from spiffe import TrustDomain as PyTrustDomain
 
 from pki.errors import InvalidSpiffeIdError, PkiError
 from pki.spiffe_id import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain
@@ -224,3 +225,21 @@ def test_py_spiffe_is_more_lenient_where_we_refuse() -> None:
     assert str(PySpiffeId("spiffe://Example.org/a")) == "spiffe://example.org/a"
     with pytest.raises(InvalidSpiffeIdError, match="lowercase"):
         parse_spiffe_id("spiffe://Example.org/a")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        trust_domains,
+        trust_domains.map(lambda td: "spiffe://" + td),
+        st.text(NEAR, max_size=30),
+        st.text(NEAR, max_size=30).map(lambda rest: "spiffe://" + rest),
+    )
+)
+def test_trust_domains_we_accept_py_spiffe_accepts_identically(text: str) -> None:
+    try:
+        ours = parse_trust_domain(text)
+    except InvalidSpiffeIdError:
+        return
+    assert ours.name == PyTrustDomain(text).name
+    assert text in (ours.name, f"spiffe://{ours.name}")
