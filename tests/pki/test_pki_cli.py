@@ -80,7 +80,16 @@ def _fields(stdout: str) -> dict[str, str]:
 @pytest.mark.parametrize("key_type", ["ec-p256", "ed25519", "rsa-2048"])
 def test_init_issue_and_openssl_verify(tmp_path: Path, key_type: str, intermediate: bool) -> None:
     d = tmp_path / "ca"
-    init = ["pki", "init", "--trust-domain", "example.org", "--dir", d, "--key-type", key_type]
+    init: list[str | Path] = [
+        "pki",
+        "init",
+        "--trust-domain",
+        "example.org",
+        "--dir",
+        d,
+        "--key-type",
+        key_type,
+    ]
     out = ok(*init, *(["--intermediate"] if intermediate else []))
     files = {"root.crt", "root.key", "bundle.pem", "bundle.json"}
     if intermediate:
@@ -94,7 +103,18 @@ def test_init_issue_and_openssl_verify(tmp_path: Path, key_type: str, intermedia
         load_certificates(d / "root.crt")
     )
 
-    issue = ["pki", "issue", "--dir", d, "--spiffe-id", ID, "--out", d / "b", "--dns", "localhost"]
+    issue: list[str | Path] = [
+        "pki",
+        "issue",
+        "--dir",
+        d,
+        "--spiffe-id",
+        ID,
+        "--out",
+        d / "b",
+        "--dns",
+        "localhost",
+    ]
     out = ok(*issue, "--ip", "127.0.0.1", "--key-type", key_type, "--ttl", "15m")
     assert f"wrote {d / 'b.crt'}" in out and f"wrote {d / 'b.key'}" in out
     assert "PRIVATE KEY" not in out
@@ -105,7 +125,7 @@ def test_init_issue_and_openssl_verify(tmp_path: Path, key_type: str, intermedia
     (d / "leaf.pem").write_bytes((d / "b.crt").read_bytes().split(b"-----END CERTIFICATE-----")[0])
     with (d / "leaf.pem").open("a") as f:
         f.write("-----END CERTIFICATE-----\n")
-    untrusted = ["-untrusted", d / "intermediate.crt"] if intermediate else []
+    untrusted: list[str | Path] = ["-untrusted", d / "intermediate.crt"] if intermediate else []
     assert openssl("verify", "-CAfile", d / "root.crt", *untrusted, d / "leaf.pem").strip() == (
         f"{d / 'leaf.pem'}: OK"
     )
@@ -192,7 +212,7 @@ def test_inspect_with_bundle_checks_the_chain(ca_dir: Path, tmp_path: Path) -> N
 
 
 def test_inspect_bundle_trust_domain_can_be_given(ca_dir: Path) -> None:
-    args = ["pki", "inspect", ca_dir / "b.crt", "--bundle", ca_dir / "bundle.pem"]
+    args: list[str | Path] = ["pki", "inspect", ca_dir / "b.crt", "--bundle", ca_dir / "bundle.pem"]
     assert _fields(ok(*args, "--trust-domain", "example.org"))["chain_check"].startswith("ok")
     proc = run(*args, "--trust-domain", "other.org")
     assert proc.returncode == 1
@@ -263,8 +283,16 @@ def test_bad_input_is_one_line_and_exit_2(
     every fifth case also as a real `svidgate` process (exit status, no traceback)."""
     (tmp_path / "plain").write_text("not a certificate\n")
     d = tmp_path / "new"
-    init = ["pki", "init", "--trust-domain", "example.org", "--dir"]
-    issue = ["pki", "issue", "--dir", ca_dir, "--out", tmp_path / "x", "--spiffe-id"]
+    init: list[str | Path] = ["pki", "init", "--trust-domain", "example.org", "--dir"]
+    issue: list[str | Path] = [
+        "pki",
+        "issue",
+        "--dir",
+        ca_dir,
+        "--out",
+        tmp_path / "x",
+        "--spiffe-id",
+    ]
     cases: list[tuple[list[str | Path], str]] = [
         ([*issue, "spiffe://example.org/a/../b"], "'..' segment"),
         ([*issue, "spiffe://Example.org/a"], "must be lowercase"),
