@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench import idle, nginx, report
 from bench.ab import AbSpec, run_ab
-from bench.procs import BenchError, Service, free_port, raise_nofile
+from bench.procs import BenchError, Service, free_port, pinned, raise_nofile
 from bench.stack import ROUTES, Pki, SvidgateStack, make_pki, start_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ SPECS = {
     "ka-c64": AbSpec("ka-c64", 64, True),
     "new-c16": AbSpec("new-c16", 16, False),
 }
+FLOORS = {"hello": "floor-aiohttp-hello", "proxy": "floor-aiohttp-proxy", "raw": "floor-raw-proxy"}
 SHARED_NOTE = (
     "2-core machine shared with other sessions' test runs; absolute numbers are noisy, "
     "compare the ratios (same run, alternating order)"
@@ -73,6 +75,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--routes",
         default=",".join(ROUTES),
         help=f"comma list of svidgate routes to measure (default {','.join(ROUTES)})",
+    )
+    p.add_argument(
+        "--floors",
+        action="store_true",
+        help="also measure minimal Python servers (bench/floor.py): aiohttp hello, "
+        "aiohttp proxy, raw asyncio proxy — the ceilings the gateway's design can reach",
     )
     p.add_argument("--idle", type=int, default=1000, help="idle connections for RSS (0 = skip)")
     p.add_argument("--access-log", action="store_true", help="keep access logs on (both)")
@@ -352,19 +360,45 @@ def main(argv: Sequence[str] | None = None) -> int:
                     (
                         f"svidgate {route}, token",
                         "200",
-                        lambda path=path: probe(gp, path, client_ctx, bearer),  # type: ignore[misc]
+                        partial(probe, gp, path, client_ctx, bearer),
                     ),
                     (
                         f"svidgate {route}, no token",
                         "401",
-                        lambda path=path: probe(gp, path, client_ctx, {}),  # type: ignore[misc]
+                        partial(probe, gp, path, client_ctx, {}),
                     ),
                     (
                         f"svidgate {route}, other ID + token",
                         "403",
-                        lambda path=path: probe(gp, path, other_ctx, bearer),  # type: ignore[misc]
+                        partial(probe, gp, path, other_ctx, bearer),
                     ),
                 ]
+        floors: dict[str, tuple[Service, int]] = {}
+        if args.floors:
+            for mode, name in FLOORS.items():
+                port = free_port()
+                cmd = [sys.executable, "-m", "bench.floor", "--mode", mode, "--port", str(port)]
+                cmd += ["--upstream-port", str(up_port), "--workers", str(args.workers)]
+                cmd += ["--cert", str(pki.server_crt), "--key", str(pki.server_key)]
+                cmd += ["--bundle", str(pki.bundle)]
+                svc = Service.start(
+                    name, pinned(cmd, args.server_cpus), log=work / f"{name}.log", cwd=ROOT
+                )
+                services.append(svc)
+                svc.wait_port(port)
+                floors[name] = (svc, port)
+                targets.append(
+                    Target(name, f"https://127.0.0.1:{port}/rbac", tuple(SPECS), svc.tree)
+                )
+                checks.append(
+                    (
+                        f"{name} with client SVID",
+                        "200",
+                        partial(probe, port, "/rbac", client_ctx, {}),
+                    )
+                )
+        for t in targets:
+            print(f"  target {t.name:22} {t.url}")
         print("pre-flight:")
         preflight(checks)
 
@@ -389,6 +423,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ROUTES[first],
                     () if first == "rbac" else (f"Authorization: Bearer {stack.token}",),
                 )
+            for name, (svc, port) in floors.items():
+                memory[name] = measure_memory(
+                    name, svc.tree(), port, args.idle, client_ctx, "/rbac"
+                )
         samples = [s for t in targets for s in t.samples]
         summary = report.summarize(samples)
         ratio = report.ratios(summary, memory)
@@ -405,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "idle_connections": args.idle,
                 "access_log": args.access_log,
                 "routes": list(args.routes),
+                "floors": args.floors,
                 "nproc": os.cpu_count(),
                 "loadavg_before": load_before,
                 "loadavg_after": os.getloadavg(),
