@@ -1,121 +1,28 @@
-"""Fixtures for gateway integration tests: a test PKI made with pki.ca, a recording echo upstream
-over real mTLS, the gateway in-process on 127.0.0.1, and a raw HTTP/1.1 client that sends
-exactly the bytes a test writes (no URL normalization on the client side)."""
+"""Fixtures for gateway integration tests (helpers live in gateway_harness.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from aiohttp import web
+from gateway_harness import (
+    Echo,
+    Harness,
+    LabPki,
+    gateway_config,
+    make_pki,
+    start_echo,
+    write_config,
+)
 
 from gateway.server import GatewayServer
-from pki.bundle import marshal_pem
-from pki.ca import CertificateAuthority
-
-A = "example.org"
-B = "other.org"
-GATEWAY_ID = f"spiffe://{A}/gateway"
-UPSTREAM_ID = f"spiffe://{A}/orders"
-WEB_ID = f"spiffe://{A}/ns/shop/sa/web"
-WRITER_ID = f"spiffe://{A}/ns/shop/sa/writer"
-OPS_ID = f"spiffe://{A}/ops/alice"
-B_ID = f"spiffe://{B}/ns/shop/sa/web"
-
-
-@dataclass
-class LabPki:
-    dir: Path
-    ca_a: CertificateAuthority
-    ca_b: CertificateAuthority
-
-    def issue(self, spiffe_id: str, name: str, **kwargs: Any) -> tuple[Path, Path]:
-        ca = self.ca_b if spiffe_id.startswith(f"spiffe://{B}/") else self.ca_a
-        return ca.issue(spiffe_id, **kwargs).write(self.dir / name)
-
-    def client_context(
-        self, cert: Path | None, key: Path | None, *, tls13: bool = True
-    ) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(cafile=str(self.dir / "bundle-a.pem"))
-        ctx.check_hostname = False
-        if not tls13:
-            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        if cert is not None and key is not None:
-            ctx.load_cert_chain(str(cert), str(key))
-        return ctx
 
 
 @pytest.fixture
 def test_pki(tmp_path: Path) -> LabPki:
-    ca_a = CertificateAuthority.create(A)
-    ca_b = CertificateAuthority.create(B)
-    (tmp_path / "bundle-a.pem").write_bytes(marshal_pem(ca_a.bundle()))
-    (tmp_path / "bundle-b.pem").write_bytes(marshal_pem(ca_b.bundle()))
-    pki = LabPki(tmp_path, ca_a, ca_b)
-    pki.issue(GATEWAY_ID, "gateway", dns=["localhost"], ips=["127.0.0.1"])
-    pki.issue(UPSTREAM_ID, "upstream", dns=["localhost"], ips=["127.0.0.1"])
-    for sid, name in [(WEB_ID, "web"), (WRITER_ID, "writer"), (OPS_ID, "ops"), (B_ID, "b-web")]:
-        pki.issue(sid, name)
-    return pki
-
-
-@dataclass
-class Echo:
-    """A recording upstream: every request's method, raw target, raw headers, body and the
-    caller's SPIFFE ID (from its client certificate)."""
-
-    port: int
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    delay: float = 0.0
-
-    @property
-    def targets(self) -> list[str]:
-        return [r["target"] for r in self.seen]
-
-
-async def start_echo(pki: LabPki, *, server_id: str = UPSTREAM_ID) -> tuple[Echo, web.BaseRunner]:
-    name = "echo-" + server_id.rsplit("/", 1)[1]
-    cert, key = pki.issue(server_id, name, dns=["localhost"], ips=["127.0.0.1"])
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    ctx.load_verify_locations(cafile=str(pki.dir / "bundle-a.pem"))
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    echo = Echo(0)
-
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        body = await request.read()
-        peer = None
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        if ssl_object is not None:
-            sans = ssl_object.getpeercert().get("subjectAltName", ())
-            peer = next((v for k, v in sans if k == "URI"), None)
-        record = {
-            "method": request.method,
-            "target": request.raw_path,
-            "headers": [[k.decode(), v.decode()] for k, v in request.raw_headers],
-            "body": body.decode("latin-1"),
-            "peer": peer,
-        }
-        echo.seen.append(record)
-        if echo.delay:
-            await asyncio.sleep(echo.delay)
-        return web.json_response(record, headers={"X-Upstream": "echo"})
-
-    runner = web.ServerRunner(web.Server(handler, access_log=None))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    echo.port = runner.addresses[0][1]
-    return echo, runner
+    return make_pki(tmp_path)
 
 
 @pytest.fixture
@@ -123,181 +30,6 @@ async def echo(test_pki: LabPki) -> AsyncIterator[Echo]:
     e, runner = await start_echo(test_pki)
     yield e
     await runner.cleanup()
-
-
-def gateway_config(pki: LabPki, echo_port: int, **overrides: Any) -> dict[str, Any]:
-    upstream_tls = {
-        "cert": "gateway.crt",
-        "key": "gateway.key",
-        "bundle": "bundle-a.pem",
-        "spiffe_id": UPSTREAM_ID,
-    }
-    doc: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "admin_listen": "127.0.0.1:0",
-        "tls": {"cert": "gateway.crt", "key": "gateway.key"},
-        "trust_domains": {A: {"bundle": "bundle-a.pem"}, B: {"bundle": "bundle-b.pem"}},
-        "upstreams": {
-            "echo": {
-                "url": f"https://127.0.0.1:{echo_port}",
-                "tls": upstream_tls,
-                "timeouts": {"connect": "1s", "read": "2s"},
-            }
-        },
-        "routes": [
-            {
-                "name": "orders-read",
-                "match": {"path_prefix": "/orders", "methods": ["GET", "HEAD"]},
-                "upstream": "echo",
-                "allow": [f"spiffe://{A}/ns/shop/sa/*"],
-            },
-            {
-                "name": "orders-write",
-                "match": {"path_prefix": "/orders", "methods": ["POST"]},
-                "upstream": "echo",
-                "allow": [WRITER_ID],
-            },
-            {
-                "name": "admin",
-                "match": {"path_prefix": "/admin"},
-                "upstream": "echo",
-                "allow": [f"spiffe://{A}/ops/**"],
-            },
-            {
-                "name": "public",
-                "match": {"path_prefix": "/public"},
-                "upstream": "echo",
-                "allow": [f"spiffe://{A}/**", f"spiffe://{B}/**"],
-            },
-        ],
-        "identity_headers": {"xfcc": True, "client_cert": True, "claims": {}},
-        "reload_interval": "0s",
-        "drain_timeout": "5s",
-    }
-    doc.update(overrides)
-    return doc
-
-
-def write_config(pki: LabPki, doc: dict[str, Any]) -> Path:
-    path = pki.dir / "gateway.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-@dataclass
-class Response:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += data[:size]
-        data = data[size + 2 :]
-    return out
-
-
-def parse_response(data: bytes) -> Response:
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = [tuple(line.split(": ", 1)) for line in lines[1:] if ": " in line]
-    resp = Response(status, headers, body)  # type: ignore[arg-type]
-    if (resp.header("Transfer-Encoding") or "").lower() == "chunked":
-        resp.body = _dechunk(body)
-    return resp
-
-
-async def raw_exchange(
-    port: int, ctx: ssl.SSLContext, data: bytes, *, timeout: float = 10.0
-) -> Response | None:
-    """Send ``data`` verbatim over TLS and read until the server closes; None if the server
-    refused the connection (handshake alert, reset, or closed without an HTTP response)."""
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost"),
-            timeout,
-        )
-    except (ssl.SSLError, ConnectionError, OSError):
-        return None
-    try:
-        writer.write(data)
-        await writer.drain()
-        received = await asyncio.wait_for(reader.read(), timeout)
-    except (ssl.SSLError, ConnectionError, OSError, asyncio.IncompleteReadError):
-        return None
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    if not received:
-        return None
-    return parse_response(received)
-
-
-def build_request(
-    method: str,
-    target: str,
-    headers: list[tuple[str, str]] | None = None,
-    body: bytes = b"",
-    *,
-    host: str | None = "localhost",
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1"]
-    if host is not None:
-        lines.append(f"Host: {host}")
-    for name, value in headers or []:
-        lines.append(f"{name}: {value}")
-    if body:
-        lines.append(f"Content-Length: {len(body)}")
-    lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-@dataclass
-class Harness:
-    pki: LabPki
-    server: GatewayServer
-    config_path: Path
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    def ctx(self, name: str | None = "web", *, tls13: bool = True) -> ssl.SSLContext:
-        if name is None:
-            return self.pki.client_context(None, None, tls13=tls13)
-        return self.pki.client_context(
-            self.pki.dir / f"{name}.crt", self.pki.dir / f"{name}.key", tls13=tls13
-        )
-
-    async def request(
-        self,
-        method: str,
-        target: str,
-        headers: list[tuple[str, str]] | None = None,
-        body: bytes = b"",
-        *,
-        client: str | None = "web",
-        host: str | None = "localhost",
-    ) -> Response | None:
-        data = build_request(method, target, headers, body, host=host)
-        return await raw_exchange(self.port, self.ctx(client), data)
-
-
-GatewayFactory = Callable[..., "asyncio.Future[Harness]"]
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import logging
 from datetime import timedelta
 
 import pytest
-
-from tests.gateway.conftest import WEB_ID, Echo, Harness
+from gateway_harness import WEB_ID, Echo, Harness
 
 
 async def test_connection_closed_at_certificate_not_after(gw: Harness, echo: Echo) -> None:

@@ -16,10 +16,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
-
-from pki.svid import load_certificates, x5t_s256
-from tests.gateway.conftest import (
+from gateway_harness import (
     WEB_ID,
     WRITER_ID,
     Echo,
@@ -27,6 +24,9 @@ from tests.gateway.conftest import (
     LabPki,
     gateway_config,
 )
+from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
+
+from pki.svid import load_certificates, x5t_s256
 
 AUDIENCE = "orders"
 

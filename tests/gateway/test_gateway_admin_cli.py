@@ -8,8 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-
-from tests.gateway.conftest import (
+from gateway_harness import (
     OPS_ID,
     WEB_ID,
     Echo,

@@ -17,8 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
-
-from tests.gateway.conftest import (
+from gateway_harness import (
     GATEWAY_ID,
     Echo,
     LabPki,

@@ -9,8 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
-
-from tests.gateway.conftest import (
+from gateway_harness import (
     GATEWAY_ID,
     B,
     Echo,

@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-
-from tests.gateway.conftest import (
+from gateway_harness import (
     GATEWAY_ID,
     WEB_ID,
     Echo,

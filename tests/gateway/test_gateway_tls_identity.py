@@ -11,9 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from pki.ca import CertificateAuthority, write_private_file
-from tests.gateway.conftest import (
+from gateway_harness import (
     GATEWAY_ID,
     WEB_ID,
     A,
@@ -24,6 +22,8 @@ from tests.gateway.conftest import (
     gateway_config,
     raw_exchange,
 )
+
+from pki.ca import CertificateAuthority, write_private_file
 
 
 async def test_valid_svid_reaches_upstream(gw: Harness, echo: Echo) -> None:
