@@ -239,11 +239,13 @@ class CertificateAuthority:
         root = _load_one_cert(directory / "root.crt")
         root_key = _load_ca_key(directory / "root.key")
         td = _trust_domain_of_ca(root, directory / "root.crt")
+        _check_is_ca(root, directory / "root.crt")
         _check_key_pair(root, root_key, directory / "root.key")
         inter_path = directory / "intermediate.crt"
         if inter_path.exists():
             inter = _load_one_cert(inter_path)
             inter_key = _load_ca_key(directory / "intermediate.key")
+            _check_is_ca(inter, inter_path)
             _check_key_pair(inter, inter_key, directory / "intermediate.key")
             try:
                 inter.verify_directly_issued_by(root)
@@ -392,6 +394,15 @@ def _load_ca_key(path: Path) -> PrivateKey:
     ):
         raise CaError(f"{path}: unsupported CA key type")
     return key
+
+
+def _check_is_ca(cert: x509.Certificate, path: Path) -> None:
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise CaError(f"{path} is not a CA certificate (basicConstraints CA:TRUE required)")
 
 
 def _check_key_pair(cert: x509.Certificate, key: PrivateKey, key_path: Path) -> None:

@@ -345,6 +345,14 @@ def test_load_refuses_an_intermediate_of_another_root(tmp_path: Path) -> None:
         CertificateAuthority.load(tmp_path / "a")
 
 
+def test_load_refuses_a_leaf_as_root(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create("example.org", now=NOW)
+    ca.save(tmp_path)
+    ca.issue(ID, now=NOW).write(tmp_path / "root")  # root.crt / root.key are now an SVID
+    with pytest.raises(CaError, match=r"root\.crt is not a CA certificate"):
+        CertificateAuthority.load(tmp_path)
+
+
 def test_load_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
     CertificateAuthority.create("example.org", now=NOW).save(tmp_path / "a")
     CertificateAuthority.create("example.org", now=NOW).save(tmp_path / "b")
