@@ -70,25 +70,37 @@ class KeyStore:
         self.policy = sjwt.VerifyPolicy(cfg.issuer, cfg.tokens.clock_skew, cfg.tokens.max_ttl)
         self.ring: KeyRing | None = None
         self.sequence = 0
-        self.jwks_json = json.dumps({"keys": []})
+        self.jwks_json = json.dumps({"keys": [], "issuer": cfg.issuer})
         self.source_healthy = False
         self.last_error: str | None = None
         self._changed = asyncio.Condition()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._write_lock = asyncio.Lock()
         self._source_kids: frozenset[str] = frozenset()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="signer-keystore")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="signer-keystore"),
+            asyncio.create_task(self._background(), name="signer-source-upkeep"),
+        ]
+
+    async def _background(self) -> None:
+        try:
+            await self.source.background()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("key source upkeep stopped")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         await self.source.close()
 
     async def _run(self) -> None:
@@ -192,7 +204,8 @@ class KeyStore:
     def publish(self) -> None:
         if self.ring is None:
             return
-        text = json.dumps(self.ring.jwks(self.clock()), separators=(",", ":"))
+        document = {**self.ring.jwks(self.clock()), "issuer": self.cfg.issuer}
+        text = json.dumps(document, separators=(",", ":"))
         if text != self.jwks_json:
             self.jwks_json = text
             self.sequence += 1

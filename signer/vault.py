@@ -160,6 +160,17 @@ class VaultClient:
                 with contextlib.suppress(KeySourceError):
                     await self.login()
 
+    async def maintain_token(self) -> None:
+        """Log in (retrying while Vault is unreachable), then renew forever."""
+        while True:
+            try:
+                await self.login()
+                break
+            except KeySourceError as exc:
+                log.warning("vault login failed: %s", exc)
+                await asyncio.sleep(1.0)
+        await self.renew_forever()
+
     def close(self) -> None:
         self._client.adapter.close()
 

@@ -127,5 +127,8 @@ class FileKeySource:
     async def remove(self, kids: Sequence[str]) -> None:
         await asyncio.to_thread(self._remove_sync, kids)
 
+    async def background(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None

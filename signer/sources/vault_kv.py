@@ -92,5 +92,8 @@ class VaultKvKeySource:
         if versions:
             await self.client.kv_destroy(versions)
 
+    async def background(self) -> None:
+        await self.client.maintain_token()
+
     async def close(self) -> None:
         self.client.close()

@@ -101,5 +101,8 @@ class VaultTransitKeySource:
     async def remove(self, kids: Sequence[str]) -> None:
         return None
 
+    async def background(self) -> None:
+        await self.client.maintain_token()
+
     async def close(self) -> None:
         self.client.close()
