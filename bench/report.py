@@ -140,6 +140,11 @@ def verdicts(ratio: dict[str, dict[str, Any]], memory: dict[str, Any]) -> dict[s
     return out
 
 
+def _us(per_core: float | None) -> float | None:
+    """Server CPU microseconds per request, from requests per busy core-second."""
+    return 1e6 / per_core if per_core else None
+
+
 def _fmt(v: float | None, spec: str = ",.0f") -> str:
     return "—" if v is None else format(v, spec)
 
@@ -175,6 +180,8 @@ def render(result: dict[str, Any]) -> str:
         "p99 c=64 ms",
         "+p99 c=1 ms",
         "CPU c=64",
+        "CPU µs/req c=64",
+        "CPU µs/conn new",
         "RSS/worker 1k idle MB",
     ]
     rows = []
@@ -195,6 +202,8 @@ def render(result: dict[str, Any]) -> str:
                 _fmt(s.get("ka-c64", {}).get("p99_ms"), ".3f"),
                 _fmt(added, "+.3f"),
                 _fmt(s.get("ka-c64", {}).get("server_cpu"), ".2f"),
+                _fmt(_us(s.get("ka-c64", {}).get("rps_per_core"))),
+                _fmt(_us(s.get("new-c16", {}).get("rps_per_core"))),
                 _fmt(mem.get("rss_per_worker_mb_max"), ".1f") if t != DIRECT else "—",
             ]
         )
@@ -234,7 +243,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         "Absolute (medians over rounds; ka = keep-alive, new = full mTLS handshake per request;",
         "CPU = server cores busy during the c=64 run; +p99 = p99 over the direct upstream at c=1;",
-        "per core = requests per busy server core, fair when a side did not saturate its core)",
+        "per core / CPU µs = requests per busy server core-second and its inverse: fair even",
+        "when a side did not saturate its core or shared it with other load)",
         _table(header, rows),
         "",
         "Ratios to nginx in the same run (throughput: higher is better)",
