@@ -348,6 +348,24 @@ def test_cache_drops_entries_of_removed_keys() -> None:
     assert cache.get(kb, now=NOW) is not None
 
 
+def test_new_key_set_evicts_verifications_of_removed_keys_and_bad_sets_are_ignored() -> None:
+    client = SignerClient(address="unix:/nonexistent/s.sock", timeout=timedelta(seconds=1))
+    old, new = Signer("old"), Signer("new")
+    client._install_keyset(json.dumps({"keys": [old.jwk, new.jwk]}), 1)
+    ka, kb = cache_key("ta", AUD, None, None), cache_key("tb", AUD, None, None)
+    now = time.time()
+    client.cache.put(ka, vt("old"), valid_until=now + 60, now=now)
+    client.cache.put(kb, vt("new"), valid_until=now + 60, now=now)
+    client._install_keyset(json.dumps({"keys": [new.jwk]}), 2)  # "old" was removed
+    assert client.cache.get(ka, now=now) is None
+    assert client.cache.get(kb, now=now) is not None
+    # an unusable key set is refused and the last good one stays in force
+    with pytest.raises(SignerUnavailable):
+        client._install_keyset(json.dumps({"keys": [{**new.jwk, "d": "x"}]}), 3)
+    assert client.keyset is not None and client.keyset.sequence == 2
+    assert client.cache.get(kb, now=now) is not None
+
+
 # ---------------------------------------------------------------------------------------------
 # configuration
 
