@@ -744,3 +744,20 @@ async def test_tcp_caller_not_allowed_to_verify(tcp_signer: SignerProcess) -> No
         assert not client.ready()
         with pytest.raises(SignerUnavailable):
             await client.verify(token, audience=AUD, mode="remote")
+
+
+async def test_unknown_kid_refetches_once_rate_limited(signer: SignerProcess) -> None:
+    token = signer.sign()
+    async with signer.client() as client:
+        await wait_until(lambda: client.ready(mode="local"))
+        empty = KeySet.parse('{"keys": []}', 0)
+        # a stale key set (as if a push was missed): the unknown kid triggers one GetJWKS
+        client._state.keyset = empty
+        client._state.last_refetch = float("-inf")
+        assert (await client.verify(token, audience=AUD, mode="local")).subject == SUB
+        assert client.keyset is not None and client.keyset.keys
+        # again at once: the refetch is rate-limited, so the kid stays unknown
+        client._state.keyset = empty
+        with pytest.raises(TokenRejected) as info:
+            await client.verify(token, audience=AUD, mode="local")
+        assert info.value.reason == "unknown_kid"
