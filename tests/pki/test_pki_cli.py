@@ -269,7 +269,7 @@ def test_inspect_with_bundle_exits_1_for_chain_defects(
     assert checks.startswith("FAIL:") and fragment in checks
 
 
-def test_inspect_good_vector_shows_validity_status() -> None:
+def test_inspect_shows_validity_status() -> None:
     fields = _fields(ok("pki", "inspect", VECTORS / "expired.pem"))
     assert fields["not_after"] == "2022-01-01T00:00:00Z (EXPIRED)"
     fields = _fields(ok("pki", "inspect", VECTORS / "not-yet-valid.pem"))
@@ -282,6 +282,7 @@ def test_bad_input_is_one_line_and_exit_2(
     """The whole table through the real dispatcher (`svidgate.cli.main`) in this process, and
     every fifth case also as a real `svidgate` process (exit status, no traceback)."""
     (tmp_path / "plain").write_text("not a certificate\n")
+    (tmp_path / "unreadable" / "root.crt").mkdir(parents=True)  # EISDIR, even for root
     d = tmp_path / "new"
     init: list[str | Path] = ["pki", "init", "--trust-domain", "example.org", "--dir"]
     issue: list[str | Path] = [
@@ -318,6 +319,10 @@ def test_bad_input_is_one_line_and_exit_2(
         ),
         (
             ["pki", "issue", "--dir", tmp_path / "plain", "--spiffe-id", ID, "--out", d / "x"],
+            "cannot read certificate file",
+        ),
+        (
+            ["pki", "issue", "--dir", tmp_path / "unreadable", "--spiffe-id", ID, "--out", d],
             "cannot read certificate file",
         ),
         (
