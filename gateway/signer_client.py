@@ -819,11 +819,14 @@ def _channel_credentials(tls: SignerTLSSettings) -> grpc.ChannelCredentials:
     """mTLS credentials for the channel: the gateway's SVID and the signer's trust bundle."""
     import grpc
 
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(tls.bundle).read_bytes(),
-        private_key=Path(tls.key).read_bytes(),
-        certificate_chain=Path(tls.cert).read_bytes(),
-    )
+    try:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(tls.bundle).read_bytes(),
+            private_key=Path(tls.key).read_bytes(),
+            certificate_chain=Path(tls.cert).read_bytes(),
+        )
+    except OSError as exc:
+        raise ConfigError(f"signer.tls: cannot read {exc.filename}: {exc.strerror}") from None
 
 
 def _peer_spiffe_id(host: str, port: int, tls: SignerTLSSettings) -> str:

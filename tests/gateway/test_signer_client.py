@@ -761,3 +761,11 @@ async def test_unknown_kid_refetches_once_rate_limited(signer: SignerProcess) ->
         with pytest.raises(TokenRejected) as info:
             await client.verify(token, audience=AUD, mode="local")
         assert info.value.reason == "unknown_kid"
+
+
+async def test_unreadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
+    client = SignerClient.from_config(
+        _tls_config(tmp_path, SIGNER_ID).model_copy(update={"address": "127.0.0.1:1"})
+    )
+    with pytest.raises(ConfigError, match="cannot read"):
+        await client.start()
