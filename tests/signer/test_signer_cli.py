@@ -3,6 +3,9 @@ one line with exit code 2, SIGTERM shuts down cleanly with exit code 0."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +13,18 @@ from pathlib import Path
 import yaml
 from signer_harness import (
     CLIENT_ID,
+    SIGNER_ID,
+    TD,
+    Pki,
     SignerProcess,
     base_config,
     deep_merge,
+    running_signer,
     signer_pb2,
     unix_stub,
 )
+
+from signer.config import load_config
 
 
 def svidgate(*args: str) -> subprocess.CompletedProcess[str]:
@@ -47,9 +56,8 @@ async def test_serve_sign_rotate_and_shutdown(short_dir: Path) -> None:
         async with unix_stub(sock) as stub:
             verified = await stub.Verify(signer_pb2.VerifyRequest(token=token, audience=["orders"]))
         assert verified.subject == CLIENT_ID
-        assert (
-            verified.expires_at - int(verified.claims_json.split('"iat":')[1].split(",")[0]) == 90
-        )
+        claims = json.loads(verified.claims_json)
+        assert claims["exp"] - claims["iat"] == 90 and claims["exp"] == verified.expires_at
 
         done = svidgate("signer", "rotate", "--config", str(config))
         assert done.returncode == 0, done.stderr
@@ -95,3 +103,42 @@ def test_config_errors_are_one_line(short_dir: Path) -> None:
         "--ttl", "soon",
     )  # fmt: skip
     assert done.returncode == 2 and done.stderr.count("\n") == 1
+
+
+async def test_cli_falls_back_to_mtls_tcp(pki: Pki, short_dir: Path) -> None:
+    """Without a Unix socket the CLI dials TCP with the config's own SVID as client cert."""
+    crt, key = pki.files("signer")
+    data = deep_merge(
+        base_config(short_dir / "unused.sock", short_dir / "keys"),
+        {
+            "listen": {"unix": None, "tcp": f"127.0.0.1:{free_port()}"},
+            "tls": {"cert": str(crt), "key": str(key), "bundle": str(pki.dir / "bundle.pem")},
+            "authorization": {"sign": [f"spiffe://{TD}/ns/**", SIGNER_ID]},
+        },
+    )
+    config = short_dir / "signer.yaml"
+    config.write_text(yaml.safe_dump(data))
+    cfg = load_config(config)
+    async with running_signer(cfg):
+        # the signer's own identity may mint only for itself, and may not rotate
+        done = await asyncio.to_thread(
+            svidgate, "signer", "sign", "--config", str(config), "--subject", SIGNER_ID,
+            "--audience", "ops",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count(".") == 2
+        done = await asyncio.to_thread(
+            svidgate, "signer", "sign", "--config", str(config), "--subject", CLIENT_ID,
+            "--audience", "ops",
+        )  # fmt: skip
+        assert done.returncode == 2
+        assert "permission_denied" in done.stderr
+        done = await asyncio.to_thread(svidgate, "signer", "rotate", "--config", str(config))
+        assert done.returncode == 2
+        assert "Rotate failed: permission_denied" in done.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from signer import jwt as sjwt
 from signer.errors import TokenError, UnknownKidError
@@ -192,3 +194,28 @@ def test_jwk_thumbprint_is_stable_per_key() -> None:
     )
     jwk = sjwt.public_jwk("k1", "ES256", pub)
     assert jwk["kid"] == "k1" and jwk["alg"] == "ES256" and "d" not in jwk
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_arbitrary_text_fails_only_with_token_errors(text: str) -> None:
+    with pytest.raises(TokenError):
+        verify(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0), st.characters(codec="ascii"))
+def test_any_single_character_change_is_rejected(position: int, char: str) -> None:
+    token = craft(HDR, claims())
+    index = position % len(token)
+    mutated = token[:index] + char + token[index + 1 :]
+    if mutated == token:
+        return
+    try:
+        verify(mutated)
+    except TokenError:
+        return
+    # base64url has slack bits in the last character of a part: the decoded bytes are equal
+    assert [sjwt.b64url_decode(p) for p in mutated.split(".")] == [
+        sjwt.b64url_decode(p) for p in token.split(".")
+    ]

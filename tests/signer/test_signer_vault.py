@@ -171,3 +171,24 @@ async def test_wrong_transit_key_type_is_reported(bao: BaoServer, short_dir: Pat
             assert await reason_of(err) == "signing_unavailable"
     finally:
         await server.stop(grace=0.1)
+
+
+async def test_signer_keeps_working_past_token_max_ttl(bao: BaoServer, short_dir: Path) -> None:
+    """The server's source upkeep renews the AppRole token and logs in again at its max TTL."""
+    role_id, secret_id = bao.approle("signer-short", token_ttl="2s", token_max_ttl="4s")
+    (short_dir / "secret-id").write_text(secret_id)
+    auth = {"method": "approle", "role_id": role_id, "secret_id_file": "secret-id"}
+    keys = vault_keys(bao, "vault-transit", "ES256", short_dir / "unused", **auth)
+    sock = short_dir / "s.sock"
+    timing = {"rotation": {"period": "1h", "prepare_ahead": "1s", "poll_interval": "500ms"}}
+    cfg = write_config(
+        short_dir, deep_merge(base_config(sock, short_dir), {"keys": keys, **timing})
+    )
+    async with running_signer(cfg) as server, unix_stub(sock) as stub:
+        client = server.store.source.client  # type: ignore[attr-defined]
+        await asyncio.sleep(5.5)
+        assert client.logins >= 2 and client.renewals >= 1
+        assert server.store.source_healthy
+        signed = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
+        await stub.Verify(signer_pb2.VerifyRequest(token=signed.token, audience=["a"]))
+        await stub.Rotate(signer_pb2.RotateRequest())
