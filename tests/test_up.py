@@ -1,6 +1,7 @@
 """`svidgate up` end to end: start it as a subprocess, run the curl commands it prints (with
-curl, and again with Python's ssl), expect 200 / 200 / 403, then SIGINT and check that every
-child is gone. Plus the state directory's reuse / re-issue rules and a child that dies early."""
+curl, and again with Python's ssl), expect 200 / 200 / 403, then SIGINT (SIGTERM with OpenBao)
+and check that every child is gone. Plus the state directory's reuse / re-issue rules and a
+child that dies early."""
 
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ class UpProcess:
         stderr = self.proc.stderr.read() if self.proc.stderr else ""
         raise AssertionError(f"svidgate up did not get ready:\n{self.output}\n{stderr}")
 
-    def interrupt(self, timeout: float = 40) -> int:
-        self.proc.send_signal(signal.SIGINT)
+    def interrupt(self, sig: int = signal.SIGINT, timeout: float = 40) -> int:
+        self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
@@ -169,7 +170,7 @@ def port_open(port: int) -> bool:
         return False
 
 
-def check_stack(tmp_path: Path, *args: str) -> list[str]:
+def check_stack(tmp_path: Path, *args: str, stop_with: int = signal.SIGINT) -> list[str]:
     state = tmp_path / "state"
     up = UpProcess(state, *args)
     try:
@@ -182,7 +183,7 @@ def check_stack(tmp_path: Path, *args: str) -> list[str]:
         assert [run_with_python(c) for c in commands] == EXPECTED
         ports = ports_of(output)
         assert ports and all(port_open(p) for p in ports)
-        assert up.interrupt() == 0
+        assert up.interrupt(stop_with) == 0
     finally:
         up.kill()
     # every child is gone: nothing mentions the state dir, no printed port still listens
@@ -203,7 +204,7 @@ def test_up_without_vault(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 def test_up_with_openbao(tmp_path: Path) -> None:
-    output = check_stack(tmp_path)
+    output = check_stack(tmp_path, stop_with=signal.SIGTERM)
     assert any("keys: vault-kv on OpenBao" in line for line in output), output
     token_file = tmp_path / "state" / "vault-token"
     assert token_file.stat().st_mode & 0o777 == 0o600
