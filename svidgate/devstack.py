@@ -623,8 +623,8 @@ def _svidgate_argv() -> list[str]:
 
 def run_up(state_dir: Path, *, no_vault: bool, out: IO[str]) -> int:
     layout = Layout(state_dir.absolute())
-    layout.root.mkdir(parents=True, exist_ok=True)
-    layout.root.chmod(0o700)
+    if not layout.root.exists():
+        layout.root.mkdir(mode=0o700, parents=True)  # an existing directory keeps its mode
     changed = prepare_pki(layout)
     bao = None if no_vault else find_bao()
     ports = Ports(
