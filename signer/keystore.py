@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -69,7 +70,10 @@ class KeyStore:
         self.timing = timing_from(cfg)
         self.policy = sjwt.VerifyPolicy(cfg.issuer, cfg.tokens.clock_skew, cfg.tokens.max_ttl)
         self.ring: KeyRing | None = None
-        self.sequence = 0
+        # Sequence numbers start from the wall clock (ms) so they keep growing across restarts:
+        # a watcher that reconnects with its last sequence is never left waiting for a number
+        # this process has not reached.
+        self.sequence = int(time.time() * 1000)
         self.jwks_json = json.dumps({"keys": [], "issuer": cfg.issuer})
         self.source_healthy = False
         self.last_error: str | None = None
@@ -216,7 +220,10 @@ class KeyStore:
             self._changed.notify_all()
 
     async def watch(self, after: int) -> AsyncIterator[tuple[int, str]]:
-        """Yield (sequence, jwks) whenever the key set changes past ``after``."""
+        """Yield (sequence, jwks) whenever the key set changes past ``after``. A watcher ahead
+        of this process (another replica's numbers, a clock step) gets the current set now."""
+        if after > self.sequence and self.ring is not None:
+            after = self.sequence - 1
         while True:
             async with self._changed:
                 while self.sequence <= after:

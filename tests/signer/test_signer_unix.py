@@ -188,6 +188,11 @@ async def test_jwks_watch_and_rotate(short_dir: Path) -> None:
         assert rotated.active_kid == keys[0]["kid"] and rotated.prepared_kid != rotated.active_kid
         pushed = await asyncio.wait_for(stream.read(), 5)
         assert pushed.sequence == first.sequence + 1
+        # a watcher with a sequence from elsewhere (another replica) gets the current set now
+        ahead = stub.WatchKeys(signer_pb2.WatchKeysRequest(after_sequence=pushed.sequence + 10**6))
+        current = await asyncio.wait_for(ahead.read(), 5)
+        assert current.sequence == pushed.sequence and current.jwks_json == pushed.jwks_json
+        ahead.cancel()
         kids = {k["kid"] for k in json.loads(pushed.jwks_json)["keys"]}
         assert kids == {rotated.active_kid, rotated.prepared_kid}
         # the prepared key is published but does not sign yet
@@ -227,6 +232,10 @@ async def test_restart_keeps_file_keys(short_dir: Path) -> None:
     cfg = write_config(short_dir, base_config(sock, short_dir / "keys"))
     async with running_signer(cfg), unix_stub(sock) as stub:
         signed = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
+        before = await stub.GetJWKS(signer_pb2.GetJWKSRequest())
     async with running_signer(cfg), unix_stub(sock) as stub:
         verified = await stub.Verify(signer_pb2.VerifyRequest(token=signed.token, audience=["a"]))
         assert verified.kid == signed.kid
+        after = await stub.GetJWKS(signer_pb2.GetJWKSRequest())
+        assert after.jwks_json == before.jwks_json
+        assert after.sequence > before.sequence  # sequence numbers survive a restart
