@@ -249,7 +249,8 @@ def measure_memory(
     print(
         f"  memory {name}: {summary['connections']} idle conns over {summary['workers']} "
         f"worker(s), RSS/worker max {summary['rss_per_worker_mb_max']} MB "
-        f"(idle {summary['rss_idle_per_worker_mb_max']} MB)"
+        f"(idle {summary['rss_idle_per_worker_mb_max']} MB, "
+        f"{summary['kb_per_connection']} KB per connection)"
     )
     return summary
 

@@ -190,5 +190,12 @@ def worker_summary(procs: Sequence[ProcMemory]) -> dict[str, Any]:
         "rss_per_worker_mb_mean": round(sum(p.rss_loaded_mb for p in workers) / len(workers), 1),
         "rss_idle_per_worker_mb_max": max(p.rss_idle_mb for p in workers),
         "rss_total_mb": round(sum(p.rss_loaded_mb for p in procs), 1),
+        # Growth of the workers' RSS per held connection (OpenSSL + framework + app state).
+        "kb_per_connection": round(
+            sum(p.rss_loaded_mb - p.rss_idle_mb for p in workers)
+            * 1024
+            / max(1, sum(p.connections for p in workers)),
+            1,
+        ),
         "processes": [p.as_dict() for p in procs],
     }

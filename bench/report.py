@@ -183,6 +183,7 @@ def render(result: dict[str, Any]) -> str:
         "CPU µs/req c=64",
         "CPU µs/conn new",
         "RSS/worker 1k idle MB",
+        "KB/conn",
     ]
     rows = []
     for t in order:
@@ -205,6 +206,7 @@ def render(result: dict[str, Any]) -> str:
                 _fmt(_us(s.get("ka-c64", {}).get("rps_per_core"))),
                 _fmt(_us(s.get("new-c16", {}).get("rps_per_core"))),
                 _fmt(mem.get("rss_per_worker_mb_max"), ".1f") if t != DIRECT else "—",
+                _fmt(mem.get("kb_per_connection"), ".1f") if t != DIRECT else "—",
             ]
         )
     rheader = [
