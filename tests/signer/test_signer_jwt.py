@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -86,6 +87,20 @@ def test_sign_then_verify_each_algorithm(alg: str) -> None:
     assert result.expires_at == int(NOW.timestamp()) + 300
 
 
+def hs256_with_public_key() -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    pem = (
+        KEYS["ES256"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    h = b64(json.dumps({**HDR, "alg": "HS256"}).encode())
+    p = b64(json.dumps(claims()).encode())
+    mac = hmac.new(pem, f"{h}.{p}".encode(), hashlib.sha256).digest()
+    return f"{h}.{p}.{b64(mac)}"
+
+
 def thumb() -> str:
     return b64(hashlib.sha256(b"leaf-der").digest())
 
@@ -135,6 +150,16 @@ REJECTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("alg_not_allowed", craft({**HDR, "alg": "none"}, claims(), signature=b""), {}),
     ("alg_not_allowed", craft({**HDR, "alg": "HS256"}, claims(), signature=b"x" * 32), {}),
     ("alg_not_allowed", craft({**HDR, "alg": "ES384"}, claims()), {}),
+    # the classic key confusion: HS256 "signed" with the verifier's public key as HMAC secret
+    ("alg_not_allowed", hs256_with_public_key(), {}),
+    ("alg_not_allowed", craft({**HDR, "alg": "none"}, claims(), signature=b"x"), {}),
+    ("unknown_kid", craft({**HDR, "kid": "../../../etc/passwd"}, claims()), {}),
+    ("malformed", craft({**HDR, "kid": 1}, claims()), {}),
+    ("malformed", craft({**HDR, "kid": ""}, claims()), {}),
+    ("malformed", craft(HDR, claims(aud=[])), {}),
+    ("malformed", craft(HDR, claims(aud=["orders", 7])), {}),
+    ("malformed", craft(HDR, claims(iat=True)), {}),
+    ("malformed", craft(HDR, claims(cnf={"jkt": "x"})), {"thumbprint": thumb()}),
     # header alg differs from the key's algorithm (EdDSA token for an ES256 key)
     ("alg_not_allowed", craft({**HDR, "alg": "EdDSA"}, claims(), alg="EdDSA"), {}),
     ("binding_mismatch", craft(HDR, claims(cnf={"x5t#S256": thumb()})), {}),
