@@ -28,6 +28,8 @@ from gateway.credentials import StateHolder
 
 log = logging.getLogger("svidgate.gateway")
 
+LISTEN_BACKLOG = 1024
+
 
 def listening_socket(address: str) -> socket.socket:
     """A TCP socket bound with SO_REUSEPORT so several workers can share the port."""
@@ -38,7 +40,7 @@ def listening_socket(address: str) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -79,6 +81,7 @@ class GatewayServer:
             sock=sock,
             ssl=state.ssl_context,
             ssl_handshake_timeout=10.0,
+            backlog=LISTEN_BACKLOG,
         )
         self.port = sock.getsockname()[1]
         if self._want_admin and state.config.admin_listen is not None:
