@@ -99,6 +99,8 @@ def parse_json_bundle(data: bytes, trust_domain: TrustDomain | str) -> Bundle:
         if not isinstance(key, dict):
             raise BundleError(f"{where}: not an object")
         use = key.get("use")
+        if not isinstance(use, str) or not use:
+            raise BundleError(f"{where}: the 'use' member is required")
         if use == USE_X509_SVID:
             x5c = key.get("x5c")
             if not isinstance(x5c, list) or len(x5c) != 1 or not isinstance(x5c[0], str):
@@ -112,8 +114,7 @@ def parse_json_bundle(data: bytes, trust_domain: TrustDomain | str) -> Bundle:
             if not isinstance(key.get("kid"), str) or not key["kid"]:
                 raise BundleError(f"{where}: jwt-svid key needs a kid")
             jwt_keys.append(dict(key))
-        else:
-            raise BundleError(f"{where}: unknown use {use!r}")
+        # Any other use: the bundle spec says clients MUST ignore the whole JWK element.
     sequence = doc.get("spiffe_sequence")
     hint = doc.get("spiffe_refresh_hint")
     for name, value in (("spiffe_sequence", sequence), ("spiffe_refresh_hint", hint)):

@@ -111,8 +111,8 @@ MALFORMED: list[tuple[object, str]] = [
     ({"keys": [{**_good_key(), "x5c": [7]}]}, "exactly one x5c"),
     ({"keys": [{**_good_key(), "x5c": ["!!!not base64"]}]}, "x5c is not a DER certificate"),
     ({"keys": [{**_good_key(), "x5c": ["AAAA"]}]}, "x5c is not a DER certificate"),
-    ({"keys": [_good_key(), {**_good_key(), "use": "enc"}]}, "keys[1]: unknown use 'enc'"),
-    ({"keys": [{k: v for k, v in _good_key().items() if k != "use"}]}, "unknown use None"),
+    ({"keys": [{k: v for k, v in _good_key().items() if k != "use"}]}, "'use' member is required"),
+    ({"keys": [{**_good_key(), "use": 7}]}, "keys[0]: the 'use' member is required"),
     ({"keys": [{"use": "jwt-svid", "kty": "EC"}]}, "jwt-svid key needs a kid"),
     ({"keys": [{"use": "jwt-svid", "kid": ""}]}, "jwt-svid key needs a kid"),
     ({"keys": [], "spiffe_sequence": "1"}, "spiffe_sequence must be a non-negative integer"),
@@ -121,6 +121,15 @@ MALFORMED: list[tuple[object, str]] = [
     ({"keys": [], "spiffe_sequence": -1}, "spiffe_sequence must be a non-negative integer"),
     ({"keys": [], "spiffe_refresh_hint": "60s"}, "spiffe_refresh_hint must be a non-negative"),
 ]
+
+
+def test_unknown_use_is_ignored_as_the_bundle_spec_requires() -> None:
+    # SPIFFE Trust Domain and Bundle, 4.2.2: unknown `use` values MUST be ignored (whole JWK).
+    doc = {"keys": [_good_key(), {**_good_key(), "use": "enc"}], "spiffe_sequence": 3}
+    bundle = parse_json_bundle(json.dumps(doc).encode(), TD)
+    assert len(bundle.x509_authorities) == 1
+    assert bundle.jwt_authorities == ()
+    assert bundle.sequence == 3
 
 
 @pytest.mark.parametrize(("doc", "fragment"), MALFORMED)
