@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import BenchError, comm, rss_bytes
+from bench.procs import BenchError, comm, pss_bytes, rss_bytes
 
 _ESTABLISHED = "01"
 _LISTEN = "0A"
@@ -28,6 +28,7 @@ class ProcMemory:
     cmd: str
     rss_idle_mb: float  # before the idle connections
     rss_loaded_mb: float  # while holding them
+    pss_loaded_mb: float  # the same, shared pages split between the processes sharing them
     connections: int  # established connections this process holds on the port
     listening: bool
 
@@ -153,6 +154,7 @@ def measure(pids: Sequence[int], port: int, idle_rss: dict[int, int]) -> list[Pr
                 cmd=comm(pid)[:120],
                 rss_idle_mb=round(idle_rss.get(pid, 0) / 2**20, 1),
                 rss_loaded_mb=round(rss_bytes(pid) / 2**20, 1),
+                pss_loaded_mb=round(pss_bytes(pid) / 2**20, 1),
                 connections=len(inodes & established),
                 listening=bool(inodes & listening),
             )
@@ -189,6 +191,7 @@ def worker_summary(procs: Sequence[ProcMemory]) -> dict[str, Any]:
         "rss_per_worker_mb_max": max(p.rss_loaded_mb for p in workers),
         "rss_per_worker_mb_mean": round(sum(p.rss_loaded_mb for p in workers) / len(workers), 1),
         "rss_idle_per_worker_mb_max": max(p.rss_idle_mb for p in workers),
+        "pss_per_worker_mb_max": max(p.pss_loaded_mb for p in workers),
         "rss_total_mb": round(sum(p.rss_loaded_mb for p in procs), 1),
         # Growth of the workers' RSS per held connection (OpenSSL + framework + app state).
         "kb_per_connection": round(

@@ -161,6 +161,17 @@ def rss_bytes(pid: int) -> int:
     return int(statm[1]) * PAGE
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages (forked workers, libraries) split between sharers."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
