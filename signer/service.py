@@ -110,6 +110,7 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         self.may_rotate = IdMatcher.parse(auth.rotate)
         self.may_sign_for_others = IdMatcher.parse(auth.sign_for_others)
         self._peers = _PeerCache()
+        self.trust_domain = cfg.td
 
     # -- caller identity ----------------------------------------------------------------------
 
@@ -124,6 +125,10 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         peer_ids = list(auth.get("peer_spiffe_id") or ())
         if peer_ids and peer_ids[0].decode() != str(spiffe_id):
             raise PermissionDeniedError("peer SPIFFE ID mismatch")
+        # tls.bundle is the bundle of the signer's own trust domain: grpc checked the chain
+        # against it, so only IDs of that trust domain are vouched for (no cross-domain callers)
+        if spiffe_id.trust_domain != self.trust_domain:
+            raise PermissionDeniedError(f"{spiffe_id} is not in trust domain {self.trust_domain}")
         return Caller("tcp", spiffe_id, thumbprint)
 
     @staticmethod

@@ -33,6 +33,7 @@ from signer_harness import (
 )
 from svidgate.signer.v1 import signer_pb2_grpc
 
+from pki.bundle import marshal_pem
 from pki.ca import CertificateAuthority
 
 
@@ -204,3 +205,37 @@ async def test_unix_socket_needs_explicit_subject_even_with_tcp(pki: Pki, short_
     async with running_signer(cfg), unix_stub(short_dir / "s.sock") as local:
         err = await rpc_error(local.Sign(signer_pb2.SignRequest(audience=["o"])))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_callers_of_another_trust_domain_are_refused(pki: Pki, short_dir: Path) -> None:
+    """tls.bundle is the signer's own trust domain bundle: even when another domain's root is
+    in it and a pattern names that domain, its callers are not vouched for."""
+    other = CertificateAuthority.create("other.org")
+    other.issue("spiffe://other.org/gateway").write(short_dir / "foreign")
+    bundle = short_dir / "mixed-bundle.pem"
+    bundle.write_bytes((pki.dir / "bundle.pem").read_bytes() + marshal_pem(other.bundle()))
+    data = deep_merge(
+        tcp_config(pki, short_dir),
+        {
+            "tls": {"bundle": str(bundle)},
+            "authorization": {"verify": [GATEWAY_ID, "spiffe://other.org/gateway"]},
+        },
+    )
+    cfg = write_config(short_dir, data)
+    async with running_signer(cfg) as server:
+        assert server.tcp_port
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=(pki.dir / "bundle.pem").read_bytes(),
+            private_key=(short_dir / "foreign.key").read_bytes(),
+            certificate_chain=(short_dir / "foreign.crt").read_bytes(),
+        )
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{server.tcp_port}", creds, options=options
+        ) as channel:
+            stub = signer_pb2_grpc.SignerStub(channel)
+            err = await rpc_error(stub.GetJWKS(signer_pb2.GetJWKSRequest()))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "not in trust domain example.org" in err.details()
+        async with tls_stub(pki, "gateway", server.tcp_port) as gateway:
+            await gateway.GetJWKS(signer_pb2.GetJWKSRequest())
