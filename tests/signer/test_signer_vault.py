@@ -25,7 +25,10 @@ from signer_harness import (
     write_config,
 )
 
+from pki.bundle import marshal_pem
+from pki.ca import CertificateAuthority
 from signer.config import VaultConfig
+from signer.errors import KeySourceError
 from signer.jwt import ALGORITHMS
 from signer.server import SignerServer
 from signer.vault import VaultClient
@@ -192,3 +195,53 @@ async def test_signer_keeps_working_past_token_max_ttl(bao: BaoServer, short_dir
         signed = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
         await stub.Verify(signer_pb2.VerifyRequest(token=signed.token, audience=["a"]))
         await stub.Rotate(signer_pb2.RotateRequest())
+
+
+async def test_kubernetes_auth_failure_is_one_clear_error(bao: BaoServer, short_dir: Path) -> None:
+    """Kubernetes auth needs a real API server for TokenReview; without one, the login reaches
+    OpenBao's kubernetes mount with the configured role and JWT file and fails closed."""
+    mounts = bao.api("GET", "sys/auth")
+    if "kubernetes/" not in mounts.get("data", mounts):
+        bao.api("POST", "sys/auth/kubernetes", {"type": "kubernetes"})
+    k8s_ca = CertificateAuthority.create("k8s.test")
+    bao.api(
+        "POST",
+        "auth/kubernetes/config",
+        {
+            "kubernetes_host": "https://127.0.0.1:1",
+            "kubernetes_ca_cert": marshal_pem(k8s_ca.bundle()).decode(),
+            "disable_local_ca_jwt": True,
+        },
+    )
+    bao.api(
+        "POST",
+        "auth/kubernetes/role/signer",
+        {
+            "bound_service_account_names": ["signer"],
+            "bound_service_account_namespaces": ["svidgate"],
+            "token_policies": ["svidgate-signer"],
+        },
+    )
+    (short_dir / "sa-token").write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln")
+    cfg = VaultConfig.model_validate(
+        {
+            "address": bao.address,
+            "auth": {
+                "method": "kubernetes",
+                "role": "signer",
+                "jwt_file": str(short_dir / "sa-token"),
+            },
+        }
+    )
+    client = VaultClient(cfg)
+    with pytest.raises(KeySourceError, match=r"^vault login denied$"):
+        await client.login()
+    missing = VaultConfig.model_validate(
+        {
+            "address": bao.address,
+            "auth": {"method": "kubernetes", "role": "signer", "jwt_file": str(short_dir / "nope")},
+        }
+    )
+    with pytest.raises(KeySourceError, match=r"kubernetes service account token .*cannot read"):
+        await VaultClient(missing).login()
+    client.close()
