@@ -150,11 +150,13 @@ class KeyStore:
 
     async def refresh(self) -> None:
         """Read the source and swap in the merged ring; removed keys are deleted from it."""
+        # the read's start time is what the ring is fresh as of: a key another replica creates
+        # while the read is in flight is unseen, and activates prepare_ahead after it at least
+        started = self.clock()
         keys = await self.source.load()
         self._source_kids = frozenset(k.kid for k in keys)
-        now = self.clock()
-        base = self.ring or KeyRing([], self.timing, now)
-        ring = base.with_keys(keys, now)
+        base = self.ring or KeyRing([], self.timing, started)
+        ring = base.with_keys(keys, started)
         self.ring = ring
         self.source_healthy = True
         self.last_error = None
