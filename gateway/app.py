@@ -282,6 +282,10 @@ class GatewayApp:
             claim_headers=ih.claims,
             claims=claims,
         )
+        if route.jwt is not None and not route.jwt.forward:
+            # The bearer token was verified here; like Envoy's jwt_authn it is not passed on
+            # unless the route says so (`jwt.forward: true`).
+            headers.popall("Authorization", None)
         upstream = self.upstreams[route.upstream]
         request[UPSTREAM] = upstream.name
         return await upstream.forward(request, target.forward(), headers)
@@ -312,7 +316,10 @@ class GatewayApp:
                 audience=jwt.audience,
                 mode=jwt.verify,
                 expected_subject=identity.id_text if jwt.bind == "subject" else None,
-                certificate_thumbprint=identity.x5t_s256 if jwt.bind == "certificate" else None,
+                # Always given: a certificate-bound token (cnf.x5t#S256) must match this
+                # connection on every route; only `bind: certificate` refuses unbound tokens.
+                certificate_thumbprint=identity.x5t_s256,
+                require_binding=jwt.bind == "certificate",
             )
         finally:
             self.metrics.signer_latency.labels(jwt.verify).observe(time.perf_counter() - started)

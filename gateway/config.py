@@ -218,6 +218,7 @@ class JwtConfig(_Model):
     audience: str = Field(min_length=1)
     bind: Literal["subject", "certificate", "none"] = "subject"
     verify: Literal["remote", "local"] = "remote"
+    forward: bool = False  # pass the verified Authorization header upstream (default: strip it)
 
 
 class RouteConfig(_Model):

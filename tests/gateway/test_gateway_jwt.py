@@ -123,6 +123,7 @@ def _jwt_config(pki: LabPki, echo: Echo, signer: Signer) -> dict[str, Any]:
         ("cert", "certificate", "remote"),
         ("local", "subject", "local"),
         ("localcert", "certificate", "local"),
+        ("forward", "subject", "remote"),
     ]:
         doc["routes"].append(
             {
@@ -133,6 +134,7 @@ def _jwt_config(pki: LabPki, echo: Echo, signer: Signer) -> dict[str, Any]:
                 "jwt": {"required": True, "audience": AUDIENCE, "bind": bind, "verify": verify},
             }
         )
+    doc["routes"][-1]["jwt"]["forward"] = True
     return doc
 
 
@@ -331,3 +333,35 @@ async def test_key_rotation_while_serving_zero_failures(
     assert len(results) > 10
     assert {status for _, status in results} == {200}
     assert {path for path, _ in results} == {"/jwt/subject/1", "/jwt/local/1"}
+
+
+def _authorization_seen(echo: Echo, index: int) -> list[str]:
+    return [v for k, v in echo.seen[index]["headers"] if k.lower() == "authorization"]
+
+
+async def test_verified_token_is_stripped_unless_the_route_forwards_it(
+    jgw: Harness, echo: Echo, signer: Signer
+) -> None:
+    token = await signer.sign(WEB_ID)
+    stripped = await jgw.request("GET", "/jwt/subject/1", _bearer(token))
+    forwarded = await jgw.request("GET", "/jwt/forward/1", _bearer(token))
+    assert stripped is not None and stripped.status == 200
+    assert forwarded is not None and forwarded.status == 200
+    assert echo.targets == ["/jwt/subject/1", "/jwt/forward/1"]
+    assert _authorization_seen(echo, 0) == []
+    assert _authorization_seen(echo, 1) == [f"Bearer {token}"]
+
+
+async def test_certificate_bound_token_is_checked_on_subject_routes_too(
+    jgw: Harness, echo: Echo, signer: Signer
+) -> None:
+    bound = await signer.sign(WEB_ID, thumbprint=_thumbprint(jgw.pki, "web"))
+    ok = await jgw.request("GET", "/jwt/subject/1", _bearer(bound))
+    assert ok is not None and ok.status == 200
+    # sub is the writer's own ID, but the token is bound to web's certificate: the subject rule
+    # alone would pass it; the binding refuses it, in both verification modes.
+    misbound = await signer.sign(WRITER_ID, thumbprint=_thumbprint(jgw.pki, "web"))
+    for path in ("/jwt/subject/2", "/jwt/local/2"):
+        resp = await jgw.request("GET", path, _bearer(misbound), client="writer")
+        assert resp is not None and resp.status == 401
+    assert echo.targets == ["/jwt/subject/1"]
