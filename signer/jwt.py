@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -255,6 +255,16 @@ def parse_token(token: str) -> ParsedToken:
     )
 
 
+@lru_cache(maxsize=4096)
+def _is_workload_id(text: str) -> bool:
+    """A SPIFFE ID with a path (cached: the same few subjects recur on every request)."""
+    try:
+        parse_spiffe_id(text, require_path=True)
+    except PkiError:
+        return False
+    return True
+
+
 def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -308,10 +318,8 @@ def check_claims(
     sub = claims["sub"]
     if not isinstance(sub, str):
         raise MalformedTokenError("claim sub is not a string")
-    try:
-        parse_spiffe_id(sub, require_path=True)
-    except PkiError:
-        raise MalformedTokenError("claim sub is not a SPIFFE ID") from None
+    if not _is_workload_id(sub):
+        raise MalformedTokenError("claim sub is not a SPIFFE ID")
     if expected_subject and sub != expected_subject:
         raise BadSubjectError("sub is not the expected subject")
     cnf = claims.get("cnf")
