@@ -239,3 +239,38 @@ async def test_restart_keeps_file_keys(short_dir: Path) -> None:
         after = await stub.GetJWKS(signer_pb2.GetJWKSRequest())
         assert after.jwks_json == before.jwks_json
         assert after.sequence > before.sequence  # sequence numbers survive a restart
+
+
+async def test_scheduled_rotation(short_dir: Path) -> None:
+    """rotation.period drives rotations by itself: each new key is published prepare_ahead
+    before it signs, and retired keys leave the JWKS retain_retired after their retirement."""
+    sock = short_dir / "s.sock"
+    data = deep_merge(
+        base_config(sock, short_dir / "keys"),
+        {
+            "tokens": {"default_ttl": "1s", "max_ttl": "1s", "clock_skew": "0s"},
+            "rotation": {"period": "1500ms", "prepare_ahead": "500ms", "poll_interval": "200ms"},
+        },
+    )
+    async with running_signer(write_config(short_dir, data)) as server, unix_stub(sock) as stub:
+        store = server.store
+        published: dict[str, float] = {}
+        signing: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while loop.time() < deadline:
+            now = loop.time()
+            for key in json.loads(store.jwks_json)["keys"]:
+                published.setdefault(key["kid"], now)
+            signed = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
+            signing.setdefault(signed.kid, now)
+            await stub.Verify(signer_pb2.VerifyRequest(token=signed.token, audience=["a"]))
+            await asyncio.sleep(0.05)
+        assert len(signing) >= 3  # bootstrap + at least two scheduled rotations in 5 s
+        for kid, first_signed in signing.items():
+            assert published[kid] <= first_signed
+        later = [kid for kid in signing if published[kid] > min(published.values())]
+        assert later and all(signing[kid] - published[kid] >= 0.3 for kid in later)
+        # retain = 1s + 0s + 200ms: at most the active, one prepared and recently retired keys
+        assert len(json.loads(store.jwks_json)["keys"]) <= 3
+        assert len(list((short_dir / "keys").glob("*.pem"))) <= 3
