@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import stat
 from pathlib import Path
 
@@ -127,12 +128,24 @@ class TlsCredentials:
         return True
 
 
+def _socket_in_use(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _listen_unix(server: grpc.aio.Server, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"listen.unix: {path} exists and is not a socket")
-        path.unlink()
+        if _socket_in_use(path):
+            raise ConfigError(f"listen.unix: {path} is in use (is another signer running?)")
+        path.unlink()  # a stale socket from a process that died
     server.add_insecure_port(f"unix:{path}")
 
 
@@ -147,6 +160,7 @@ class SignerServer:
         self.tls = TlsCredentials(cfg.tls) if cfg.tls is not None else None
         self.tcp_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._owns_socket = False
         servicer = SignerService(self.store, cfg)
         signer_pb2_grpc.add_SignerServicer_to_server(servicer, self.server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -160,6 +174,7 @@ class SignerServer:
         unix = self.cfg.listen.unix
         if unix is not None:
             _listen_unix(self.server, unix)
+            self._owns_socket = True
         address = self.cfg.tcp_address()
         if address is not None:
             assert self.tls is not None
@@ -219,7 +234,7 @@ class SignerServer:
                 await task
         await self.store.close()
         unix = self.cfg.listen.unix
-        if unix is not None:
+        if unix is not None and self._owns_socket:
             with contextlib.suppress(OSError):
                 unix.unlink()
 

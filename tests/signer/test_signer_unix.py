@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import socket
 import stat
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from signer_harness import (
     write_config,
 )
 
+from signer.errors import ConfigError
 from signer.jwt import ALGORITHMS
+from signer.server import SignerServer
 
 
 def b64(data: bytes) -> str:
@@ -274,3 +277,22 @@ async def test_scheduled_rotation(short_dir: Path) -> None:
         # retain = 1s + 0s + 200ms: at most the active, one prepared and recently retired keys
         assert len(json.loads(store.jwks_json)["keys"]) <= 3
         assert len(list((short_dir / "keys").glob("*.pem"))) <= 3
+
+
+async def test_a_second_signer_on_the_same_socket_is_refused(short_dir: Path) -> None:
+    sock = short_dir / "s.sock"
+    cfg = write_config(short_dir, base_config(sock, short_dir / "keys"))
+    async with running_signer(cfg):
+        second = SignerServer(cfg)
+        with pytest.raises(ConfigError, match="is in use"):
+            await second.start()
+        await second.stop(grace=0)  # as serve() does: must not remove the other's socket
+        assert sock.exists()
+        async with unix_stub(sock) as stub:  # the first one is untouched
+            await stub.GetJWKS(signer_pb2.GetJWKSRequest())
+    # a stale socket file (its process died) is replaced
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock))
+    stale.close()
+    async with running_signer(cfg), unix_stub(sock) as stub:
+        await stub.GetJWKS(signer_pb2.GetJWKSRequest())
