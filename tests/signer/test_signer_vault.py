@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,11 @@ from signer_harness import (
 from pki.bundle import marshal_pem
 from pki.ca import CertificateAuthority
 from signer.config import VaultConfig
-from signer.errors import KeySourceError
+from signer.errors import KeySourceError, SourceConflictError
 from signer.jwt import ALGORITHMS
+from signer.rotation import Action, NewKeyPlan
 from signer.server import SignerServer
+from signer.sources.vault_kv import VaultKvKeySource
 from signer.vault import VaultClient
 
 
@@ -245,3 +248,24 @@ async def test_kubernetes_auth_failure_is_one_clear_error(bao: BaoServer, short_
     with pytest.raises(KeySourceError, match=r"kubernetes service account token .*cannot read"):
         await VaultClient(missing).login()
     client.close()
+
+
+async def test_kv_check_and_set_conflict_is_typed(bao: BaoServer, short_dir: Path) -> None:
+    keys = vault_keys(bao, "vault-kv", "ES256", token_file(bao, short_dir))
+    cfg = VaultConfig.model_validate(keys["vault"])
+    first = VaultKvKeySource(VaultClient(cfg), "ES256")
+    second = VaultKvKeySource(VaultClient(cfg), "ES256")
+    now = datetime.now(UTC)
+    plan = NewKeyPlan(Action.BOOTSTRAP, now, now)
+    assert await first.load() == [] and await second.load() == []
+    created = await first.create(plan)
+    with pytest.raises(SourceConflictError):
+        await second.create(plan)  # its view (no version yet) is stale
+    loaded = await second.load()
+    assert [k.kid for k in loaded] == [created.kid]
+    later = NewKeyPlan(Action.PREPARE, now, now + timedelta(minutes=10))
+    await second.create(later)
+    with pytest.raises(SourceConflictError):
+        await first.create(later)
+    await first.close()
+    await second.close()
