@@ -298,7 +298,12 @@ class KeyStore:
         else:
             assert key.remote_sign is not None
             signature = await key.remote_sign(data)
-        return SignedToken(sjwt.assemble(data, signature), key.kid, int(claims["exp"]))
+        token = sjwt.assemble(data, signature)
+        if len(token) > sjwt.MAX_TOKEN_BYTES:
+            raise InvalidRequestError(
+                f"the token would exceed {sjwt.MAX_TOKEN_BYTES} bytes (too many extra claims)"
+            )
+        return SignedToken(token, key.kid, int(claims["exp"]))
 
     def verify(
         self,

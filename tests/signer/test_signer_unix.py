@@ -118,6 +118,12 @@ async def test_failures_carry_reason_code_and_metadata(short_dir: Path) -> None:
             )
         )
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        big = json.dumps({"blob": "x" * 9000})
+        err = await rpc_error(
+            stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"], claims_json=big))
+        )
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "8192 bytes" in err.details()
         err = await rpc_error(stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID)))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         err = await rpc_error(stub.Verify(signer_pb2.VerifyRequest(token=signed.token)))
