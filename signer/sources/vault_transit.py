@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from signer.errors import KeySourceError, SourceConflictError
 from signer.jwt import PublicKey, check_key_algorithm, jwk_thumbprint
 from signer.keyring import SigningKey
-from signer.rotation import Action, NewKeyPlan
+from signer.rotation import NewKeyPlan
 from signer.vault import TRANSIT_KEY_TYPES, VaultClient
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
@@ -91,7 +91,9 @@ class VaultTransitKeySource:
         latest = int(current.get("latest_version") or 0) if current else 0
         if latest != before:
             raise SourceConflictError("transit key changed since the last read")
-        if plan.action == Action.BOOTSTRAP and current is None:
+        if current is None:
+            # version 1 activates at its creation (see the module doc): right for a bootstrap;
+            # after Vault lost the key it is the best that can be done
             await self.client.transit_create(self.algorithm)
         else:
             await self.client.transit_rotate()
