@@ -93,7 +93,7 @@ class SignerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rotate(self, request, context):
-        """Start a rotation now (admin only): a new prepared key; the previous prepared key activates.
+        """Start a rotation now (admin only): a new prepared key, active rotation.prepare_ahead later.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
