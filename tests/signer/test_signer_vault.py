@@ -74,7 +74,7 @@ async def test_sign_verify_per_source_and_algorithm(
 async def test_two_replicas_converge(bao: BaoServer, short_dir: Path) -> None:
     tokens = token_file(bao, short_dir)
     keys = vault_keys(bao, "vault-kv", "ES256", tokens)
-    timing = {"rotation": {"period": "1h", "prepare_ahead": "1s", "poll_interval": "250ms"}}
+    timing = {"rotation": {"period": "1h", "prepare_ahead": "2s", "poll_interval": "250ms"}}
     configs = [
         write_config(
             short_dir,
@@ -98,14 +98,21 @@ async def test_two_replicas_converge(bao: BaoServer, short_dir: Path) -> None:
 
 async def converge(a: SignerServer, b: SignerServer, sa: Any, sb: Any) -> None:
     rotated = await sa.Rotate(signer_pb2.RotateRequest())
-    # b sees the prepared key (poll) well before it activates (prepare_ahead)
-    await wait_for(lambda: rotated.prepared_kid in b.store.jwks_json, 1.0, "b polls")
+    # b sees the prepared key (poll) well before it activates (prepare_ahead 2 s)
+    await wait_for(lambda: rotated.prepared_kid in b.store.jwks_json, 1.5, "b polls")
     for _ in range(3):
         ta = await sa.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["x"]))
         tb = await sb.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["x"]))
         await sb.Verify(signer_pb2.VerifyRequest(token=ta.token, audience=["x"]))
         await sa.Verify(signer_pb2.VerifyRequest(token=tb.token, audience=["x"]))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)
+
+    def active(server: SignerServer) -> str:
+        assert server.store.ring is not None
+        key = server.store.ring.active(server.store.clock())
+        return key.kid if key is not None else ""
+
+    await wait_for(lambda: active(a) == active(b) == rotated.prepared_kid, 5, "activation")
     # after activation both sign with the new key
     ta = await sa.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["x"]))
     tb = await sb.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["x"]))
@@ -192,8 +199,10 @@ async def test_signer_keeps_working_past_token_max_ttl(bao: BaoServer, short_dir
     )
     async with running_signer(cfg) as server, unix_stub(sock) as stub:
         client = server.store.source.client  # type: ignore[attr-defined]
-        await asyncio.sleep(5.5)
-        assert client.logins >= 2 and client.renewals >= 1
+        first = (await client.token_info())["accessor"]
+        await asyncio.sleep(5.5)  # beyond the 4 s max TTL of the first token
+        assert (await client.token_info())["accessor"] != first
+        assert client.renewals >= 1
         assert server.store.source_healthy
         signed = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
         await stub.Verify(signer_pb2.VerifyRequest(token=signed.token, audience=["a"]))
