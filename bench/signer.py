@@ -178,7 +178,12 @@ async def rpc_benchmarks(sock: Path, seconds: float) -> dict[str, float]:
         token = (await stub.Sign(sign_request)).token
         verify_request = signer_pb2.VerifyRequest(token=token, audience=[AUDIENCE])
         await stub.Verify(verify_request)
+        jwks_request = signer_pb2.GetJWKSRequest()
         for concurrency in (1, 64):
+            # GetJWKS returns a cached string: the gRPC round-trip floor of this server
+            results[f"jwks_rpc_c{concurrency}"] = await timed_async(
+                lambda: stub.GetJWKS(jwks_request), concurrency, seconds
+            )
             results[f"sign_rpc_c{concurrency}"] = await timed_async(
                 lambda: stub.Sign(sign_request), concurrency, seconds
             )
@@ -212,6 +217,8 @@ def main() -> int:
     figures = {**rpc, **raw}
 
     rows = [
+        ("GetJWKS RPC (gRPC floor), UDS, c=1", "jwks_rpc_c1", None),
+        ("GetJWKS RPC (gRPC floor), UDS, c=64", "jwks_rpc_c64", None),
         ("Sign RPC, UDS, c=1", "sign_rpc_c1", "pyjwt_encode"),
         ("Sign RPC, UDS, c=64", "sign_rpc_c64", "pyjwt_encode"),
         ("Verify RPC, UDS, c=1", "verify_rpc_c1", "pyjwt_decode"),
