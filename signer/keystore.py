@@ -78,6 +78,7 @@ class KeyStore:
         self.source_healthy = False
         self.last_error: str | None = None
         self._changed = asyncio.Condition()
+        self._closing = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._write_lock = asyncio.Lock()
@@ -226,12 +227,19 @@ class KeyStore:
         of this process (another replica's numbers, a clock step) gets the current set now."""
         if after > self.sequence and self.ring is not None:
             after = self.sequence - 1
-        while True:
+        while not self._closing:
             async with self._changed:
-                while self.sequence <= after:
+                while self.sequence <= after and not self._closing:
                     await self._changed.wait()
+                if self._closing:
+                    return
                 after, text = self.sequence, self.jwks_json
             yield after, text
+
+    async def end_watches(self) -> None:
+        """End every WatchKeys stream (graceful shutdown: streams would never finish)."""
+        self._closing = True
+        await self._notify()
 
     def statuses(self) -> list[dict[str, Any]]:
         if self.ring is None:

@@ -226,6 +226,7 @@ class SignerServer:
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.store.end_watches()
         await self.server.stop(grace)
         for task in self._tasks:
             task.cancel()

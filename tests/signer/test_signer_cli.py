@@ -8,8 +8,10 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import yaml
 from signer_harness import (
     CLIENT_ID,
@@ -73,6 +75,15 @@ async def test_serve_sign_rotate_and_shutdown(short_dir: Path) -> None:
             "svidgate: error: Sign failed: permission_denied: "
             "subject spiffe://evil.org/x is not in authorization.sign"
         ]
+        # an open WatchKeys stream ends cleanly at shutdown instead of holding it up
+        async with unix_stub(sock) as stub:
+            stream = stub.WatchKeys(signer_pb2.WatchKeysRequest())
+            await stream.read()
+            started = time.monotonic()
+            assert await asyncio.to_thread(proc.stop) == 0
+            assert time.monotonic() - started < 4  # the grace period is 5 s
+            assert await stream.read() == grpc.aio.EOF
+            assert await stream.code() == grpc.StatusCode.OK
     finally:
         assert proc.stop() == 0
     assert not sock.exists()
