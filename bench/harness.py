@@ -456,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "summary": summary,
             "ratios": ratio,
             "memory": memory,
-            "verdicts": report.verdicts(ratio, memory) if stack is not None else {},
+            "verdicts": report.verdicts(ratio, memory, idle=args.idle) if stack is not None else {},
             "design_reference": report.DESIGN_REFERENCE,
             "samples": samples,
         }

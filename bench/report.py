@@ -104,7 +104,9 @@ def _proxy_of(target: str) -> str:
     return "svidgate" if target.startswith("svidgate") else target
 
 
-def verdicts(ratio: dict[str, dict[str, Any]], memory: dict[str, Any]) -> dict[str, Any]:
+def verdicts(
+    ratio: dict[str, dict[str, Any]], memory: dict[str, Any], *, idle: int = 1000
+) -> dict[str, Any]:
     """Where svidgate stands against each issue-5 target (None = not measured)."""
 
     def ge(v: float | None, bound: float) -> bool | None:
@@ -133,9 +135,10 @@ def verdicts(ratio: dict[str, dict[str, Any]], memory: dict[str, Any]) -> dict[s
             "ok": le(added, TARGETS["p99_added_ms_max"]),
         }
     rss = memory.get("svidgate", {}).get("rss_per_worker_mb_max")
-    out["svidgate RSS per worker at 1k idle <= 100 MB"] = {
+    out[f"svidgate RSS per worker at 1k idle <= 100 MB (measured with {idle})"] = {
         "value": rss,
-        "ok": le(rss, TARGETS["rss_per_worker_mb_max"]),
+        # Fewer idle connections than the target's 1,000 cannot pass it.
+        "ok": le(rss, TARGETS["rss_per_worker_mb_max"]) if idle >= 1000 else None,
     }
     return out
 
@@ -182,7 +185,7 @@ def render(result: dict[str, Any]) -> str:
         "CPU c=64",
         "CPU µs/req c=64",
         "CPU µs/conn new",
-        "RSS/worker 1k idle MB",
+        f"RSS/worker {meta.get('idle_connections', 1000)} idle MB",
         "KB/conn",
     ]
     rows = []
