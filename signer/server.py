@@ -139,7 +139,6 @@ def _socket_in_use(path: Path) -> bool:
 
 
 def _listen_unix(server: grpc.aio.Server, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"listen.unix: {path} exists and is not a socket")
@@ -173,8 +172,14 @@ class SignerServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         unix = self.cfg.listen.unix
         if unix is not None:
-            _listen_unix(self.server, unix)
-            self._owns_socket = True
+            unix.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        old_umask = os.umask(0o177)  # the socket file is born private, then gets its mode
+        try:
+            if unix is not None:
+                _listen_unix(self.server, unix)
+                self._owns_socket = True
+        finally:
+            os.umask(old_umask)
         address = self.cfg.tcp_address()
         if address is not None:
             assert self.tls is not None
@@ -183,11 +188,7 @@ class SignerServer:
             self.tcp_port = self.server.add_secure_port(target, self.tls.credentials())
             if self.tcp_port == 0:
                 raise ConfigError(f"listen.tcp: cannot listen on {self.cfg.listen.tcp}")
-        old_umask = os.umask(0o177)  # the socket file is born private, then gets its mode
-        try:
-            await self.server.start()
-        finally:
-            os.umask(old_umask)
+        await self.server.start()
         if unix is not None:
             os.chmod(unix, self.cfg.listen.unix_mode)
         self.store.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ async def test_serve_sign_rotate_and_shutdown(short_dir: Path) -> None:
     config.write_text(yaml.safe_dump(data))
     proc = SignerProcess(config, short_dir / "signer.log")
     await proc.start(sock)
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o755  # created for the socket
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     try:
         done = svidgate(
             "signer", "sign", "--config", str(config), "--subject", CLIENT_ID,
