@@ -7,6 +7,8 @@ and verified against the bundle, no tickets, uvloop) and none of its features:
 - ``proxy``: aiohttp server + pooled aiohttp client to the upstream, body read whole and
   returned in one response — the cost of the gateway's architecture without identity,
   policy, JWT, header hygiene, logging or metrics;
+- ``rawup``: aiohttp server, a hand-written pooled upstream client, headers + body in one
+  write — what replacing only the gateway's upstream leg and response writing would reach;
 - ``raw``: an asyncio.Protocol proxy with one pooled upstream connection per client
   connection and a minimal HTTP/1.x parser (GET/HEAD only, Content-Length responses) —
   what a hand-written forwarding path could reach.
@@ -66,8 +68,26 @@ async def serve_aiohttp(mode: str, port: int, upstream_port: int, ctx: ssl.SSLCo
                 body=body, status=resp.status, headers={"Content-Type": resp.content_type}
             )
 
+    pool: list[_Upstream] = []
+    loop = asyncio.get_running_loop()
+
+    async def rawup(request: web.Request) -> web.Response:
+        # aiohttp server, hand-written pooled upstream leg, one write for headers + body.
+        up = pool.pop() if pool else None
+        if up is None or up.transport is None or up.transport.is_closing():
+            _, up = await loop.create_connection(_Upstream, "127.0.0.1", upstream_port)
+        assert up.transport is not None
+        up.waiter = loop.create_future()
+        up.transport.write(b"GET %s HTTP/1.1\r\nHost: upstream\r\n\r\n" % request.raw_path.encode())
+        msg = await up.waiter
+        pool.append(up)
+        head, _, body = msg.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        return web.Response(body=body, status=status, content_type="text/plain")
+
+    handlers = {"hello": hello, "proxy": proxy, "rawup": rawup}
     app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", hello if mode == "hello" else proxy)
+    app.router.add_route("GET", "/{tail:.*}", handlers[mode])
     if mode == "proxy":
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
@@ -193,7 +213,7 @@ async def serve_raw(port: int, upstream_port: int, ctx: ssl.SSLContext) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floor")
-    p.add_argument("--mode", choices=("hello", "proxy", "raw"), required=True)
+    p.add_argument("--mode", choices=("hello", "proxy", "rawup", "raw"), required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream-port", type=int, default=0)
     p.add_argument("--cert", type=Path, required=True)

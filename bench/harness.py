@@ -37,7 +37,12 @@ SPECS = {
     "ka-c64": AbSpec("ka-c64", 64, True),
     "new-c16": AbSpec("new-c16", 16, False),
 }
-FLOORS = {"hello": "floor-aiohttp-hello", "proxy": "floor-aiohttp-proxy", "raw": "floor-raw-proxy"}
+FLOORS = {
+    "hello": "floor-aiohttp-hello",
+    "proxy": "floor-aiohttp-proxy",
+    "rawup": "floor-aiohttp-rawup",
+    "raw": "floor-raw-proxy",
+}
 SHARED_NOTE = (
     "2-core machine shared with other sessions' test runs; absolute numbers are noisy, "
     "compare the ratios (same run, alternating order)"
