@@ -487,7 +487,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM/SIGHUP (e.g. from `timeout`) unwind normally so every started server is stopped."""
+    import signal
+
+    def bye(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, bye)
+    signal.signal(signal.SIGHUP, bye)
+
+
 def run() -> None:
+    _exit_on_sigterm()
     try:
         code = main()
     except BenchError as exc:

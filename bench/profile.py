@@ -249,7 +249,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM/SIGHUP (e.g. from `timeout`) unwind normally so every started server is stopped."""
+    import signal
+
+    def bye(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, bye)
+    signal.signal(signal.SIGHUP, bye)
+
+
 if __name__ == "__main__":
+    _exit_on_sigterm()
     try:
         sys.exit(main())
     except BenchError as exc:
