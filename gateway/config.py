@@ -243,6 +243,12 @@ class IdentityHeaders(_Model):
         return value
 
 
+class AuditConfig(_Model):
+    """Which authorization decisions go to the audit log; denials are always logged."""
+
+    allow: bool = True
+
+
 class GatewayConfig(_Model):
     """The whole of ``gateway.yaml``."""
 
@@ -259,6 +265,7 @@ class GatewayConfig(_Model):
     drain_timeout: Duration = timedelta(seconds=10)
     reload_interval: Duration = timedelta(seconds=2)  # file-change polling; 0s disables it
     access_log: bool = True
+    audit: AuditConfig = AuditConfig()
 
     @field_validator("trust_domains")
     @classmethod
