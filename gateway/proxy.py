@@ -1,8 +1,10 @@
 """Forwarding to upstreams: pooled connections, upstream mTLS pinned to a SPIFFE ID, timeouts,
 retries for idempotent bodiless requests, a circuit breaker, streaming in both directions.
 
-aiohttp errors are translated here, where they enter, into UpstreamError (502),
-UpstreamTimeout (504) and CircuitOpen (503).
+The upstream leg is the small HTTP/1.1 client in ``gateway.upstream_client``; its errors are
+translated here into UpstreamError (502), UpstreamTimeout (504) and CircuitOpen (503).
+Small responses (Content-Length up to :data:`BUFFER_LIMIT`) are read whole and sent to the
+client in one write; larger, chunked or read-until-close bodies are streamed.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from typing import Any
 
-import aiohttp
 from aiohttp import web
+from aiohttp.http_parser import RawResponseMessage
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -21,39 +23,22 @@ from gateway.config import UpstreamConfig
 from gateway.context import STREAMING, UPSTREAM_SECONDS
 from gateway.errors import CircuitOpen, UpstreamError, UpstreamTimeout
 from gateway.headers import downstream_response_headers
-from gateway.tls import check_peer_id
-from pki.errors import PkiError
+from gateway.upstream_client import (
+    BadResponse,
+    ConnectFailed,
+    ConnectTimeout,
+    Disconnected,
+    IdentityMismatch,
+    ReadTimeout,
+    UpstreamClientError,
+    UpstreamConnection,
+    UpstreamPool,
+    encode_request_head,
+)
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-
-
-class UpstreamIdentityError(aiohttp.ClientConnectionError):
-    """The upstream's certificate does not carry the pinned SPIFFE ID."""
-
-
-class PinnedConnector(aiohttp.TCPConnector):
-    """A TCP connector that checks the upstream's SPIFFE ID right after each TLS handshake,
-    before any request byte is written."""
-
-    def __init__(self, *, expected_id: str | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._expected_id = expected_id
-
-    async def _wrap_create_connection(
-        self, *args: Any, **kwargs: Any
-    ) -> tuple[asyncio.Transport, aiohttp.client_proto.ResponseHandler]:
-        transport, proto = await super()._wrap_create_connection(*args, **kwargs)
-        if self._expected_id is not None:
-            ssl_object = transport.get_extra_info("ssl_object")
-            try:
-                if ssl_object is None:
-                    raise UpstreamIdentityError("upstream connection is not TLS")
-                check_peer_id(ssl_object, self._expected_id)
-            except (PkiError, UpstreamIdentityError) as exc:
-                transport.abort()
-                raise UpstreamIdentityError(str(exc)) from None
-        return transport, proto
+BUFFER_LIMIT = 64 * 1024  # bodies up to this Content-Length go out with the headers in one write
+_NO_BODY_STATUS = frozenset({204, 304})
 
 
 class CircuitBreaker:
@@ -103,27 +88,21 @@ class Upstream:
         self.breaker = CircuitBreaker(
             cfg.circuit_breaker.failures, cfg.circuit_breaker.reset.total_seconds()
         )
-        connector = PinnedConnector(
+        url = URL(cfg.url)
+        assert url.host is not None and url.port is not None  # validated by the config model
+        self._host_header = url.raw_authority
+        self.pool = UpstreamPool(
+            url.host,
+            url.port,
+            ssl_context=ssl_context,
             expected_id=cfg.tls.spiffe_id if cfg.tls is not None and ssl_context else None,
-            ssl=ssl_context if ssl_context is not None else False,
-            limit=0,
-            limit_per_host=0,
-            keepalive_timeout=30,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=_NO_AUTO_HEADERS,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=cfg.timeouts.connect.total_seconds(),
-                sock_read=cfg.timeouts.read.total_seconds(),
-            ),
+            connect_timeout=cfg.timeouts.connect.total_seconds(),
+            read_timeout=cfg.timeouts.read.total_seconds(),
+            idle_timeout=30.0,
         )
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.pool.close()
 
     async def forward(
         self,
@@ -131,80 +110,165 @@ class Upstream:
         target: str,
         headers: CIMultiDict[str],
     ) -> web.StreamResponse:
-        """Send the request upstream and stream the answer back to the client."""
+        """Send the request upstream and relay the answer to the client."""
         loop = asyncio.get_running_loop()
-        self.breaker.before(loop.time())
-        url = URL(self.base + target, encoded=True)
+        breaker = self.breaker
+        breaker.before(loop.time())
+        method = request.method
         has_body = request.body_exists
-        attempts = 1 + (self.cfg.retries if request.method in IDEMPOTENT and not has_body else 0)
-        data = request.content if has_body else None
-        started = time.perf_counter()
-        for attempt in range(attempts):
-            try:
-                resp = await self.session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    compress=None,
-                    chunked=None,
-                )
-            except UpstreamIdentityError as exc:
-                self.breaker.failure(loop.time())
-                raise UpstreamError("upstream_identity", str(exc)) from None
-            except aiohttp.ConnectionTimeoutError:
-                if attempt + 1 < attempts:
-                    continue
-                self.breaker.failure(loop.time())
-                raise UpstreamError("connect_timeout") from None
-            except aiohttp.SocketTimeoutError:
-                self.breaker.failure(loop.time())
-                raise UpstreamTimeout("read_timeout") from None
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
-                if attempt + 1 < attempts:
-                    continue
-                self.breaker.failure(loop.time())
-                raise UpstreamError("upstream_unreachable", type(exc).__name__) from None
-            except aiohttp.ClientResponseError:
-                self.breaker.failure(loop.time())
-                raise UpstreamError("bad_upstream_response") from None
-            except aiohttp.ClientError as exc:
-                self.breaker.failure(loop.time())
-                raise UpstreamError("upstream_error", type(exc).__name__) from None
-            break
+        head_only = method == "HEAD"
         try:
-            return await self._relay(request, resp, started)
+            head, chunked = encode_request_head(
+                method, target, headers.items(), default_host=self._host_header, has_body=has_body
+            )
+        except ValueError as exc:
+            raise UpstreamError("bad_request_header", str(exc)) from None
+        attempts = 1 + (self.cfg.retries if method in IDEMPOTENT and not has_body else 0)
+        started = time.perf_counter()
+        conn: UpstreamConnection | None = None
+        body_task: asyncio.Task[None] | None = None
+        try:
+            for attempt in range(attempts):
+                try:
+                    conn, _reused = await self.pool.acquire()
+                    waiter = conn.send(head, head_only=head_only)
+                    if has_body:
+                        body_task = loop.create_task(_send_body(request, conn, chunked))
+                    message, payload = await waiter
+                except (ConnectTimeout, ConnectFailed, Disconnected) as exc:
+                    if conn is not None:
+                        conn.discard()
+                        conn = None
+                    retryable = not isinstance(exc, Disconnected) or exc.before_response
+                    if retryable and attempt + 1 < attempts:
+                        continue
+                    breaker.failure(loop.time())
+                    if isinstance(exc, ConnectTimeout):
+                        raise UpstreamError("connect_timeout") from None
+                    if isinstance(exc, Disconnected) and not exc.before_response:
+                        raise UpstreamError("bad_upstream_response", str(exc)) from None
+                    raise UpstreamError("upstream_unreachable", type(exc).__name__) from None
+                except IdentityMismatch as exc:
+                    breaker.failure(loop.time())
+                    raise UpstreamError("upstream_identity", str(exc)) from None
+                except ReadTimeout:
+                    breaker.failure(loop.time())
+                    raise UpstreamTimeout("read_timeout") from None
+                except BadResponse:
+                    breaker.failure(loop.time())
+                    raise UpstreamError("bad_upstream_response") from None
+                except UpstreamClientError as exc:
+                    breaker.failure(loop.time())
+                    raise UpstreamError("upstream_error", type(exc).__name__) from None
+                break
+            assert conn is not None
+            response = await self._relay(request, message, payload, started)
+            if body_task is not None and not body_task.done():
+                conn.discard()  # the upstream answered before taking the whole body
+            self.pool.release(conn)
+            conn = None
+            return response
         finally:
-            resp.release()
+            if conn is not None:
+                conn.discard()
+            if body_task is not None and not body_task.done():
+                body_task.cancel()
 
     async def _relay(
-        self, request: web.BaseRequest, resp: aiohttp.ClientResponse, started: float
+        self,
+        request: web.BaseRequest,
+        message: RawResponseMessage,
+        payload: StreamReader,
+        started: float,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
+        breaker = self.breaker
         try:
-            out_headers = downstream_response_headers(resp.raw_headers)
+            out_headers = downstream_response_headers(message.raw_headers)
         except UpstreamError:
-            self.breaker.failure(loop.time())
+            breaker.failure(loop.time())
             raise
-        self.breaker.success()
-        request[UPSTREAM_SECONDS] = time.perf_counter() - started
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=out_headers)
-        request[STREAMING] = True
-        if request.method == "HEAD" or resp.status in (204, 304) or resp.status < 200:
+        status = message.code
+        if request.method == "HEAD" or status in _NO_BODY_STATUS:
+            breaker.success()
+            request[UPSTREAM_SECONDS] = time.perf_counter() - started
+            out = web.StreamResponse(status=status, reason=message.reason, headers=out_headers)
+            request[STREAMING] = True
             await out.prepare(request)
             await out.write_eof()
             return out
+        length = _content_length(message)
+        if length is not None and length <= BUFFER_LIMIT:
+            # Small body: read it whole, then headers + body leave in one write.
+            try:
+                body = await payload.read() if length else b""
+            except ReadTimeout:
+                breaker.failure(loop.time())
+                raise UpstreamTimeout("read_timeout") from None
+            except UpstreamClientError:
+                breaker.failure(loop.time())
+                raise UpstreamError("bad_upstream_response") from None
+            breaker.success()
+            request[UPSTREAM_SECONDS] = time.perf_counter() - started
+            return web.Response(
+                status=status, reason=message.reason, headers=out_headers, body=body
+            )
+        breaker.success()
+        request[UPSTREAM_SECONDS] = time.perf_counter() - started
+        out = web.StreamResponse(status=status, reason=message.reason, headers=out_headers)
+        request[STREAMING] = True
         if "Content-Length" not in out_headers and request.version >= (1, 1):
             out.enable_chunked_encoding()
         await out.prepare(request)
         try:
-            async for chunk in resp.content.iter_any():
+            while True:
+                chunk = await payload.readany()
+                if not chunk:
+                    break
                 await out.write(chunk)
-        except (TimeoutError, aiohttp.ClientError):
+        except UpstreamClientError:
             # Headers are out: the only honest signal left is to cut the connection.
             if request.transport is not None:
                 request.transport.abort()
             raise
         await out.write_eof()
         return out
+
+
+def _content_length(message: RawResponseMessage) -> int | None:
+    """The response's Content-Length (validated by the parser), or None when chunked/absent."""
+    if message.chunked:
+        return None
+    value = message.headers.get("Content-Length")
+    if value is None:
+        return None
+    return int(value)
+
+
+async def _send_body(request: web.BaseRequest, conn: UpstreamConnection, chunked: bool) -> None:
+    """Stream the client's request body upstream (re-chunked when it had no Content-Length).
+
+    On any failure (client gone, upstream gone) the upstream connection is dropped, so the
+    response waiter fails instead of waiting for the read timeout."""
+    transport = conn.transport
+    content = request.content
+    try:
+        while True:
+            chunk = await content.readany()
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("upstream connection closed")
+            if not chunk:
+                break
+            if chunked:
+                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            else:
+                transport.write(chunk)
+            conn.progress()
+            await conn.drain()
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+        conn.progress()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        conn.break_off()

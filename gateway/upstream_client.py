@@ -1,0 +1,447 @@
+"""A small pooled HTTP/1.1 client for the upstream leg, on ``asyncio.Protocol``.
+
+One :class:`UpstreamPool` per upstream keeps idle keep-alive connections (bounded, closed after
+an idle timeout). Each :class:`UpstreamConnection` writes a pre-encoded request head, streams a
+request body if there is one, and parses the answer with aiohttp's compiled response parser
+(the same one aiohttp's client uses). Upstream TLS is checked against the pinned SPIFFE ID
+right after the handshake, before any request byte is written.
+
+Failures are raised as the flat errors below; ``gateway.proxy`` maps them to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
+from aiohttp.streams import StreamReader
+
+from gateway.tls import check_peer_id
+from pki.errors import PkiError
+
+READ_LIMIT = 2**16
+_BAD_HEADER = re.compile(r"[\r\n\x00]")
+# Methods that carry "Content-Length: 0" when sent without a body (as aiohttp's client did).
+_EMPTY_BODY_LENGTH = frozenset({"POST", "PUT", "PATCH"})
+
+
+class UpstreamClientError(Exception):
+    """Base of the upstream client's errors; ``str(err)`` never holds a header value."""
+
+
+class ConnectTimeout(UpstreamClientError):
+    """TCP connect + TLS handshake did not finish within the connect timeout."""
+
+
+class ConnectFailed(UpstreamClientError):
+    """The connection could not be made (refused, unreachable, TLS handshake failed)."""
+
+
+class IdentityMismatch(UpstreamClientError):
+    """The upstream's certificate does not carry the pinned SPIFFE ID (or is not TLS)."""
+
+
+class Disconnected(UpstreamClientError):
+    """The connection closed before a complete response head arrived.
+
+    ``before_response`` is true when not a single response byte was received (a stale pooled
+    connection): only then may an idempotent bodiless request be retried."""
+
+    def __init__(self, message: str, *, before_response: bool) -> None:
+        super().__init__(message)
+        self.before_response = before_response
+
+
+class ReadTimeout(UpstreamClientError):
+    """No byte from the upstream for longer than the read timeout."""
+
+
+class BadResponse(UpstreamClientError):
+    """The upstream's answer is not valid HTTP/1.x (status line, headers or framing)."""
+
+
+class PayloadError(UpstreamClientError):
+    """The response body ended early or its framing (chunks, length) was invalid."""
+
+
+def encode_request_head(
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]],
+    *,
+    default_host: str,
+    has_body: bool,
+) -> tuple[bytes, bool]:
+    """The request line and headers, in the given order; returns (head, chunked).
+
+    A body without Content-Length is sent chunked; a POST/PUT/PATCH without a body carries
+    ``Content-Length: 0``. Raises :class:`ValueError` for CR, LF or NUL in a name or value."""
+    lines = [f"{method} {target} HTTP/1.1"]
+    has_host = False
+    has_length = False
+    for name, value in headers:
+        if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
+            raise ValueError("CR, LF or NUL in a request header")
+        lower = name.lower()
+        if lower == "host":
+            has_host = True
+        elif lower == "content-length":
+            has_length = True
+        lines.append(f"{name}: {value}")
+    if not has_host:
+        lines.insert(1, f"Host: {default_host}")
+    chunked = has_body and not has_length
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    elif not has_body and not has_length and method in _EMPTY_BODY_LENGTH:
+        lines.append("Content-Length: 0")
+    if _BAD_HEADER.search(target) or " " in target:
+        raise ValueError("invalid request target")
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    return head.encode("utf-8", "surrogateescape"), chunked
+
+
+class UpstreamConnection(BaseProtocol):
+    """One HTTP/1.1 connection to an upstream; one request at a time."""
+
+    __slots__ = (
+        "_active",
+        "_deadline_handle",
+        "_got_bytes",
+        "_head_only",
+        "_last_progress",
+        "_lost",
+        "_payload",
+        "_read_timeout",
+        "_should_close",
+        "_waiter",
+        "idle_since",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        super().__init__(loop)
+        self._read_timeout = read_timeout
+        self._waiter: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
+        self._payload: StreamReader | None = None
+        self._head_only: bool | None = None
+        self._got_bytes = False
+        self._should_close = False
+        self._lost = False
+        self._active = False
+        self._last_progress = 0.0
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self._got_bytes = True
+            self._last_progress = self._loop.time()
+        parser = self._parser
+        if not self._active or parser is None:
+            # Bytes on an idle connection: the upstream is confused; never reuse it.
+            if data:
+                self._should_close = True
+                if self.transport is not None:
+                    self.transport.close()
+            return
+        try:
+            messages, upgraded, _tail = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._fail(BadResponse(f"invalid upstream response: {exc.message}"))
+            return
+        except Exception as exc:  # the parser's payload errors are raised into the payload
+            self._fail(BadResponse(f"invalid upstream response: {type(exc).__name__}"))
+            return
+        if upgraded:
+            self._fail(BadResponse("the upstream switched protocols"))
+            return
+        for message, payload in messages:
+            if message.should_close:
+                self._should_close = True
+            code = message.code
+            if 100 <= code < 200:
+                if code == 101:
+                    self._fail(BadResponse("the upstream switched protocols"))
+                    return
+                continue  # informational responses are skipped, as aiohttp's client did
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                self._fail(BadResponse("more than one response to one request"))
+                return
+            self._payload = payload
+            waiter.set_result((message, payload))
+
+    def eof_received(self) -> bool | None:
+        self._should_close = True
+        return None  # close the transport
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._should_close = True
+        self._cancel_deadline()
+        parser = self._parser
+        if self._active and parser is not None:
+            try:
+                parser.feed_eof()
+            except Exception as err:
+                if self._payload is not None:
+                    self._payload.set_exception(PayloadError(f"incomplete body: {err}"))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                Disconnected(
+                    "the upstream closed the connection before a response",
+                    before_response=not self._got_bytes,
+                )
+            )
+        payload = self._payload
+        if payload is not None and not payload.is_eof():
+            payload.set_exception(PayloadError("the upstream closed the connection mid-body"))
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("upstream connection lost"))
+        self._drain_waiter = None
+        self.transport = None
+
+    # -- request cycle ------------------------------------------------------------------------
+
+    @property
+    def reusable(self) -> bool:
+        """Open, idle-able, and nothing pending: may go back to the pool."""
+        payload = self._payload
+        return (
+            not self._should_close
+            and not self._lost
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and (payload is None or payload.is_eof())
+        )
+
+    def send(self, head: bytes, *, head_only: bool) -> asyncio.Future[Any]:
+        """Write ``head`` and return the future of (message, payload) for its response."""
+        assert self.transport is not None and not self._active
+        if self._parser is None or self._head_only != head_only:
+            self._parser = HttpResponseParser(
+                self,
+                self._loop,
+                READ_LIMIT,
+                payload_exception=PayloadError,
+                response_with_body=not head_only,
+                read_until_eof=True,
+                auto_decompress=False,
+            )
+            self._head_only = head_only
+        self._active = True
+        self._got_bytes = False
+        self._payload = None
+        waiter: asyncio.Future[tuple[RawResponseMessage, StreamReader]] = self._loop.create_future()
+        self._waiter = waiter
+        self._last_progress = self._loop.time()
+        self._deadline_handle = self._loop.call_later(self._read_timeout, self._check_deadline)
+        self.transport.write(head)
+        return waiter
+
+    def progress(self) -> None:
+        """Request-body bytes went out: the read timeout counts from the last progress."""
+        self._last_progress = self._loop.time()
+
+    async def drain(self) -> None:
+        if self._lost or self.transport is None:
+            raise ConnectionResetError("upstream connection lost")
+        if self._paused:
+            await self._drain_helper()
+
+    async def _drain_helper(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is None:
+            waiter = self._loop.create_future()
+            self._drain_waiter = waiter
+        await asyncio.shield(waiter)
+
+    def finish(self) -> None:
+        """The exchange is over (complete or abandoned): stop the read timer."""
+        self._active = False
+        self._waiter = None
+        self._cancel_deadline()
+
+    def close(self) -> None:
+        self._should_close = True
+        self.finish()
+        if self.transport is not None:
+            self.transport.close()
+
+    def discard(self) -> None:
+        """Abandon the exchange and drop the connection (nobody waits for its result)."""
+        self._should_close = True
+        self.finish()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def break_off(self) -> None:
+        """Drop the connection; a pending response waiter sees :class:`Disconnected`."""
+        self._should_close = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+
+    def _check_deadline(self) -> None:
+        self._deadline_handle = None
+        if not self._active:
+            return
+        payload = self._payload
+        if payload is not None and payload.is_eof():
+            return
+        idle = self._loop.time() - self._last_progress
+        remaining = self._read_timeout - idle
+        if remaining > 0.001:
+            self._deadline_handle = self._loop.call_later(remaining, self._check_deadline)
+            return
+        self._fail(ReadTimeout("the upstream did not answer in time"))
+
+    def _fail(self, exc: UpstreamClientError) -> None:
+        """Deliver ``exc`` to whoever waits (head or body) and drop the connection."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        elif self._payload is not None and not self._payload.is_eof():
+            self._payload.set_exception(exc)
+        self._should_close = True
+        self._active = False
+        self._cancel_deadline()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one upstream: LIFO, at most ``max_idle``, each closed
+    after ``idle_timeout`` seconds unused. Concurrent connections are not limited."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        expected_id: str | None,
+        connect_timeout: float,
+        read_timeout: float,
+        idle_timeout: float = 30.0,
+        max_idle: int = 128,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._ssl = ssl_context
+        self._expected_id = expected_id
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._idle_timeout = idle_timeout
+        self._max_idle = max_idle
+        self._idle: list[UpstreamConnection] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """A connection and whether it was reused from the pool."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.reusable and now - conn.idle_since < self._idle_timeout:
+                return conn, True
+            conn.close()
+        return await self._connect(loop), False
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Back to the pool when reusable, otherwise closed."""
+        conn.finish()
+        if self._closed or not conn.reusable or len(self._idle) >= self._max_idle:
+            conn.close()
+            return
+        loop = conn._loop
+        conn.idle_since = loop.time()
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._idle_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        if not self._idle:
+            return
+        loop = self._idle[0]._loop
+        now = loop.time()
+        keep: list[UpstreamConnection] = []
+        for conn in self._idle:
+            if conn.reusable and now - conn.idle_since < self._idle_timeout:
+                keep.append(conn)
+            else:
+                conn.close()
+        self._idle = keep
+        if keep:
+            oldest = min(c.idle_since for c in keep)
+            delay = max(oldest + self._idle_timeout - now, 0.01)
+            self._sweeper = loop.call_later(delay, self._sweep)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
+        read_timeout = self._read_timeout
+
+        def factory() -> UpstreamConnection:
+            return UpstreamConnection(loop, read_timeout)
+
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if self._ssl is not None:
+                    transport, conn = await loop.create_connection(
+                        factory,
+                        self.host,
+                        self.port,
+                        ssl=self._ssl,
+                        server_hostname=self.host,
+                        ssl_handshake_timeout=self._connect_timeout,
+                    )
+                else:
+                    transport, conn = await loop.create_connection(factory, self.host, self.port)
+        except TimeoutError:
+            raise ConnectTimeout("connecting to the upstream timed out") from None
+        except ssl.SSLError as exc:
+            raise ConnectFailed(f"TLS handshake with the upstream failed: {exc.reason}") from None
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect to the upstream: {type(exc).__name__}") from None
+        if self._expected_id is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            try:
+                if ssl_object is None:
+                    raise IdentityMismatch("upstream connection is not TLS")
+                check_peer_id(ssl_object, self._expected_id)
+            except (PkiError, IdentityMismatch) as exc:
+                transport.abort()
+                raise IdentityMismatch(str(exc)) from None
+        return conn
