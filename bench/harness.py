@@ -89,6 +89,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--idle", type=int, default=1000, help="idle connections for RSS (0 = skip)")
     p.add_argument("--access-log", action="store_true", help="keep access logs on (both)")
+    p.add_argument(
+        "--no-audit-allow",
+        dest="audit_allow",
+        action="store_false",
+        help="gateway audit.allow: false (denials only); default: allow decisions audited",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--hold", action="store_true", help="after measuring, keep servers up (Ctrl-C)")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/")
@@ -334,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cpus=args.server_cpus,
                 routes=args.routes,
                 access_log=args.access_log,
+                audit_allow=args.audit_allow,
             )
             gp = stack.port
             bearer = {"Authorization": f"Bearer {stack.token}"}
@@ -448,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "workers": args.workers,
                 "idle_connections": args.idle,
                 "access_log": args.access_log,
+                "gateway_audit_allow": args.audit_allow,
                 "routes": list(args.routes),
                 "floors": args.floors,
                 "nproc": os.cpu_count(),

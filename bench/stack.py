@@ -174,6 +174,7 @@ def _gateway_config(
     signer_sock: Path | None,
     routes: tuple[str, ...],
     access_log: bool,
+    audit_allow: bool,
 ) -> Path:
     def route(name: str, prefix: str) -> dict[str, object]:
         r: dict[str, object] = {
@@ -199,6 +200,8 @@ def _gateway_config(
         "identity_headers": {"xfcc": True},
         "access_log": access_log,
     }
+    if not audit_allow:  # the default (allow decisions audited) is what users run
+        conf["audit"] = {"allow": False}
     d = work / "gateway"
     d.mkdir(parents=True, exist_ok=True)
     path = d / "gateway.yaml"
@@ -228,6 +231,7 @@ def start_stack(
     cpus: str,
     routes: tuple[str, ...] = tuple(ROUTES),
     access_log: bool = False,
+    audit_allow: bool = True,
 ) -> SvidgateStack:
     """Start signer (if a JWT route is wanted) then gateway, pinned; mint the bench token."""
     env = {**os.environ, "SVIDGATE_DEBUG": "1"}
@@ -259,6 +263,7 @@ def start_stack(
             signer_sock=sock if with_jwt else None,
             routes=routes,
             access_log=access_log,
+            audit_allow=audit_allow,
         )
         cli("gateway", "check", "--config", str(gw_conf))
         gateway = Service.start(
