@@ -507,6 +507,8 @@ class SignerClient:
         self.issuer = issuer
         self.clock_skew = clock_skew
         self.cache = VerificationCache(cache_entries)
+        # Local verifications, kept apart from remote ones: same key, same lifetime rules.
+        self.local_cache = VerificationCache(cache_entries)
         self._channel: grpc.aio.Channel | None = None
         self._stub: signer_pb2_grpc.SignerStub | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -685,21 +687,36 @@ class SignerClient:
         thumbprint: str | None,
         require_binding: bool,
     ) -> VerifiedToken:
+        precheck_token(token)
+        key = cache_key(token, audience, expected_subject, thumbprint, require_binding)
+        now = time.time()
+        cached = self.local_cache.get(key, now=now)
+        current = self._state.keyset
+        if cached is not None and current is not None and cached.kid in current.keys:
+            # The key already pins subject, thumbprint and binding mode; check the binding
+            # again anyway (cheap), so a cache hit can never weaken it.
+            check_binding(cached.claims, thumbprint, require_binding=require_binding)
+            return cached
         kid = parse_token(token).kid
         keyset = self._state.keyset
         if keyset is None or kid not in keyset.keys:
             keyset = await self._refetch_for_kid(kid)
-        return verify_local(
+        verified = verify_local(
             token,
             keyset,
             audience=audience,
-            now=time.time(),
+            now=now,
             issuer=self.issuer,
             expected_subject=expected_subject,
             certificate_thumbprint=thumbprint,
             require_binding=require_binding,
             clock_skew=self.clock_skew,
         )
+        if self._state.keyset is keyset:  # not replaced while we were refetching
+            # Valid until exp (the clock skew is not extended to cached entries); an entry
+            # leaves earlier when its key is removed or changed (:meth:`_install_keyset`).
+            self.local_cache.put(key, verified, valid_until=float(verified.expires_at), now=now)
+        return verified
 
     async def _refetch_for_kid(self, kid: str) -> KeySet:
         """Unknown kid: ask GetJWKS once (rate-limited, one fetch in flight at a time)."""
@@ -743,6 +760,7 @@ class SignerClient:
         previous = self._state.keyset
         self._state.keyset = keyset
         evicted = self.cache.retain_kids(keyset.keys.keys())
+        evicted += self.local_cache.retain_kids(_unchanged_kids(previous, keyset))
         if previous is None or previous.keys.keys() != keyset.keys.keys():
             log.info(
                 "signer key set %d: kids %s (evicted %d cached verifications)",
@@ -813,6 +831,30 @@ class SignerClient:
             log.error("%s", self._identity_error)
             raise SignerUnavailable(self._identity_error)
         self._identity_error = None
+
+
+def _unchanged_kids(previous: KeySet | None, current: KeySet) -> set[str]:
+    """Kids whose key, algorithm and issuer are the same in both sets: local verifications
+    made with any other key (removed, replaced under the same kid, new issuer) are dropped."""
+    if previous is None or previous.issuer != current.issuer:
+        return set()
+    same: set[str] = set()
+    for kid, key in current.keys.items():
+        old = previous.keys.get(kid)
+        if (
+            old is not None
+            and old.algorithm == key.algorithm
+            and _same_public_key(old.public_key, key.public_key)
+        ):
+            same.add(kid)
+    return same
+
+
+def _same_public_key(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an exotic key type without equality: treat it as changed
+        return False
 
 
 def _channel_credentials(tls: SignerTLSSettings) -> grpc.ChannelCredentials:

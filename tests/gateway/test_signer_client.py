@@ -769,3 +769,83 @@ async def test_unreadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="cannot read"):
         await client.start()
+
+
+# ---------------------------------------------------------------------------------------------
+# local verification cache (same rules as the remote one)
+
+
+def _local_client(*signers: Signer) -> SignerClient:
+    client = SignerClient(address="unix:/nonexistent/s.sock", timeout=timedelta(seconds=1))
+    client._install_keyset(json.dumps({"keys": [s.jwk for s in signers]}), 1)
+    return client
+
+
+def _live_token(s: Signer, **overrides: Any) -> str:
+    now = int(time.time())
+    return s.token(**{"iat": now - 5, "exp": now + 120, **overrides})
+
+
+async def test_local_verifications_are_cached_per_token_audience_subject_and_thumbprint(
+    es: Signer,
+) -> None:
+    client = _local_client(es)
+    token = _live_token(es)
+    first = await client.verify(token, audience=AUD, mode="local", expected_subject=SUB)
+    again = await client.verify(token, audience=AUD, mode="local", expected_subject=SUB)
+    assert again is first and len(client.local_cache) == 1 and len(client.cache) == 0
+    # any other input is another entry, verified on its own
+    with pytest.raises(TokenRejected) as exc:
+        await client.verify(token, audience="other", mode="local", expected_subject=SUB)
+    assert exc.value.reason == "bad_audience"
+    with pytest.raises(TokenRejected) as exc:
+        await client.verify(token, audience=AUD, mode="local", expected_subject=SUB + "x")
+    assert exc.value.reason == "bad_subject"
+    assert len(client.local_cache) == 1
+
+
+async def test_local_cache_still_enforces_the_certificate_binding(es: Signer) -> None:
+    client = _local_client(es)
+    thumb = "A" * 43
+    bound = _live_token(es, cnf={"x5t#S256": thumb})
+    got = await client.verify(bound, audience=AUD, mode="local", certificate_thumbprint=thumb)
+    assert got.claims["cnf"] == {"x5t#S256": thumb}
+    for other in ("B" * 43, None):
+        with pytest.raises(TokenRejected) as exc:
+            await client.verify(bound, audience=AUD, mode="local", certificate_thumbprint=other)
+        assert exc.value.reason == "binding_mismatch"
+    unbound = _live_token(es)
+    with pytest.raises(TokenRejected) as exc:
+        await client.verify(
+            unbound, audience=AUD, mode="local", certificate_thumbprint=thumb, require_binding=True
+        )
+    assert exc.value.reason == "binding_mismatch"
+
+
+async def test_local_cache_entries_end_with_the_key_or_the_token(es: Signer) -> None:
+    other = Signer("other")
+    client = _local_client(es, other)
+    token = _live_token(es)
+    await client.verify(token, audience=AUD, mode="local")
+    await client.verify(_live_token(other), audience=AUD, mode="local")
+    assert len(client.local_cache) == 2
+    # the same key set again (a reconnect) keeps both
+    client._install_keyset(json.dumps({"keys": [es.jwk, other.jwk]}), 2)
+    assert len(client.local_cache) == 2
+    # the key removed: its verification is gone, and the token no longer verifies
+    client._install_keyset(json.dumps({"keys": [other.jwk]}), 3)
+    assert len(client.local_cache) == 1
+    client._state.last_refetch = time.monotonic()  # no signer to refetch from
+    with pytest.raises(TokenRejected) as exc:
+        await client.verify(token, audience=AUD, mode="local")
+    assert exc.value.reason == "unknown_kid"
+    # a different key published under the same kid also drops the entry
+    impostor = Signer("other")
+    client._install_keyset(json.dumps({"keys": [impostor.jwk]}), 4)
+    assert len(client.local_cache) == 0
+    # an expiring token is cached only until its exp
+    short = _live_token(impostor, exp=int(time.time()) + 1)
+    await client.verify(short, audience=AUD, mode="local")
+    assert len(client.local_cache) == 1
+    key = cache_key(short, AUD, None, None)
+    assert client.local_cache.get(key, now=time.time() + 2) is None
