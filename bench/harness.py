@@ -25,7 +25,7 @@ from typing import Any
 
 from bench import idle, nginx, report
 from bench.ab import AbSpec, run_ab
-from bench.procs import BenchError, Service, free_port, pinned, raise_nofile
+from bench.procs import BenchError, Service, exclusive_run, free_port, pinned, raise_nofile
 from bench.stack import ROUTES, Pki, SvidgateStack, make_pki, start_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,6 +268,11 @@ def measure_memory(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    with exclusive_run():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     for tool in ("ab", "nginx", "taskset"):
         if shutil.which(tool) is None:
             raise BenchError(f"`{tool}` is not installed (bench/run installs it with apt-get)")

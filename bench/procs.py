@@ -10,8 +10,9 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,3 +189,39 @@ def raise_nofile() -> int:
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return target
+
+
+LOCK_PATH = Path(tempfile.gettempdir()) / "svidgate-bench.lock"
+
+
+@contextlib.contextmanager
+def exclusive_run(timeout: float = 900.0) -> Iterator[None]:
+    """Serialize benchmark runs on this machine: two runs pinned to the same cores would
+    measure each other. Waits (printing who holds the lock) up to ``timeout`` seconds."""
+    import fcntl
+
+    fh = LOCK_PATH.open("a+")
+    try:
+        deadline = time.monotonic() + timeout
+        told = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown"
+                    print(f"waiting for another benchmark run to finish (pid {holder}) …")
+                    told = True
+                if time.monotonic() > deadline:
+                    msg = f"another benchmark run held {LOCK_PATH} for {timeout:.0f}s"
+                    raise BenchError(msg) from None
+                time.sleep(1)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock

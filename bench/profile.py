@@ -26,7 +26,14 @@ from pathlib import Path
 
 from bench import nginx
 from bench.harness import ROOT, cpu_list
-from bench.procs import BenchError, cpu_seconds, free_port, pinned, raise_nofile
+from bench.procs import (
+    BenchError,
+    cpu_seconds,
+    exclusive_run,
+    free_port,
+    pinned,
+    raise_nofile,
+)
 from bench.stack import ROUTES, make_pki, start_stack
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -160,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         raise BenchError("py-spy is not installed: .venv/bin/pip install py-spy")
+    with exclusive_run():
+        return _profile(args, spy)
+
+
+def _profile(args: argparse.Namespace, spy: str) -> int:
     os.sched_setaffinity(0, cpu_list(args.client_cpus))
     raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="svidgate-profile-"))
