@@ -1,7 +1,8 @@
 """The request pipeline, in the documented order, and the per-connection identity gate.
 
-Per connection (:class:`PeerGate`): re-verify the client's SVID against its own trust domain,
-compute its identity once, and close the connection at the certificate's notAfter.
+Per connection (:class:`PeerGate`): re-verify the client's SVID against its own trust domain
+(or find the same presented chain already verified in this generation), compute its identity
+once, and close the connection at the certificate's notAfter.
 Per request (:meth:`GatewayApp.handle`): method → Host / target form → canonical path →
 policy (default deny, audit) → JWT (when the route requires it) → header hygiene → forward.
 Every :class:`GatewayError` becomes a response through the one table in ``gateway.errors``.
@@ -37,11 +38,11 @@ from gateway.errors import (
     response_spec,
 )
 from gateway.headers import identity_header_names, upstream_request_headers
-from gateway.identity import PeerIdentity
+from gateway.identity import PeerIdentity, VerifiedChainCache
 from gateway.policy import Decision
 from gateway.proxy import Upstream
 from gateway.routes import parse_target
-from gateway.tls import verify_peer
+from gateway.tls import peer_chain_der, verify_peer
 from pki.errors import PkiError
 
 if TYPE_CHECKING:
@@ -119,7 +120,19 @@ class PeerGate(asyncio.Protocol):
         try:
             if ssl_object is None:
                 raise PkiError("not a TLS connection")
-            svid = verify_peer(ssl_object, state.bundles, now=now)
+            ders = peer_chain_der(ssl_object)
+            if ders:
+                identity = self._app.chains.identify(
+                    ders,
+                    generation=state.generation,
+                    bundles=state.bundles,
+                    gateway_id=state.gateway_id,
+                    now=now,
+                )
+            else:  # a resumed session (or no certificate): never cached, fails closed
+                identity = PeerIdentity.from_svid(
+                    verify_peer(ssl_object, state.bundles, now=now), state.gateway_id
+                )
         except PkiError as exc:
             self._rejected = True
             self._app.metrics.connections_rejected.inc()
@@ -127,7 +140,6 @@ class PeerGate(asyncio.Protocol):
             emit(audit_log, event="connection", decision="deny", reason=str(exc), peer=peer)
             cast(asyncio.Transport, transport).abort()
             return
-        identity = PeerIdentity.from_svid(svid, state.gateway_id)
         self._app.peers[transport] = identity
         lifetime = (identity.not_after - now).total_seconds()
         self._expiry = asyncio.get_running_loop().call_later(max(lifetime, 0.0), transport.close)
@@ -169,6 +181,7 @@ class GatewayApp:
         self.metrics = metrics
         self.signer = signer
         self.peers: dict[asyncio.BaseTransport, PeerIdentity] = {}
+        self.chains = VerifiedChainCache()
         self.upstreams: dict[str, Upstream] = {}
         self.draining = False
         self._retired: set[asyncio.Task[None]] = set()
@@ -202,6 +215,7 @@ class GatewayApp:
 
     def _on_reload(self, old: GatewayState, new: GatewayState) -> None:
         previous = self.upstreams
+        self.chains.clear()  # bundles may have changed: every chain is verified again
         self._install(new)
         if new.config.signer != old.config.signer:
             log.warning("signer settings changed: they take effect after a restart")

@@ -95,6 +95,18 @@ def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certifica
     return [x509.load_der_x509_certificate(c.public_bytes(ssl._ssl.ENCODING_DER)) for c in chain]  # type: ignore[attr-defined]
 
 
+def peer_chain_der(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
+    """The DER of every certificate the peer sent (leaf first); empty for a resumed session."""
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is not None:  # Python >= 3.13
+        return list(getter() or [])
+    inner = getattr(ssl_object, "_sslobj", None)
+    chain = inner.get_unverified_chain() if inner is not None else None
+    if not chain:
+        return []
+    return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]  # type: ignore[attr-defined]
+
+
 def verify_peer(
     ssl_object: ssl.SSLObject | ssl.SSLSocket, bundles: BundleSet, *, now: datetime
 ) -> X509Svid:
