@@ -26,7 +26,11 @@ from gateway.tls import check_peer_id
 from pki.errors import PkiError
 
 READ_LIMIT = 2**16
+MAX_HEAD = 64 * 1024  # response head bytes buffered for the obs-fold check
 _BAD_HEADER = re.compile(r"[\r\n\x00]")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_FOLD = re.compile(rb"\n[ \t]")
 # Methods that carry "Content-Length: 0" when sent without a body (as aiohttp's client did).
 _EMPTY_BODY_LENGTH = frozenset({"POST", "PUT", "PATCH"})
 
@@ -107,6 +111,23 @@ def encode_request_head(
     return head.encode("utf-8", "surrogateescape"), chunked
 
 
+def scan_head(buf: bytes) -> bool | None:
+    """Whether the final response head in ``buf`` uses obs-fold (None: head not complete).
+
+    aiohttp's response parser runs in lenient mode and silently joins folded lines; a proxy
+    must not pass such a head on (RFC 9112 section 5.2), so it is refused here first."""
+    pos = 0
+    while True:
+        end = _HEAD_END.search(buf, pos)
+        if end is None:
+            return None
+        if _FOLD.search(buf, pos, end.start()) is not None:
+            return True
+        if buf[pos + 9 : pos + 10] != b"1":  # not a 1xx interim head: this is the final one
+            return False
+        pos = end.end()
+
+
 class UpstreamConnection(BaseProtocol):
     """One HTTP/1.1 connection to an upstream; one request at a time."""
 
@@ -114,6 +135,7 @@ class UpstreamConnection(BaseProtocol):
         "_active",
         "_deadline_handle",
         "_got_bytes",
+        "_head_buf",
         "_head_only",
         "_last_progress",
         "_lost",
@@ -131,6 +153,7 @@ class UpstreamConnection(BaseProtocol):
         self._payload: StreamReader | None = None
         self._head_only: bool | None = None
         self._got_bytes = False
+        self._head_buf: bytes | None = None
         self._should_close = False
         self._lost = False
         self._active = False
@@ -155,6 +178,19 @@ class UpstreamConnection(BaseProtocol):
                 if self.transport is not None:
                     self.transport.close()
             return
+        if self._head_buf is not None and data:
+            buf = self._head_buf + data if self._head_buf else data
+            folded = scan_head(buf)
+            if folded is None:
+                if len(buf) > MAX_HEAD:
+                    self._fail(BadResponse("the upstream's response head is too large"))
+                    return
+                self._head_buf = buf
+            else:
+                self._head_buf = None
+                if folded:
+                    self._fail(BadResponse("obs-fold in an upstream response header"))
+                    return
         try:
             messages, upgraded, _tail = parser.feed_data(data)
         except HttpProcessingError as exc:
@@ -179,6 +215,10 @@ class UpstreamConnection(BaseProtocol):
             if waiter is None or waiter.done():
                 self._fail(BadResponse("more than one response to one request"))
                 return
+            for name, _value in message.raw_headers:
+                if _TOKEN.fullmatch(name) is None:
+                    self._fail(BadResponse("invalid header name in the upstream response"))
+                    return
             self._payload = payload
             waiter.set_result((message, payload))
 
@@ -244,6 +284,7 @@ class UpstreamConnection(BaseProtocol):
             self._head_only = head_only
         self._active = True
         self._got_bytes = False
+        self._head_buf = b""
         self._payload = None
         waiter: asyncio.Future[tuple[RawResponseMessage, StreamReader]] = self._loop.create_future()
         self._waiter = waiter
@@ -273,6 +314,7 @@ class UpstreamConnection(BaseProtocol):
         """The exchange is over (complete or abandoned): stop the read timer."""
         self._active = False
         self._waiter = None
+        self._head_buf = None
         self._cancel_deadline()
 
     def close(self) -> None:
