@@ -114,8 +114,12 @@ def run_ab(
 
 def check(result: AbResult, spec: AbSpec, url: str) -> None:
     """A run that fails requests or silently drops keep-alive does not measure what it claims."""
-    if result.complete == 0:
-        raise BenchError(f"ab {spec.name} {url}: no request completed")
+    if result.complete < 10 * spec.concurrency:
+        # Far below any working proxy: a hang, or the machine starved the server (see CPU).
+        raise BenchError(
+            f"ab {spec.name} {url}: only {result.complete} requests in {result.elapsed:.1f}s "
+            f"(server CPU {result.server_cpu:.2f}): stalled"
+        )
     if result.failed or result.non2xx:
         raise BenchError(
             f"ab {spec.name} {url}: {result.failed} failed and {result.non2xx} non-2xx "
