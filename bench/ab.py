@@ -113,8 +113,10 @@ def run_ab(
 
 
 def check(result: AbResult, spec: AbSpec, url: str) -> None:
-    """A run that fails requests or silently drops keep-alive does not measure what it claims."""
-    if result.complete < 10 * spec.concurrency:
+    """A run that fails requests, silently drops keep-alive or stalls does not measure what it
+    claims (fewer than 10 requests per keep-alive connection, 2 handshakes per new-connection
+    slot)."""
+    if result.complete < (10 if spec.keepalive else 2) * spec.concurrency:
         # Far below any working proxy: a hang, or the machine starved the server (see CPU).
         raise BenchError(
             f"ab {spec.name} {url}: only {result.complete} requests in {result.elapsed:.1f}s "
