@@ -43,7 +43,10 @@ AREAS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("access/audit logging", re.compile(r"logging/|gateway/(audit|log)|json/encoder")),
     ("JWT / signer client", re.compile(r"gateway/signer_client|jwt/|grpc|svidgate/signer")),
     ("policy / routes / identity", re.compile(r"gateway/(policy|routes|identity|headers)|pki/")),
-    ("upstream client (aiohttp client)", re.compile(r"aiohttp/(client|connector|streams)")),
+    (
+        "upstream client (aiohttp client / gateway upstream_client)",
+        re.compile(r"aiohttp/(client|connector|streams)|gateway/upstream_client"),
+    ),
     ("gateway proxy code", re.compile(r"gateway/")),
     ("HTTP server (aiohttp web)", re.compile(r"aiohttp/")),
     ("TLS (ssl / OpenSSL)", re.compile(r"ssl\.py|libssl|libcrypto|_ssl")),
@@ -56,7 +59,10 @@ MARKERS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("TLS handshake (SSLObject.do_handshake)", re.compile(r"do_handshake")),
     ("OpenSSL (libssl/libcrypto, --native only)", re.compile(r"libssl|libcrypto")),
     ("per-connection SVID re-verification", re.compile(r"verify_x509_svid|verify_peer \(")),
-    ("upstream leg: aiohttp client", re.compile(r"aiohttp/(client|connector)")),
+    (
+        "upstream leg (aiohttp client or upstream_client)",
+        re.compile(r"aiohttp/(client|connector)|gateway/upstream_client"),
+    ),
     ("response relay to the client", re.compile(r"Upstream\._relay")),
     ("JWT verification (local, pyjwt)", re.compile(r"verify_local|jwt/algorithms")),
     ("JWT cache lookup", re.compile(r"cache_key|_cache")),
