@@ -3,21 +3,31 @@
 client process, the signer in its own process), next to raw pyjwt encode/decode and raw
 cryptography ECDSA sign/verify for the same algorithm (ES256), all in the same run.
 
-    .venv/bin/python bench/signer.py [--seconds 3] [--json bench/results/signer.json]
+    .venv/bin/python bench/signer.py [--seconds 3] [--rounds 3] [--server-cpus 0]
+        [--client-cpus 1] [--json bench/results/signer.json]
 
-Prints a table with ratios and writes the figures as JSON. Not a test: numbers depend on the
-machine (this one: 2 cores shared by client and server).
+The signer is pinned to ``--server-cpus`` and the client to ``--client-cpus`` (as bench/run pins
+the proxies and the load generator); the raw figures are taken on the server's cpus, so the
+ratios compare an RPC with the crypto it wraps *on the same core*. Each RPC row also shows the
+CPU time per call of the server and of the client (from /proc and ``process_time``): a server at
+~100% of its core is the bottleneck, and its µs/call is what an RPC costs. A bare grpc.aio
+server with the same contract and a constant reply (``--serve-floor``, run in its own process
+on the same cpus) gives gRPC's own floor on this machine. Rounds are interleaved and the median
+is reported. Prints a table with ratios and writes the figures as JSON. Not a test: numbers
+depend on the machine (and on whatever else runs on it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +49,40 @@ ROOT = Path(__file__).resolve().parents[1]
 SUBJECT = "spiffe://example.org/ns/bench/sa/client"
 AUDIENCE = "orders"
 ISSUER = "spiffe://example.org/signer"
+CONCURRENCY = (1, 64)
+RPCS = ("floor", "jwks", "sign", "verify")  # floor = bare grpc.aio server, constant reply
+TARGETS = {"sign": ("crypto_sign", 0.25), "verify": ("crypto_verify", 0.5)}  # issue 5
+
+
+def cpu_list(text: str) -> set[int]:
+    """A taskset-style list: ``0``, ``0,2``, ``0-3``."""
+    out: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        out.update(range(int(low), int(high or low) + 1))
+    return out
+
+
+def pin(pid: int, cpus: set[int] | None) -> None:
+    """Pin a process and every thread it has now (threads started later inherit)."""
+    if cpus is None:
+        return
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(tid, cpus)
+
+
+def process_cpu(pid: int) -> float | None:
+    """utime + stime of a process (all threads), seconds; None where /proc is missing."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed_loop(fn: Callable[[], object], seconds: float) -> float:
@@ -57,8 +101,8 @@ def timed_loop(fn: Callable[[], object], seconds: float) -> float:
 
 async def timed_async(
     fn: Callable[[], Awaitable[object]], concurrency: int, seconds: float
-) -> float:
-    """Ops/s of ``concurrency`` tasks calling ``fn`` in a loop for about ``seconds``."""
+) -> tuple[int, float]:
+    """(calls, elapsed s) of ``concurrency`` tasks calling ``fn`` for about ``seconds``."""
     count = 0
     stop = time.perf_counter() + seconds
 
@@ -70,7 +114,7 @@ async def timed_async(
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return count / (time.perf_counter() - start)
+    return count, time.perf_counter() - start
 
 
 def raw_benchmarks(seconds: float) -> dict[str, float]:
@@ -105,8 +149,8 @@ def raw_benchmarks(seconds: float) -> dict[str, float]:
     }
 
 
-def core_verify_benchmark(seconds: float) -> float:
-    """signer.jwt.verify_token in-process (the work one Verify RPC does, without gRPC)."""
+def core_benchmarks(seconds: float) -> dict[str, float]:
+    """signer.jwt in-process: the token work one Sign / Verify RPC does, without gRPC."""
     # run as a script, sys.path[0] is bench/, where this file would shadow the signer package
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
@@ -121,15 +165,53 @@ def core_verify_benchmark(seconds: float) -> float:
     token = sjwt.assemble(data, sjwt.sign_local("ES256", key, data))
     vk = sjwt.VerificationKey("k", "ES256", key.public_key())
     policy = sjwt.VerifyPolicy(ISSUER, timedelta(seconds=30), timedelta(minutes=15))
-    return timed_loop(
-        lambda: sjwt.verify_token(
-            token, lookup=lambda _kid: vk, policy=policy, audiences=[AUDIENCE], now=now
+
+    def sign() -> str:
+        fresh = sjwt.build_claims(
+            issuer=ISSUER, subject=SUBJECT, audience=[AUDIENCE], now=now, ttl=timedelta(minutes=5)
+        )
+        data = sjwt.signing_input("ES256", "k", fresh)
+        return sjwt.assemble(data, sjwt.sign_local("ES256", key, data))
+
+    return {
+        "signer_core_sign": timed_loop(sign, seconds),
+        "signer_core_verify": timed_loop(
+            lambda: sjwt.verify_token(
+                token, lookup=lambda _kid: vk, policy=policy, audiences=[AUDIENCE], now=now
+            ),
+            seconds,
         ),
-        seconds,
-    )
+    }
 
 
-def start_signer(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def wait_serving(proc: subprocess.Popen[bytes], sock: Path, service: str, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{sock.name}: server exited: {log.read_text()[-2000:]}")
+        if sock.exists():
+            try:
+                with grpc.insecure_channel(f"unix:{sock}") as channel:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=service), timeout=1
+                    )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"{sock.name}: server did not become ready")
+
+
+def spawn(cmd: list[str], log: Path, cpus: set[int] | None) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    pin(proc.pid, cpus)  # before the interpreter has started any thread
+    return proc
+
+
+def start_signer(workdir: Path, cpus: set[int] | None) -> tuple[subprocess.Popen[bytes], Path]:
     sock = workdir / "signer.sock"
     config = workdir / "signer.yaml"
     config.write_text(
@@ -143,110 +225,243 @@ def start_signer(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
             }
         )
     )
-    log = (workdir / "signer.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "svidgate.cli", "signer", "serve", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"signer exited: {(workdir / 'signer.log').read_text()[-2000:]}")
-        if sock.exists():
-            try:
-                with grpc.insecure_channel(f"unix:{sock}") as channel:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(service="svidgate.signer.v1.Signer.Sign"),
-                        timeout=1,
-                    )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc, sock
-            except grpc.RpcError:
-                pass
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("signer did not become ready")
+    log = workdir / "signer.log"
+    cmd = [sys.executable, "-m", "svidgate.cli", "signer", "serve", "--config", str(config)]
+    proc = spawn(cmd, log, cpus)
+    wait_serving(proc, sock, "svidgate.signer.v1.Signer.Sign", log)
+    pin(proc.pid, cpus)
+    return proc, sock
 
 
-async def rpc_benchmarks(sock: Path, seconds: float) -> dict[str, float]:
-    results: dict[str, float] = {}
-    async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
-        stub: Any = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
+def start_floor(workdir: Path, cpus: set[int] | None) -> tuple[subprocess.Popen[bytes], Path]:
+    sock = workdir / "floor.sock"
+    log = workdir / "floor.log"
+    proc = spawn([sys.executable, __file__, "--serve-floor", str(sock)], log, cpus)
+    wait_serving(proc, sock, "", log)
+    pin(proc.pid, cpus)
+    return proc, sock
+
+
+def serve_floor(sock: Path) -> int:
+    """A bare grpc.aio server (uvloop when available, as the signer) with the signer contract:
+    GetJWKS returns a constant, nothing else runs per call. gRPC's own cost on this machine."""
+    from grpc_health.v1 import health
+
+    class Floor(signer_pb2_grpc.SignerServicer):
+        async def GetJWKS(self, request: Any, context: Any) -> signer_pb2.JWKS:
+            return signer_pb2.JWKS(jwks_json='{"keys":[]}', sequence=1)
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        signer_pb2_grpc.add_SignerServicer_to_server(Floor(), server)  # type: ignore[no-untyped-call]
+        checker = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(1)
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+    return 0
+
+
+async def rpc_round(
+    servers: dict[str, tuple[int, Path]], seconds: float
+) -> dict[str, tuple[float, float | None, float]]:
+    """{f"{rpc}_rpc_c{n}": (ops/s, server µs/call, client µs/call)} for one round."""
+    out: dict[str, tuple[float, float | None, float]] = {}
+    channels = {
+        name: grpc.aio.insecure_channel(f"unix:{sock}") for name, (_, sock) in servers.items()
+    }
+    try:
+        stubs: dict[str, Any] = {
+            name: signer_pb2_grpc.SignerStub(ch)  # type: ignore[no-untyped-call]
+            for name, ch in channels.items()
+        }
+        signer = stubs["signer"]
         sign_request = signer_pb2.SignRequest(subject=SUBJECT, audience=[AUDIENCE])
-        token = (await stub.Sign(sign_request)).token
+        token = (await signer.Sign(sign_request)).token
         verify_request = signer_pb2.VerifyRequest(token=token, audience=[AUDIENCE])
-        await stub.Verify(verify_request)
+        await signer.Verify(verify_request)
         jwks_request = signer_pb2.GetJWKSRequest()
-        for concurrency in (1, 64):
-            # GetJWKS returns a cached string: the gRPC round-trip floor of this server
-            results[f"jwks_rpc_c{concurrency}"] = await timed_async(
-                lambda: stub.GetJWKS(jwks_request), concurrency, seconds
-            )
-            results[f"sign_rpc_c{concurrency}"] = await timed_async(
-                lambda: stub.Sign(sign_request), concurrency, seconds
-            )
-            results[f"verify_rpc_c{concurrency}"] = await timed_async(
-                lambda: stub.Verify(verify_request), concurrency, seconds
-            )
-    return results
+        await stubs["floor"].GetJWKS(jwks_request)
+        calls: dict[str, tuple[str, Callable[[], Awaitable[object]]]] = {
+            # GetJWKS returns a cached string: the gRPC round-trip floor of the signer itself
+            "floor": ("floor", lambda: stubs["floor"].GetJWKS(jwks_request)),
+            "jwks": ("signer", lambda: signer.GetJWKS(jwks_request)),
+            "sign": ("signer", lambda: signer.Sign(sign_request)),
+            "verify": ("signer", lambda: signer.Verify(verify_request)),
+        }
+        for concurrency in CONCURRENCY:
+            for rpc in RPCS:
+                server, fn = calls[rpc]
+                pid = servers[server][0]
+                server_before, client_before = process_cpu(pid), time.process_time()
+                count, elapsed = await timed_async(fn, concurrency, seconds)
+                server_after, client_after = process_cpu(pid), time.process_time()
+                server_us = (
+                    None
+                    if server_before is None or server_after is None
+                    else 1e6 * (server_after - server_before) / count
+                )
+                client_us = 1e6 * (client_after - client_before) / count
+                out[f"{rpc}_rpc_c{concurrency}"] = (count / elapsed, server_us, client_us)
+    finally:
+        for ch in channels.values():
+            await ch.close(None)
+    return out
+
+
+def run_async(coro: Awaitable[Any]) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    parser.add_argument("--server-cpus", default="0", help="taskset list for the servers")
+    parser.add_argument("--client-cpus", default="1", help="taskset list for the client")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/signer.json")
+    parser.add_argument("--serve-floor", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_floor is not None:
+        return serve_floor(args.serve_floor)
 
+    allowed = os.sched_getaffinity(0)
+    server_cpus: set[int] | None = cpu_list(args.server_cpus) & allowed
+    client_cpus: set[int] | None = cpu_list(args.client_cpus) & allowed
+    if not server_cpus or not client_cpus or server_cpus & client_cpus:
+        print("not pinning: need disjoint --server-cpus and --client-cpus on this machine")
+        server_cpus = client_cpus = None
+    else:
+        os.sched_setaffinity(0, client_cpus)
+
+    rounds: list[dict[str, tuple[float, float | None, float]]] = []
+    raws: list[dict[str, float]] = []
     workdir = Path(tempfile.mkdtemp(prefix="sg-bench-", dir="/tmp"))
-    proc, sock = start_signer(workdir)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        try:
-            import uvloop
-
-            rpc = uvloop.run(rpc_benchmarks(sock, args.seconds))
-        except ImportError:
-            rpc = asyncio.run(rpc_benchmarks(sock, args.seconds))
+        signer, signer_sock = start_signer(workdir, server_cpus)
+        procs.append(signer)
+        floor, floor_sock = start_floor(workdir, server_cpus)
+        procs.append(floor)
+        servers = {"signer": (signer.pid, signer_sock), "floor": (floor.pid, floor_sock)}
+        for n in range(args.rounds):
+            print(f"round {n + 1}/{args.rounds}", flush=True)
+            rounds.append(run_async(rpc_round(servers, args.seconds)))
+            # the raw figures on the servers' cpus (idle now): "on the same core"
+            if server_cpus is not None:
+                os.sched_setaffinity(0, server_cpus)
+            try:
+                raws.append({**raw_benchmarks(args.seconds), **core_benchmarks(args.seconds)})
+            finally:
+                if client_cpus is not None:
+                    os.sched_setaffinity(0, client_cpus)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         shutil.rmtree(workdir, ignore_errors=True)
-    raw = raw_benchmarks(args.seconds)
-    raw["signer_core_verify"] = core_verify_benchmark(args.seconds)
-    figures = {**rpc, **raw}
 
-    rows = [
-        ("GetJWKS RPC (gRPC floor), UDS, c=1", "jwks_rpc_c1", None),
-        ("GetJWKS RPC (gRPC floor), UDS, c=64", "jwks_rpc_c64", None),
-        ("Sign RPC, UDS, c=1", "sign_rpc_c1", "pyjwt_encode"),
-        ("Sign RPC, UDS, c=64", "sign_rpc_c64", "pyjwt_encode"),
-        ("Verify RPC, UDS, c=1", "verify_rpc_c1", "pyjwt_decode"),
-        ("Verify RPC, UDS, c=64", "verify_rpc_c64", "pyjwt_decode"),
+    figures: dict[str, float] = {}
+    server_us: dict[str, float | None] = {}
+    client_us: dict[str, float | None] = {}
+    for key in rounds[0]:
+        figures[key] = statistics.median(r[key][0] for r in rounds)
+        server_us[key] = median([r[key][1] for r in rounds])
+        client_us[key] = median([r[key][2] for r in rounds])
+    for key in raws[0]:
+        figures[key] = statistics.median(r[key] for r in raws)
+
+    rows: list[tuple[str, str, str | None]] = []
+    labels = {
+        "floor": "bare grpc.aio server (gRPC floor)",
+        "jwks": "GetJWKS RPC (signer's floor)",
+        "sign": "Sign RPC",
+        "verify": "Verify RPC",
+    }
+    for rpc in RPCS:
+        for concurrency in CONCURRENCY:
+            versus = TARGETS[rpc][0] if rpc in TARGETS else None
+            rows.append((f"{labels[rpc]}, c={concurrency}", f"{rpc}_rpc_c{concurrency}", versus))
+    rows += [
+        ("signer.jwt sign (in-process)", "signer_core_sign", "crypto_sign"),
+        ("signer.jwt verify_token (in-process)", "signer_core_verify", "crypto_verify"),
         ("pyjwt encode ES256 (in-process)", "pyjwt_encode", "crypto_sign"),
         ("pyjwt decode ES256 (in-process)", "pyjwt_decode", "crypto_verify"),
-        ("signer.jwt verify_token (in-process)", "signer_core_verify", "pyjwt_decode"),
         ("cryptography ECDSA P-256 sign", "crypto_sign", None),
         ("cryptography ECDSA P-256 verify", "crypto_verify", None),
     ]
-    print(f"\nsvidgate signer benchmark (ES256), {os.cpu_count()} CPUs, {args.seconds:g}s each")
-    print(f"{'measurement':<40} {'ops/s':>10}  ratio")
+    pinning = (
+        f"servers on cpus {sorted(server_cpus)}, client on {sorted(client_cpus)}"
+        if server_cpus is not None and client_cpus is not None
+        else "not pinned"
+    )
+    print(
+        f"\nsvidgate signer benchmark (ES256), {os.cpu_count()} CPUs, {pinning}, "
+        f"median of {args.rounds} x {args.seconds:g}s"
+    )
+    print(f"{'measurement':<44} {'ops/s':>9} {'srv µs/op':>10} {'cli µs/op':>10}  ratio")
+
+    def us(value: float | None) -> str:
+        return "" if value is None else f"{value:,.0f}"
+
     for label, key, versus in rows:
         ratio = f"{figures[key] / figures[versus]:.2f}x {versus}" if versus else ""
-        print(f"{label:<40} {figures[key]:>10,.0f}  {ratio}")
+        print(
+            f"{label:<44} {figures[key]:>9,.0f} {us(server_us.get(key)):>10} "
+            f"{us(client_us.get(key)):>10}  {ratio}"
+        )
+    targets = {}
+    for rpc, (raw, wanted) in TARGETS.items():
+        have = figures[f"{rpc}_rpc_c64"] / figures[raw]
+        targets[f"{rpc}_c64_vs_{raw}"] = {"ratio": round(have, 3), "target": wanted}
+        print(f"target {rpc} RPC (c=64) >= {wanted}x {raw}: {have:.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
             {
                 "algorithm": "ES256",
                 "transport": "unix socket; one grpc.aio client process; signer in its own process",
+                "pinning": pinning,
                 "seconds_per_measurement": args.seconds,
+                "rounds": args.rounds,
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
                 "grpc": grpc.__version__,
                 "pyjwt": jwt.__version__,
                 "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "ops_per_second": {k: round(v, 1) for k, v in figures.items()},
+                "server_cpu_us_per_call": {
+                    k: None if v is None else round(v, 1) for k, v in server_us.items()
+                },
+                "client_cpu_us_per_call": {
+                    k: None if v is None else round(v, 1) for k, v in client_us.items()
+                },
+                "targets": targets,
             },
             indent=2,
         )
