@@ -27,7 +27,6 @@ from pki.errors import PkiError
 
 READ_LIMIT = 2**16
 MAX_HEAD = 64 * 1024  # response head bytes buffered for the obs-fold check
-_BAD_HEADER = re.compile(r"[\r\n\x00]")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _FOLD = re.compile(rb"\n[ \t]")
@@ -90,8 +89,6 @@ def encode_request_head(
     has_host = False
     has_length = False
     for name, value in headers:
-        if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
-            raise ValueError("CR, LF or NUL in a request header")
         lower = name.lower()
         if lower == "host":
             has_host = True
@@ -105,9 +102,12 @@ def encode_request_head(
         lines.append("Transfer-Encoding: chunked")
     elif not has_body and not has_length and method in _EMPTY_BODY_LENGTH:
         lines.append("Content-Length: 0")
-    if _BAD_HEADER.search(target) or " " in target:
-        raise ValueError("invalid request target")
     head = "\r\n".join(lines) + "\r\n\r\n"
+    # One pass over the whole head instead of a regex per header: every CR and LF must be one
+    # of the separators written above, and no NUL or space may hide in the target.
+    breaks = len(lines) + 1
+    if head.count("\n") != breaks or head.count("\r") != breaks or "\x00" in head or " " in target:
+        raise ValueError("CR, LF or NUL in a request header, or an invalid request target")
     return head.encode("utf-8", "surrogateescape"), chunked
 
 
@@ -289,9 +289,16 @@ class UpstreamConnection(BaseProtocol):
         waiter: asyncio.Future[tuple[RawResponseMessage, StreamReader]] = self._loop.create_future()
         self._waiter = waiter
         self._last_progress = self._loop.time()
-        self._deadline_handle = self._loop.call_later(self._read_timeout, self._check_deadline)
+        if self._deadline_handle is None:
+            # Armed once and re-armed from _check_deadline while the connection stays busy:
+            # no timer is created or cancelled per request on a busy keep-alive connection.
+            self._deadline_handle = self._loop.call_later(self._read_timeout, self._check_deadline)
         self.transport.write(head)
         return waiter
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._last_progress = self._loop.time()
+        super().resume_reading(resume_parser)
 
     def progress(self) -> None:
         """Request-body bytes went out: the read timeout counts from the last progress."""
@@ -315,11 +322,11 @@ class UpstreamConnection(BaseProtocol):
         self._active = False
         self._waiter = None
         self._head_buf = None
-        self._cancel_deadline()
 
     def close(self) -> None:
         self._should_close = True
         self.finish()
+        self._cancel_deadline()
         if self.transport is not None:
             self.transport.close()
 
@@ -327,6 +334,7 @@ class UpstreamConnection(BaseProtocol):
         """Abandon the exchange and drop the connection (nobody waits for its result)."""
         self._should_close = True
         self.finish()
+        self._cancel_deadline()
         if self.transport is not None:
             self.transport.abort()
 
@@ -344,10 +352,13 @@ class UpstreamConnection(BaseProtocol):
     def _check_deadline(self) -> None:
         self._deadline_handle = None
         if not self._active:
-            return
+            return  # idle in the pool: the next send() arms a fresh timer
         payload = self._payload
         if payload is not None and payload.is_eof():
-            return
+            return  # the whole response is in: nothing left to wait for
+        if self._reading_paused:
+            # Our own back-pressure (a slow client) is not the upstream's silence.
+            self._last_progress = self._loop.time()
         idle = self._loop.time() - self._last_progress
         remaining = self._read_timeout - idle
         if remaining > 0.001:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -534,3 +535,41 @@ async def test_connection_closed_before_response_is_marked_retryable() -> None:
         assert info.value.before_response
         pool.release(conn)
         assert pool.idle_count == 0
+
+
+async def test_slow_client_back_pressure_is_not_an_upstream_timeout(
+    test_pki: LabPki, echo: Echo, start_gateway: StartGateway
+) -> None:
+    # 8 MiB does not fit in the socket buffers (the client's receive buffer is kept small):
+    # while the client does not read, the gateway stops reading the upstream. That pause must
+    # not count against the upstream's read timeout.
+    body = bytes(range(256)) * (32 * 1024)
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    async with scripted(keep_alive(big)) as up:
+        gw = await _gateway(
+            start_gateway,
+            test_pki,
+            echo,
+            up,
+            retries=0,
+            timeouts={"connect": "1s", "read": "300ms"},
+        )
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=gw.ctx("web"), server_hostname="localhost"
+        )
+        try:
+            writer.write(b"GET /raw/big HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(1.0)  # well past the read timeout, without reading
+            received = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        head, _, got = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert got == body
