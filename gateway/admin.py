@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class Children(Generic[M]):
+    """The labelled children of one metric, bound once per label tuple: ``labels()`` validates
+    and locks on every call, a dict lookup does not (label values are bounded by the config)."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -49,6 +70,10 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.request_count = Children(self.requests)
+        self.decision_count = Children(self.decisions)
+        self.upstream_seconds = Children(self.upstream_latency)
+        self.signer_seconds = Children(self.signer_latency)
         self.connections_rejected = Counter(
             "svidgate_gateway_connections_rejected",
             "TLS connections refused after the handshake by per-trust-domain re-verification.",

@@ -272,10 +272,10 @@ class GatewayApp:
             log.exception("unexpected error while handling a request")
             response = self._error_response(GatewayError("internal"), request.get(ROUTE))
         route = request.get(ROUTE) or "-"
-        self.metrics.requests.labels(route, str(response.status)).inc()
+        self.metrics.request_count(route, str(response.status)).inc()
         upstream_seconds = request.get(UPSTREAM_SECONDS)
         if upstream_seconds is not None and request.get(UPSTREAM):
-            self.metrics.upstream_latency.labels(request[UPSTREAM]).observe(upstream_seconds)
+            self.metrics.upstream_seconds(request[UPSTREAM]).observe(upstream_seconds)
         if state.config.access_log:
             emit(
                 access_log,
@@ -315,7 +315,7 @@ class GatewayApp:
             try:
                 claims = await self._check_jwt(request, route.jwt, identity, target.query)
             except TokenRejected as err:
-                self.metrics.decisions.labels("deny", f"token:{err.reason}").inc()
+                self.metrics.decision_count("deny", f"token:{err.reason}").inc()
                 emit(
                     audit_log,
                     event="token",
@@ -375,7 +375,7 @@ class GatewayApp:
                 require_binding=jwt.bind == "certificate",
             )
         finally:
-            self.metrics.signer_latency.labels(jwt.verify).observe(time.perf_counter() - started)
+            self.metrics.signer_seconds(jwt.verify).observe(time.perf_counter() - started)
         if jwt.bind == "subject" and token.subject != identity.id_text:
             raise TokenRejected("subject_mismatch", "the token's sub is not the mTLS identity")
         return token.claims
@@ -391,7 +391,7 @@ class GatewayApp:
     ) -> None:
         """Count every decision; log every denial, and allowances unless ``audit.allow`` is off."""
         outcome = "allow" if decision.allowed else "deny"
-        self.metrics.decisions.labels(outcome, decision.reason).inc()
+        self.metrics.decision_count(outcome, decision.reason).inc()
         if (decision.allowed and not log_allow) or not audit_log.isEnabledFor(logging.INFO):
             return
         route = decision.route.name if decision.route is not None else None
