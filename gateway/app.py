@@ -56,10 +56,15 @@ _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *$")
 _NEVER_PROXIED = frozenset({"CONNECT", "TRACE"})
 
 
-def emit(logger: logging.Logger, **fields: Any) -> None:
-    """One JSON line (never a token or key: callers pass identities, routes and codes only)."""
+_DURABLE = {"durable": True}
+
+
+def emit(logger: logging.Logger, *, durable: bool = False, **fields: Any) -> None:
+    """One JSON line (never a token or key: callers pass identities, routes and codes only).
+    ``durable``: written out at once, not batched (denials: never lost in a crash)."""
     if logger.isEnabledFor(logging.INFO):
-        logger.info(json.dumps(fields, separators=(",", ":"), default=str))
+        line = json.dumps(fields, separators=(",", ":"), default=str)
+        logger.info(line, extra=_DURABLE if durable else None)
 
 
 @lru_cache(maxsize=1024)
@@ -137,7 +142,14 @@ class PeerGate(asyncio.Protocol):
             self._rejected = True
             self._app.metrics.connections_rejected.inc()
             peer = transport.get_extra_info("peername")
-            emit(audit_log, event="connection", decision="deny", reason=str(exc), peer=peer)
+            emit(
+                audit_log,
+                durable=True,
+                event="connection",
+                decision="deny",
+                reason=str(exc),
+                peer=peer,
+            )
             cast(asyncio.Transport, transport).abort()
             return
         self._app.peers[transport] = identity
@@ -318,6 +330,7 @@ class GatewayApp:
                 self.metrics.decision_count("deny", f"token:{err.reason}").inc()
                 emit(
                     audit_log,
+                    durable=True,
                     event="token",
                     decision="deny",
                     reason=err.reason,
@@ -404,7 +417,8 @@ class GatewayApp:
                 rule=decision.rule,
                 method=method,
                 path=path,
-            )
+            ),
+            extra=None if decision.allowed else _DURABLE,
         )
 
     @staticmethod

@@ -25,6 +25,7 @@ from gateway.admin import Metrics, admin_app
 from gateway.app import GatewayApp, emit
 from gateway.config import parse_host_port
 from gateway.credentials import StateHolder
+from gateway.logs import BackgroundStreamHandler
 
 log = logging.getLogger("svidgate.gateway")
 
@@ -153,8 +154,9 @@ async def serve_worker(config_path: Path, *, admin: bool = True) -> int:
 
 
 def configure_logging() -> None:
-    """JSON lines on stderr: the message of every record is already JSON or plain text."""
-    handler = logging.StreamHandler(sys.stderr)
+    """JSON lines on stderr: the message of every record is already JSON or plain text; they
+    are written by a background thread (:mod:`gateway.logs`), never on the event loop."""
+    handler = BackgroundStreamHandler(sys.stderr)
 
     class _Json(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
@@ -211,6 +213,7 @@ def _supervise(config_path: Path, workers: int) -> int:
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
+                logging.shutdown()  # os._exit skips atexit: write out what is pending
                 os._exit(code)
         children[pid] = index
 
