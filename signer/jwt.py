@@ -4,7 +4,13 @@ Tokens are compact JWS with the header ``{"alg", "kid", "typ": "JWT"}`` only. Ve
 strict and fails closed with a typed :class:`~signer.errors.TokenError` whose ``reason`` is the
 machine-readable code: the size limit first, then structure, header, key lookup by ``kid`` (only
 ever a dictionary key), header ``alg`` == the key's algorithm, signature (pyjwt algorithm
-objects with key objects), then the claims.
+objects with key objects; ES256 with P-256 keys calls cryptography directly, see
+:func:`verify_signature`), then the claims.
+
+Per-request costs are kept off the hot path without changing any decision: a validated header
+is remembered by its exact base64url text (a failing header is never cached and fails again),
+the JSON decoder with the duplicate-key hook is built once, and the header of tokens we mint is
+encoded once per (alg, kid).
 """
 
 from __future__ import annotations
@@ -20,9 +26,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache, lru_cache
+from types import MappingProxyType
 from typing import Any, Final
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from pki.errors import PkiError
@@ -49,6 +62,8 @@ REGISTERED_CLAIMS: Final = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", 
 REQUIRED_CLAIMS: Final = ("exp", "iat", "iss", "aud", "sub")
 CNF_THUMBPRINT: Final = "x5t#S256"
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())  # stateless: one instance serves every call
+_P256_BYTES: Final = 32
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
@@ -122,10 +137,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
 def parse_json_object(data: bytes | str, what: str) -> dict[str, Any]:
-    """Decode a JSON object rejecting duplicate keys; raises MalformedTokenError."""
+    """Decode a JSON object rejecting duplicate keys; raises MalformedTokenError.
+
+    Exactly ``json.loads(data, object_pairs_hook=...)`` (same encoding detection for bytes,
+    same BOM refusal for text) with one shared decoder instead of a new one per call."""
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates)
+        if isinstance(data, bytes):
+            text = data.decode(json.detect_encoding(data), "surrogatepass")
+        else:
+            if data.startswith("\ufeff"):
+                raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig)")
+            text = data
+        value = _STRICT_JSON.decode(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedTokenError(f"{what} is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
@@ -137,15 +164,53 @@ def _compact_json(value: Mapping[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=False).encode("utf-8")
 
 
+@lru_cache(maxsize=64)
+def _header_b64(alg: str, kid: str) -> str:
+    return b64url(_compact_json({"alg": alg, "kid": kid, "typ": "JWT"}))
+
+
 def signing_input(alg: str, kid: str, claims: Mapping[str, Any]) -> bytes:
     """``BASE64URL(header) . BASE64URL(claims)`` for our fixed header."""
-    header = _compact_json({"alg": alg, "kid": kid, "typ": "JWT"})
-    return f"{b64url(header)}.{b64url(_compact_json(claims))}".encode("ascii")
+    return f"{_header_b64(alg, kid)}.{b64url(_compact_json(claims))}".encode("ascii")
+
+
+def _is_p256(key: object) -> bool:
+    return isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) and isinstance(
+        key.curve, ec.SECP256R1
+    )
 
 
 def sign_local(alg: str, private_key: PrivateKey, data: bytes) -> bytes:
     """A raw JWS signature (r||s for ECDSA) with a local private key."""
+    if alg == "ES256" and _is_p256(private_key):
+        assert isinstance(private_key, ec.EllipticCurvePrivateKey)
+        r, s = decode_dss_signature(private_key.sign(data, _ECDSA_SHA256))
+        return r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")
     return jws_algorithm(alg).sign(data, private_key)
+
+
+def verify_signature(alg: str, public_key: PublicKey, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` (raw JWS form) is valid for ``data``; never raises for a bad one.
+
+    ES256 with a P-256 key is what pyjwt's ECAlgorithm.verify does (exactly 64 bytes r||s,
+    DER-encode, ECDSA-SHA256 verify) without its per-call objects; the rest goes to pyjwt."""
+    if alg == "ES256" and _is_p256(public_key):
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)
+        if len(signature) != 2 * _P256_BYTES:
+            return False
+        der = encode_dss_signature(
+            int.from_bytes(signature[:_P256_BYTES], "big"),
+            int.from_bytes(signature[_P256_BYTES:], "big"),
+        )
+        try:
+            public_key.verify(der, data, _ECDSA_SHA256)
+        except InvalidSignature:
+            return False
+        return True
+    try:
+        return bool(jws_algorithm(alg).verify(data, public_key, signature))
+    except Exception:  # a malformed signature can raise inside the backend: fail closed
+        return False
 
 
 def assemble(data: bytes, signature: bytes) -> str:
@@ -217,12 +282,32 @@ def parse_token(token: str) -> ParsedToken:
         raise MalformedTokenError("not a compact JWS (three dot-separated parts)")
     header_b64, payload_b64, sig_b64 = parts
     try:
-        header_raw = b64url_decode(header_b64)
         signature = b64url_decode(sig_b64)
     except ValueError:
         raise MalformedTokenError("a part is not base64url") from None
     if not _B64URL.match(payload_b64) or len(payload_b64) % 4 == 1:
         raise MalformedTokenError("a part is not base64url")  # decoded after the signature
+    alg, kid, header = _parse_header(header_b64)
+    if not signature:
+        raise BadSignatureError("empty signature")
+    return ParsedToken(
+        header=dict(header),
+        signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
+        payload_b64=payload_b64,
+        signature=signature,
+        alg=alg,
+        kid=kid,
+    )
+
+
+@lru_cache(maxsize=128)
+def _parse_header(header_b64: str) -> tuple[str, str, Mapping[str, Any]]:
+    """(alg, kid, header) of a header that passes every check; raises otherwise (exceptions
+    are not cached). The same few headers recur on every request, one per key."""
+    try:
+        header_raw = b64url_decode(header_b64)
+    except ValueError:
+        raise MalformedTokenError("a part is not base64url") from None
     header = parse_json_object(header_raw, "header")
     alg = header.get("alg")
     if not isinstance(alg, str):
@@ -243,16 +328,7 @@ def parse_token(token: str) -> ParsedToken:
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise MalformedTokenError("header kid is missing")
-    if not signature:
-        raise BadSignatureError("empty signature")
-    return ParsedToken(
-        header=header,
-        signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
-        payload_b64=payload_b64,
-        signature=signature,
-        alg=alg,
-        kid=kid,
-    )
+    return alg, kid, MappingProxyType(header)
 
 
 @lru_cache(maxsize=4096)
@@ -351,12 +427,7 @@ def verify_token(
     key = lookup(parsed.kid)
     if parsed.alg != key.algorithm:
         raise AlgNotAllowedError(f"header alg {parsed.alg} is not the key's algorithm")
-    algorithm = jws_algorithm(key.algorithm)
-    try:
-        valid = algorithm.verify(parsed.signing_input, key.public_key, parsed.signature)
-    except Exception:  # a malformed signature can raise inside the backend: fail closed
-        valid = False
-    if not valid:
+    if not verify_signature(key.algorithm, key.public_key, parsed.signing_input, parsed.signature):
         raise BadSignatureError("signature does not verify")
     claims = parse_json_object(b64url_decode(parsed.payload_b64), "payload")
     check_claims(

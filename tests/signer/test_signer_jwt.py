@@ -244,3 +244,86 @@ def test_any_single_character_change_is_rejected(position: int, char: str) -> No
     assert [sjwt.b64url_decode(p) for p in mutated.split(".")] == [
         sjwt.b64url_decode(p) for p in token.split(".")
     ]
+
+
+# -- the fast paths (ES256 without pyjwt's per-call objects, cached headers, shared decoder) --
+
+
+def test_es256_interoperates_with_pyjwt_both_ways() -> None:
+    import jwt as pyjwt
+
+    key = KEYS["ES256"]
+    ours = craft(HDR, claims())
+    decoded = pyjwt.decode(
+        ours,
+        key.public_key(),
+        algorithms=["ES256"],
+        audience="orders",
+        issuer=ISS,
+        options={"verify_exp": False},  # NOW is a fixed past date
+    )
+    assert decoded["sub"] == SUB
+    theirs = pyjwt.encode(claims(), key, algorithm="ES256", headers={"kid": "k1"})
+    assert verify(theirs).subject == SUB
+
+
+@pytest.mark.parametrize("length", [0, 1, 63, 65, 96, 128])
+def test_es256_signature_of_wrong_length_is_bad_signature(length: int) -> None:
+    good = sjwt.b64url_decode(craft(HDR, claims()).rsplit(".", 1)[1])
+    signature = (good * 3)[:length]
+    with pytest.raises(TokenError) as info:
+        verify(craft(HDR, claims(), signature=signature))
+    assert info.value.reason == "bad_signature"
+
+
+def test_es256_signature_with_r_or_s_out_of_range_is_bad_signature() -> None:
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256 order
+    good = sjwt.b64url_decode(craft(HDR, claims()).rsplit(".", 1)[1])
+    for signature in (n.to_bytes(32, "big") + good[32:], good[:32] + b"\xff" * 32):
+        with pytest.raises(TokenError) as info:
+            verify(craft(HDR, claims(), signature=signature))
+        assert info.value.reason == "bad_signature"
+
+
+def test_a_refused_header_is_refused_every_time() -> None:
+    bad = craft({**HDR, "jku": "https://evil.example/keys"}, claims())
+    good = craft(HDR, claims())
+    for _ in range(3):
+        with pytest.raises(TokenError) as info:
+            verify(bad)
+        assert info.value.reason == "malformed"
+        assert verify(good).subject == SUB
+
+
+def test_parsed_header_is_a_private_copy() -> None:
+    token = craft(HDR, claims())
+    first = sjwt.parse_token(token)
+    first.header["kid"] = "changed"
+    assert sjwt.parse_token(token).header == HDR
+
+
+REFUSED = None
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"a":1}', {"a": 1}),
+        (b'\xef\xbb\xbf{"a":1}', {"a": 1}),  # UTF-8 BOM: json.loads accepts it in bytes
+        ('{"a":1}'.encode("utf-16"), {"a": 1}),  # json.loads detects UTF-16/32 in bytes
+        ('{"a":"\u00e9"}'.encode("utf-16-le"), {"a": "\u00e9"}),
+        ('\ufeff{"a":1}', REFUSED),  # ...and refuses a BOM in text
+        ("{}", {}),
+        (b'{"a":1,"a":2}', REFUSED),  # duplicates: json.loads keeps the last, we refuse
+        (b"\xff\xfe\x00", REFUSED),
+        (b"[1]", REFUSED),
+    ],
+)
+def test_parse_json_object_decides_like_json_loads(data: bytes | str, expected: Any) -> None:
+    if expected is not REFUSED:
+        assert json.loads(data) == expected
+        assert sjwt.parse_json_object(data, "payload") == expected
+        return
+    with pytest.raises(TokenError) as info:
+        sjwt.parse_json_object(data, "payload")
+    assert info.value.reason == "malformed"
