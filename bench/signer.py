@@ -345,6 +345,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.serve_floor is not None:
         return serve_floor(args.serve_floor)
+    # bench/run forwards TERM (timeout, Ctrl-C): unwind so that the finally below stops the servers
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
     allowed = os.sched_getaffinity(0)
     server_cpus: set[int] | None = cpu_list(args.server_cpus) & allowed
