@@ -12,7 +12,8 @@ ratios compare an RPC with the crypto it wraps *on the same core*. Each RPC row 
 CPU time per call of the server and of the client (from /proc and ``process_time``): a server at
 ~100% of its core is the bottleneck, and its µs/call is what an RPC costs. A bare grpc.aio
 server with the same contract and a constant reply (``--serve-floor``, run in its own process
-on the same cpus) gives gRPC's own floor on this machine. Rounds are interleaved and the median
+on the same cpus) gives gRPC's own floor on this machine, for unary calls and for messages on
+bidi streams (the price of a call vs the price of a message). Rounds are interleaved and the median
 is reported. Prints a table with ratios and writes the figures as JSON. Not a test: numbers
 depend on the machine (and on whatever else runs on it).
 """
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,11 @@ SUBJECT = "spiffe://example.org/ns/bench/sa/client"
 AUDIENCE = "orders"
 ISSUER = "spiffe://example.org/signer"
 CONCURRENCY = (1, 64)
-RPCS = ("floor", "jwks", "sign", "verify")  # floor = bare grpc.aio server, constant reply
+# floor = bare grpc.aio server, constant reply; stream = the same server answering VerifyRequest
+# messages on long-lived bidi streams (one per client task, lockstep): what a streaming Verify
+# would start from. Neither is part of the signer's contract.
+RPCS = ("floor", "stream", "jwks", "sign", "verify")
+ECHO_METHOD = "/svidgate.bench.Floor/Echo"
 TARGETS = {"sign": ("crypto_sign", 0.25), "verify": ("crypto_verify", 0.5)}  # issue 5
 
 
@@ -251,9 +256,24 @@ def serve_floor(sock: Path) -> int:
         async def GetJWKS(self, request: Any, context: Any) -> signer_pb2.JWKS:
             return signer_pb2.JWKS(jwks_json='{"keys":[]}', sequence=1)
 
+    reply = signer_pb2.VerifyResponse(claims_json='{"sub":"x"}', kid="k", subject="x")
+
+    async def echo(requests: AsyncIterator[signer_pb2.VerifyRequest], context: Any) -> Any:
+        async for _ in requests:
+            yield reply
+
     async def main() -> None:
         server = grpc.aio.server()
         signer_pb2_grpc.add_SignerServicer_to_server(Floor(), server)  # type: ignore[no-untyped-call]
+        service, method = ECHO_METHOD.strip("/").split("/")
+        handler = grpc.stream_stream_rpc_method_handler(
+            echo,
+            request_deserializer=signer_pb2.VerifyRequest.FromString,
+            response_serializer=signer_pb2.VerifyResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {method: handler}),)
+        )
         checker = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(checker, server)
         server.add_insecure_port(f"unix:{sock}")
@@ -294,9 +314,25 @@ async def rpc_round(
         await signer.Verify(verify_request)
         jwks_request = signer_pb2.GetJWKSRequest()
         await stubs["floor"].GetJWKS(jwks_request)
+        echo: Any = channels["floor"].stream_stream(
+            ECHO_METHOD,
+            request_serializer=signer_pb2.VerifyRequest.SerializeToString,
+            response_deserializer=signer_pb2.VerifyResponse.FromString,
+        )
+        streams: dict[asyncio.Task[Any] | None, Any] = {}
+
+        async def stream_message() -> None:
+            task = asyncio.current_task()
+            call = streams.get(task)
+            if call is None:
+                call = streams[task] = echo()
+            await call.write(verify_request)
+            await call.read()
+
         calls: dict[str, tuple[str, Callable[[], Awaitable[object]]]] = {
             # GetJWKS returns a cached string: the gRPC round-trip floor of the signer itself
             "floor": ("floor", lambda: stubs["floor"].GetJWKS(jwks_request)),
+            "stream": ("floor", stream_message),
             "jwks": ("signer", lambda: signer.GetJWKS(jwks_request)),
             "sign": ("signer", lambda: signer.Sign(sign_request)),
             "verify": ("signer", lambda: signer.Verify(verify_request)),
@@ -315,6 +351,10 @@ async def rpc_round(
                 )
                 client_us = 1e6 * (client_after - client_before) / count
                 out[f"{rpc}_rpc_c{concurrency}"] = (count / elapsed, server_us, client_us)
+                for call in streams.values():
+                    await call.done_writing()
+                    await call.code()
+                streams.clear()
     finally:
         for ch in channels.values():
             await ch.close(None)
@@ -401,7 +441,8 @@ def main() -> int:
 
     rows: list[tuple[str, str, str | None]] = []
     labels = {
-        "floor": "bare grpc.aio server (gRPC floor)",
+        "floor": "bare grpc.aio unary (gRPC floor)",
+        "stream": "bare grpc.aio bidi-stream message",
         "jwks": "GetJWKS RPC (signer's floor)",
         "sign": "Sign RPC",
         "verify": "Verify RPC",
