@@ -119,7 +119,7 @@ class Upstream:
         head_only = method == "HEAD"
         try:
             head, chunked = encode_request_head(
-                method, target, headers.items(), default_host=self._host_header, has_body=has_body
+                method, target, headers, default_host=self._host_header, has_body=has_body
             )
         except ValueError as exc:
             raise UpstreamError("bad_request_header", str(exc)) from None

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from gateway_harness import WEB_ID, WRITER_ID, Echo, Harness, LabPki, gateway_config
+from multidict import CIMultiDict
 
 from gateway.upstream_client import (
     ConnectFailed,
@@ -431,20 +432,22 @@ async def test_read_timeout_while_reading_a_small_body_504(
 
 def test_encode_request_head() -> None:
     head, chunked = encode_request_head(
-        "POST", "/a?b", [("Host", "h"), ("X", "1")], default_host="u:1", has_body=True
+        "POST", "/a?b", CIMultiDict([("Host", "h"), ("X", "1")]), default_host="u:1", has_body=True
     )
     assert head == b"POST /a?b HTTP/1.1\r\nHost: h\r\nX: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert chunked
     head, chunked = encode_request_head(
-        "GET", "/", [("Content-Length", "3")], default_host="u:1", has_body=True
+        "GET", "/", CIMultiDict([("Content-Length", "3")]), default_host="u:1", has_body=True
     )
     assert head == b"GET / HTTP/1.1\r\nHost: u:1\r\nContent-Length: 3\r\n\r\n"
     assert not chunked
     for bad in [("X", "a\r\nInjected: 1"), ("X\n", "a"), ("X", "a\x00")]:
         with pytest.raises(ValueError):
-            encode_request_head("GET", "/", [bad], default_host="u", has_body=False)
+            encode_request_head("GET", "/", CIMultiDict([bad]), default_host="u", has_body=False)
     with pytest.raises(ValueError):
-        encode_request_head("GET", "/ HTTP/1.1\r\nX: y", [], default_host="u", has_body=False)
+        encode_request_head(
+            "GET", "/ HTTP/1.1\r\nX: y", CIMultiDict(), default_host="u", has_body=False
+        )
 
 
 def test_scan_head() -> None:
@@ -453,6 +456,10 @@ def test_scan_head() -> None:
     assert scan_head(b"HTTP/1.1 200 OK\r\nA: b\r\n c\r\n\r\n") is True
     assert scan_head(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nA: b\r\n\tc\r\n\r\n") is True
     assert scan_head(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n") is None
+    assert scan_head(b"HTTP/1.1 200 OK\r\nContent-Length : 1\r\n\r\n") is True
+    assert scan_head(b"HTTP/1.1 200 OK\r\n: empty\r\n\r\n") is True
+    assert scan_head(b"HTTP/1.1 200 OK\r\nX-\xff: 1\r\n\r\n") is True
+    assert scan_head(b"HTTP/1.1 200 OK\nA: b\n\n") is False
 
 
 async def test_pool_idle_timeout_closes_connections() -> None:
