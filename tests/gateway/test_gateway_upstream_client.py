@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -580,3 +581,63 @@ async def test_slow_client_back_pressure_is_not_an_upstream_timeout(
         head, _, got = received.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
         assert got == body
+
+
+async def test_pinned_id_checked_before_any_request_byte(
+    test_pki: LabPki, echo: Echo, start_gateway: StartGateway
+) -> None:
+    # A TLS upstream with a valid SVID of the wrong ID: the handshake succeeds, then the gateway
+    # must hang up without writing a single byte of the request.
+    cert, key = test_pki.issue("spiffe://example.org/impostor", "impostor", ips=["127.0.0.1"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.load_verify_locations(cafile=str(test_pki.dir / "bundle-a.pem"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    received: list[bytes] = []
+    handshakes = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal handshakes
+        handshakes += 1
+        data = b""
+        with contextlib.suppress(Exception):
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                data += chunk
+        received.append(data)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        doc = gateway_config(test_pki, echo.port)
+        doc["upstreams"]["pinned"] = {
+            "url": f"https://127.0.0.1:{port}",
+            "tls": {
+                "cert": "gateway.crt",
+                "key": "gateway.key",
+                "bundle": "bundle-a.pem",
+                "spiffe_id": "spiffe://example.org/orders",
+            },
+            "retries": 0,
+        }
+        doc["routes"].append(
+            {
+                "name": "pinned",
+                "match": {"path_prefix": "/pinned"},
+                "upstream": "pinned",
+                "allow": [WEB_ID],
+            }
+        )
+        gw = await start_gateway(doc)
+        resp = await gw.request("GET", "/pinned/x")
+        assert resp is not None and resp.status == 502
+        assert resp.json()["reason"] == "upstream_identity"
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.05)
+        assert handshakes == 1
+        assert received == [b""]
+    finally:
+        server.close()
+        await server.wait_closed()
