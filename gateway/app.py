@@ -278,6 +278,19 @@ class GatewayApp:
             response = self._error_response(err, request.get(ROUTE))
         except asyncio.CancelledError:
             raise
+        except ConnectionError as exc:
+            transport = request.transport
+            if transport is not None and not transport.is_closing():
+                raise  # not the client going away: let aiohttp handle it as before
+            # The client went away mid-request (often "Cannot write to closing transport"):
+            # one line, no traceback; 499 (client closed request) is only for logs and metrics.
+            log.info(
+                "client disconnected during %s (route %s): %s",
+                request.method,
+                request.get(ROUTE) or "-",
+                type(exc).__name__,
+            )
+            response = web.Response(status=499)
         except Exception:
             if request.get(STREAMING):
                 raise
