@@ -54,6 +54,7 @@ audit_log = logging.getLogger("svidgate.audit")
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *$")
 _NEVER_PROXIED = frozenset({"CONNECT", "TRACE"})
+SERVER_HEADER = "svidgate"  # the gateway's own responses name no software version
 
 
 _DURABLE = {"durable": True}
@@ -290,7 +291,7 @@ class GatewayApp:
                 request.get(ROUTE) or "-",
                 type(exc).__name__,
             )
-            response = web.Response(status=499)
+            response = web.Response(status=499, headers={"Server": SERVER_HEADER})
         except Exception:
             if request.get(STREAMING):
                 raise
@@ -441,6 +442,7 @@ class GatewayApp:
         resp = web.json_response(body, status=spec.status)
         for name, value in spec.headers:
             resp.headers[name] = value
+        resp.headers["Server"] = SERVER_HEADER  # not aiohttp's "Python/x.y aiohttp/x.y.z"
         return resp
 
 
