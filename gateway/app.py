@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from gateway.admin import Metrics
 from gateway.config import JwtConfig
@@ -106,20 +107,19 @@ def authorization_line(
 
 
 class PeerGate(asyncio.Protocol):
-    """Wraps aiohttp's per-connection protocol: nothing reaches HTTP parsing before the peer's
-    SVID is re-verified against the bundle of its own trust domain."""
+    """Stands in front of aiohttp's per-connection protocol: nothing reaches HTTP parsing before
+    the peer's SVID is re-verified against the bundle of its own trust domain. Once it is, the
+    transport is handed to aiohttp's protocol directly (``set_protocol``), so request bytes do
+    not pass through this wrapper; a refused connection is aborted and never handed over."""
 
-    __slots__ = ("_app", "_expiry", "_inner", "_rejected", "_transport")
+    __slots__ = ("_app", "_inner", "_rejected")
 
     def __init__(self, app: GatewayApp, inner: asyncio.Protocol) -> None:
         self._app = app
         self._inner = inner
         self._rejected = False
-        self._transport: asyncio.BaseTransport | None = None
-        self._expiry: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
         state = self._app.holder.current
         ssl_object = transport.get_extra_info("ssl_object")
         now = datetime.now(UTC)
@@ -153,35 +153,39 @@ class PeerGate(asyncio.Protocol):
             )
             cast(asyncio.Transport, transport).abort()
             return
+        lifetime = max((identity.not_after - now).total_seconds(), 0.0)
+        expiry = asyncio.get_running_loop().call_later(lifetime, transport.close)
         self._app.peers[transport] = identity
-        lifetime = (identity.not_after - now).total_seconds()
-        self._expiry = asyncio.get_running_loop().call_later(max(lifetime, 0.0), transport.close)
+        self._app.expiries[transport] = expiry
+        # Verified: from here on the transport talks to aiohttp's protocol directly. Its
+        # connection_lost reaches GatewayApp.connection_lost through GatewayWebServer.
+        transport.set_protocol(self._inner)
         self._inner.connection_made(transport)
 
+    # Only a refused connection (aborted in connection_made) still has this protocol.
     def data_received(self, data: bytes) -> None:
-        if not self._rejected:
-            self._inner.data_received(data)
+        return None
 
     def eof_received(self) -> bool | None:
-        if self._rejected:
-            return None
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        if not self._rejected:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if not self._rejected:
-            self._inner.resume_writing()
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        if self._transport is not None:
-            self._app.peers.pop(self._transport, None)
-        if not self._rejected:
-            self._inner.connection_lost(exc)
+        return None
+
+
+class GatewayWebServer(web.Server):
+    """aiohttp's connection manager, telling the gateway when a handed-over connection ends
+    (to drop its identity and its certificate-expiry timer)."""
+
+    def __init__(self, app: GatewayApp, **kwargs: Any) -> None:
+        super().__init__(app.handle, **kwargs)
+        self._gateway = app
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        transport = handler.transport
+        super().connection_lost(handler, exc)
+        if transport is not None:
+            self._gateway.connection_lost(transport)
 
 
 class GatewayApp:
@@ -194,6 +198,7 @@ class GatewayApp:
         self.metrics = metrics
         self.signer = signer
         self.peers: dict[asyncio.BaseTransport, PeerIdentity] = {}
+        self.expiries: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
         self.chains = VerifiedChainCache()
         self.upstreams: dict[str, Upstream] = {}
         self.draining = False
@@ -258,6 +263,13 @@ class GatewayApp:
                 if not self.signer.ready(mode=mode):
                     return False, f"signer_not_ready:{mode}"
         return True, "ok"
+
+    def connection_lost(self, transport: asyncio.BaseTransport) -> None:
+        """A verified connection ended: forget its identity, cancel its expiry timer."""
+        self.peers.pop(transport, None)
+        expiry = self.expiries.pop(transport, None)
+        if expiry is not None:
+            expiry.cancel()
 
     def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
         def factory() -> asyncio.Protocol:

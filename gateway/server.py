@@ -22,7 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.admin import Metrics, admin_app
-from gateway.app import GatewayApp, emit
+from gateway.app import GatewayApp, GatewayWebServer, emit
 from gateway.config import parse_host_port
 from gateway.credentials import StateHolder
 from gateway.logs import BackgroundStreamHandler
@@ -75,7 +75,7 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         state = self.holder.current
         await self.app.start()
-        self._web_server = web.Server(self.app.handle, access_log=None)
+        self._web_server = GatewayWebServer(self.app, access_log=None)
         sock = listening_socket(state.config.listen)
         self._server = await loop.create_server(
             self.app.protocol_factory(self._web_server),

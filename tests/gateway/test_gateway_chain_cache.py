@@ -1,9 +1,11 @@
 """The per-connection SVID verification cache: a presented chain verified once per generation of
 bundles, used only inside every certificate's validity, never for a failed chain, dropped on
-reload; resumed sessions (empty chain) never use it."""
+reload; resumed sessions (empty chain) never use it. Verified connections are handed to
+aiohttp directly and leave nothing behind when they close."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -105,3 +107,25 @@ async def test_gateway_reuses_a_verified_chain_and_drops_the_cache_on_reload(
     assert resp is not None and resp.status == 200
     assert chains.misses == 2
     assert len(echo.seen) == 4
+
+
+async def test_closed_connections_leave_no_identity_or_timer_behind(
+    gw: Harness, echo: Echo
+) -> None:
+    app = gw.server.app
+    for _ in range(3):
+        resp = await gw.request("GET", "/orders/1")
+        assert resp is not None and resp.status == 200
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=gw.ctx("web"), server_hostname="localhost"
+    )
+    writer.write(b"GET /orders/2 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(app.peers) == 1 and len(app.expiries) == 1  # the open keep-alive connection
+    writer.close()
+    for _ in range(100):
+        if not app.peers and not app.expiries:
+            break
+        await asyncio.sleep(0.02)
+    assert app.peers == {} and app.expiries == {}
