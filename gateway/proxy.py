@@ -21,7 +21,7 @@ from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.context import STREAMING, UPSTREAM_SECONDS
-from gateway.errors import CircuitOpen, UpstreamError, UpstreamTimeout
+from gateway.errors import BadRequest, CircuitOpen, UpstreamError, UpstreamTimeout
 from gateway.headers import downstream_response_headers
 from gateway.upstream_client import (
     BadResponse,
@@ -126,7 +126,7 @@ class Upstream:
         attempts = 1 + (self.cfg.retries if method in IDEMPOTENT and not has_body else 0)
         started = time.perf_counter()
         conn: UpstreamConnection | None = None
-        body_task: asyncio.Task[None] | None = None
+        body_task: asyncio.Task[bool] | None = None
         try:
             for attempt in range(attempts):
                 try:
@@ -139,6 +139,10 @@ class Upstream:
                     if conn is not None:
                         conn.discard()
                         conn = None
+                    if body_task is not None and body_task.done() and body_task.result():
+                        raise BadRequest(
+                            "incomplete_body", "the request body ended early"
+                        ) from None
                     retryable = not isinstance(exc, Disconnected) or exc.before_response
                     if retryable and attempt + 1 < attempts:
                         continue
@@ -245,16 +249,23 @@ def _content_length(message: RawResponseMessage) -> int | None:
     return int(value)
 
 
-async def _send_body(request: web.BaseRequest, conn: UpstreamConnection, chunked: bool) -> None:
+async def _send_body(request: web.BaseRequest, conn: UpstreamConnection, chunked: bool) -> bool:
     """Stream the client's request body upstream (re-chunked when it had no Content-Length).
 
-    On any failure (client gone, upstream gone) the upstream connection is dropped, so the
-    response waiter fails instead of waiting for the read timeout."""
+    On any failure the upstream connection is dropped, so the response waiter fails instead of
+    waiting for the read timeout. Returns True when the *client* failed (its body ended early):
+    that is not the upstream's fault and must not count against its circuit breaker."""
     transport = conn.transport
     content = request.content
-    try:
-        while True:
+    while True:
+        try:
             chunk = await content.readany()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            conn.break_off()
+            return True
+        try:
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("upstream connection closed")
             if not chunk:
@@ -265,10 +276,12 @@ async def _send_body(request: web.BaseRequest, conn: UpstreamConnection, chunked
                 transport.write(chunk)
             conn.progress()
             await conn.drain()
-        if chunked:
-            transport.write(b"0\r\n\r\n")
-        conn.progress()
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        conn.break_off()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            conn.break_off()
+            return False
+    if chunked:
+        transport.write(b"0\r\n\r\n")
+    conn.progress()
+    return False

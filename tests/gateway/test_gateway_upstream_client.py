@@ -641,3 +641,33 @@ async def test_pinned_id_checked_before_any_request_byte(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_client_abandoning_its_upload_does_not_trip_the_breaker(
+    test_pki: LabPki, echo: Echo, start_gateway: StartGateway
+) -> None:
+    # failures=1: a single upstream failure would open the circuit. A client that sends part of
+    # its body and hangs up is the client's failure, not the upstream's.
+    async with scripted(keep_alive(OK)) as up:
+        gw = await _gateway(
+            start_gateway, test_pki, echo, up, circuit_breaker={"failures": 1, "reset": "1m"}
+        )
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.port, ssl=gw.ctx("writer"), server_hostname="localhost"
+        )
+        writer.write(
+            b"POST /raw/upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789"
+        )
+        await writer.drain()
+        for _ in range(100):  # until the upstream has the head and the first bytes
+            if up.heads:
+                break
+            await asyncio.sleep(0.02)
+        assert up.heads, "the request reached the upstream"
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        await asyncio.wait_for(up.closed.wait(), 5)  # the gateway dropped the upstream leg
+        await asyncio.sleep(0.1)
+        resp = await gw.request("GET", "/raw/after")
+        assert resp is not None and resp.status == 200
