@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from typing import TextIO
@@ -57,8 +58,11 @@ class BackgroundStreamHandler(logging.Handler):
             or len(self._pending) >= self.max_pending
         ):
             self.flush()
-        elif self._thread is None:
-            self._start_writer()
+        else:
+            if self._thread is None:
+                self._start_writer()
+            if len(self._pending) == 1:  # the writer sleeps until there is something to write
+                self._wake.set()
 
     def flush(self) -> None:
         """Write every pending line now (in order), on the calling thread."""
@@ -94,8 +98,13 @@ class BackgroundStreamHandler(logging.Handler):
             self._thread.start()
 
     def _run(self) -> None:
+        # Idle: blocked on the event, no periodic wake-ups. Busy: one batch per interval.
         while not self._closed:
-            self._wake.wait(self.interval)
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                break
+            time.sleep(self.interval)
             self.flush()
 
     def _before_fork(self) -> None:
