@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki.bundle import BundleSet
+from pki.jose import b64url_encode
 from pki.spiffe_id import SpiffeId
 from pki.svid import X509Svid, thumbprint_sha256, verify_x509_svid
 
@@ -47,7 +48,7 @@ class PeerIdentity:
             spiffe_id=svid.spiffe_id,
             id_text=id_text,
             leaf_sha256_hex=hex_digest,
-            x5t_s256=base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii"),
+            x5t_s256=b64url_encode(digest),
             xfcc=f"By={gateway_id};Hash={hex_digest};URI={id_text}",
             leaf_der=leaf.public_bytes(Encoding.DER),
             not_after=leaf.not_valid_after_utc,

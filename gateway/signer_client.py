@@ -11,15 +11,12 @@ find out: 503). Nothing here ever allows a token it could not verify.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import random
-import re
 import ssl
 import time
 from collections import OrderedDict
@@ -30,12 +27,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.exceptions import PyJWTError
 
 from gateway.errors import ConfigError, SignerUnavailable, TokenRejected
 from pki.errors import PkiError
+from pki.jose import b64url_decode, key_fits_algorithm, loads_strict
 from pki.spiffe_id import parse_spiffe_id
 
 if TYPE_CHECKING:
@@ -61,7 +58,6 @@ ALLOWED_HEADERS = frozenset({"alg", "kid", "typ"})
 # Header parameters that would let a token pick its own key or demand unknown semantics.
 FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "crit", "zip", "cty", "b64")
 CNF_THUMBPRINT = "x5t#S256"
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _ALGORITHMS: Mapping[str, Algorithm] = MappingProxyType(
     {name: alg for name, alg in get_default_algorithms().items() if name in ALLOWED_ALGORITHMS}
 )
@@ -227,7 +223,7 @@ class KeySet:
                 public_key = _ALGORITHMS[alg].from_jwk(raw)
             except (PyJWTError, ValueError, TypeError, KeyError) as exc:
                 raise KeySetError(f"{where} ({kid}): unusable key: {exc}") from None
-            if not _key_fits(str(alg), public_key):
+            if not key_fits_algorithm(str(alg), public_key):
                 raise KeySetError(f"{where} ({kid}): key type does not fit alg {alg}")
             keys[kid] = VerificationKey(kid=kid, algorithm=str(alg), public_key=public_key)
         issuer = doc.get("issuer")
@@ -238,37 +234,10 @@ class KeySet:
         )
 
 
-def _key_fits(alg: str, key: Any) -> bool:
-    """One algorithm per key: the JWK's ``alg`` must match its key type (public keys only)."""
-    if alg == "EdDSA":
-        return isinstance(key, ed25519.Ed25519PublicKey)
-    if alg == "ES256":
-        return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
-    return isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048
-
-
-def _b64url_decode(text: str) -> bytes:
-    if not _B64URL.match(text) or len(text) % 4 == 1:
-        raise ValueError("not base64url")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64url") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate JSON key {key!r}")
-        out[key] = value
-    return out
-
-
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        value = loads_strict(data)
+    except (ValueError, RecursionError):
         raise TokenRejected("malformed", f"{what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise TokenRejected("malformed", f"{what} is not a JSON object")
@@ -298,9 +267,9 @@ def parse_token(token: str) -> ParsedToken:
     precheck_token(token)
     header_b64, payload_b64, sig_b64 = token.split(".")
     try:
-        header_raw = _b64url_decode(header_b64)
-        signature = _b64url_decode(sig_b64)
-        _b64url_decode(payload_b64)
+        header_raw = b64url_decode(header_b64)
+        signature = b64url_decode(sig_b64)
+        b64url_decode(payload_b64)
     except ValueError:
         raise TokenRejected("malformed", "a part is not base64url") from None
     header = _json_object(header_raw, "header")
@@ -401,7 +370,7 @@ def verify_local(
         valid = False
     if not valid:
         raise TokenRejected("bad_signature", "signature does not verify")
-    claims = _json_object(_b64url_decode(parsed.payload_b64), "payload")
+    claims = _json_object(b64url_decode(parsed.payload_b64), "payload")
 
     missing = [name for name in REQUIRED_CLAIMS if name not in claims]
     if missing:

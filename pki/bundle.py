@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from pki.errors import BundleError, UntrustedSvidError
+from pki.jose import b64url_encode
 from pki.spiffe_id import TrustDomain, parse_trust_domain
 
 USE_X509_SVID = "x509-svid"
@@ -50,13 +51,9 @@ def parse_pem_bundle(data: bytes, trust_domain: TrustDomain | str) -> Bundle:
     return Bundle(td, tuple(certs))
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _int_b64url(value: int, length: int | None = None) -> str:
+def _intb64url_encode(value: int, length: int | None = None) -> str:
     size = length if length is not None else max(1, (value.bit_length() + 7) // 8)
-    return _b64url(value.to_bytes(size, "big"))
+    return b64url_encode(value.to_bytes(size, "big"))
 
 
 def public_jwk(cert: x509.Certificate) -> dict[str, Any]:
@@ -71,15 +68,19 @@ def public_jwk(cert: x509.Certificate) -> dict[str, Any]:
         return {
             "kty": "EC",
             "crv": crv,
-            "x": _int_b64url(nums.x, size),
-            "y": _int_b64url(nums.y, size),
+            "x": _intb64url_encode(nums.x, size),
+            "y": _intb64url_encode(nums.y, size),
         }
     if isinstance(key, rsa.RSAPublicKey):
         nums_rsa = key.public_numbers()
-        return {"kty": "RSA", "n": _int_b64url(nums_rsa.n), "e": _int_b64url(nums_rsa.e)}
+        return {
+            "kty": "RSA",
+            "n": _intb64url_encode(nums_rsa.n),
+            "e": _intb64url_encode(nums_rsa.e),
+        }
     if isinstance(key, ed25519.Ed25519PublicKey):
         raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
+        return {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(raw)}
     raise BundleError(f"unsupported public key type {type(key).__name__}")
 
 

@@ -7,7 +7,6 @@ chains to the bundle of the trust domain its own ID names, valid at an explicit 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import itertools
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from pki.bundle import BundleSet
 from pki.errors import InvalidSpiffeIdError, InvalidSvidError, PkiError, UntrustedSvidError
+from pki.jose import b64url_encode
 from pki.spiffe_id import SpiffeId, parse_spiffe_id
 
 
@@ -247,4 +247,4 @@ def thumbprint_sha256(cert: x509.Certificate) -> bytes:
 
 def x5t_s256(cert: x509.Certificate) -> str:
     """RFC 8705 ``cnf.x5t#S256``: base64url (no padding) of the DER SHA-256 thumbprint."""
-    return base64.urlsafe_b64encode(thumbprint_sha256(cert)).rstrip(b"=").decode()
+    return b64url_encode(thumbprint_sha256(cert))

@@ -15,12 +15,9 @@ encoded once per (alg, kid).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
-import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +36,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 from pki.errors import PkiError
+from pki.jose import (
+    B64URL_ALPHABET,
+    b64url_decode,
+    key_fits_algorithm,
+    loads_strict,
+    reject_duplicate_keys,
+)
+from pki.jose import b64url_encode as b64url
 from pki.spiffe_id import parse_spiffe_id
 from signer.errors import (
     AlgNotAllowedError,
@@ -61,7 +66,6 @@ FORBIDDEN_HEADERS: Final = ("jku", "x5u", "jwk", "x5c", "crit", "zip", "cty", "b
 REGISTERED_CLAIMS: Final = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "cnf"})
 REQUIRED_CLAIMS: Final = ("exp", "iat", "iss", "aud", "sub")
 CNF_THUMBPRINT: Final = "x5t#S256"
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())  # stateless: one instance serves every call
 _P256_BYTES: Final = 32
 
@@ -103,57 +107,17 @@ def jws_algorithm(alg: str) -> Algorithm:
 
 def check_key_algorithm(alg: str, key: PublicKey | PrivateKey) -> None:
     """Raise ValueError unless ``key`` is the key type ``alg`` needs (one algorithm per key)."""
-    ok = {
-        "EdDSA": isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey),
-        "ES256": isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey)
-        and isinstance(key.curve, ec.SECP256R1),
-        "RS256": isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey) and key.key_size >= 2048,
-        "PS256": isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey) and key.key_size >= 2048,
-    }.get(alg, False)
-    if not ok:
+    if not key_fits_algorithm(alg, key):
         raise ValueError(f"key type {type(key).__name__} does not fit algorithm {alg}")
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    """Strict base64url without padding; raises ValueError."""
-    if not _B64URL.match(text) or len(text) % 4 == 1:
-        raise ValueError("not base64url")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64url") from None
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate JSON key {key!r}")
-        out[key] = value
-    return out
-
-
-_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicates)
 
 
 def parse_json_object(data: bytes | str, what: str) -> dict[str, Any]:
     """Decode a JSON object rejecting duplicate keys; raises MalformedTokenError.
 
-    Exactly ``json.loads(data, object_pairs_hook=...)`` (same encoding detection for bytes,
-    same BOM refusal for text) with one shared decoder instead of a new one per call."""
+    Decoding is :func:`pki.jose.loads_strict` (``json.loads`` semantics, one shared decoder)."""
     try:
-        if isinstance(data, bytes):
-            text = data.decode(json.detect_encoding(data), "surrogatepass")
-        else:
-            if data.startswith("\ufeff"):
-                raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig)")
-            text = data
-        value = _STRICT_JSON.decode(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = loads_strict(data)
+    except ValueError as exc:
         raise MalformedTokenError(f"{what} is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise MalformedTokenError(f"{what} is not a JSON object")
@@ -222,7 +186,7 @@ def parse_extra_claims(claims_json: str) -> dict[str, Any]:
     if not claims_json:
         return {}
     try:
-        extra = json.loads(claims_json, object_pairs_hook=_no_duplicates)
+        extra = json.loads(claims_json, object_pairs_hook=reject_duplicate_keys)
     except ValueError as exc:
         raise InvalidRequestError(f"claims_json is not valid JSON ({exc})") from None
     if not isinstance(extra, dict):
@@ -285,7 +249,7 @@ def parse_token(token: str) -> ParsedToken:
         signature = b64url_decode(sig_b64)
     except ValueError:
         raise MalformedTokenError("a part is not base64url") from None
-    if not _B64URL.match(payload_b64) or len(payload_b64) % 4 == 1:
+    if not B64URL_ALPHABET.match(payload_b64) or len(payload_b64) % 4 == 1:
         raise MalformedTokenError("a part is not base64url")  # decoded after the signature
     alg, kid, header = _parse_header(header_b64)
     if not signature:

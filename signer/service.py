@@ -6,7 +6,6 @@ RPC's message is ``reason: detail`` and the reason is also in trailing metadata
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
 from pki.errors import PkiError
+from pki.jose import b64url_encode
 from pki.matchers import IdMatcher
 from pki.spiffe_id import SpiffeId, parse_spiffe_id
 from pki.svid import check_svid_profile
@@ -93,7 +93,7 @@ class _PeerCache:
                     f"peer certificate is not an X.509-SVID ({exc})"
                 ) from None
             digest = hashlib.sha256(leaf.public_bytes(Encoding.DER)).digest()
-            found = (spiffe_id, base64.urlsafe_b64encode(digest).rstrip(b"=").decode())
+            found = (spiffe_id, b64url_encode(digest))
             if len(self._items) >= self._limit:
                 self._items.clear()
             self._items[pem] = found
