@@ -4,7 +4,6 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-PKGS    := pki signer gateway svidgate
 PROTO   := proto/svidgate/signer/v1/signer.proto
 
 .PHONY: install up test lint format proto bench clean
@@ -23,7 +22,7 @@ up: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict $(PKGS)
+	MYPY=$(BIN)/mypy .ci/typecheck
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -159,7 +159,7 @@ def core_benchmarks(seconds: float) -> dict[str, float]:
     # run as a script, sys.path[0] is bench/, where this file would shadow the signer package
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    from signer import jwt as sjwt
+    from svidgate.signer import jwt as sjwt
 
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)

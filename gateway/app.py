@@ -24,12 +24,11 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-
-from gateway.admin import Metrics
-from gateway.config import JwtConfig
-from gateway.context import CANONICAL_PATH, ROUTE, STREAMING, UPSTREAM, UPSTREAM_SECONDS
-from gateway.credentials import GatewayState, StateHolder
-from gateway.errors import (
+from svidgate.gateway.admin import Metrics
+from svidgate.gateway.config import JwtConfig
+from svidgate.gateway.context import CANONICAL_PATH, ROUTE, STREAMING, UPSTREAM, UPSTREAM_SECONDS
+from svidgate.gateway.credentials import GatewayState, StateHolder
+from svidgate.gateway.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
@@ -38,16 +37,16 @@ from gateway.errors import (
     TokenRejected,
     response_spec,
 )
-from gateway.headers import identity_header_names, upstream_request_headers
-from gateway.identity import PeerIdentity, VerifiedChainCache
-from gateway.policy import Decision
-from gateway.proxy import Upstream
-from gateway.routes import parse_target
-from gateway.tls import peer_chain_der, verify_peer
-from pki.errors import PkiError
+from svidgate.gateway.headers import identity_header_names, upstream_request_headers
+from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
+from svidgate.gateway.policy import Decision
+from svidgate.gateway.proxy import Upstream
+from svidgate.gateway.routes import parse_target
+from svidgate.gateway.tls import peer_chain_der, verify_peer
+from svidgate.pki.errors import PkiError
 
 if TYPE_CHECKING:
-    from gateway.signer_client import SignerClient
+    from svidgate.gateway.signer_client import SignerClient
 
 log = logging.getLogger("svidgate.gateway")
 access_log = logging.getLogger("svidgate.access")

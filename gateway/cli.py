@@ -34,14 +34,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import run
+    from svidgate.gateway.server import run
 
     return run(args.config)
 
 
 def _check(args: argparse.Namespace) -> int:
-    from gateway.credentials import build_state
-    from pki.durations import format_duration
+    from svidgate.gateway.credentials import build_state
+    from svidgate.pki.durations import format_duration
 
     state = build_state(args.config)
     cfg = state.config
@@ -78,11 +78,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
-    from gateway.errors import GatewayError
-    from gateway.policy import Policy
-    from gateway.routes import parse_target
-    from pki.spiffe_id import parse_spiffe_id
+    from svidgate.gateway.config import load_config
+    from svidgate.gateway.errors import GatewayError
+    from svidgate.gateway.policy import Policy
+    from svidgate.gateway.routes import parse_target
+    from svidgate.pki.spiffe_id import parse_spiffe_id
 
     cfg = load_config(args.config)
     spiffe_id = parse_spiffe_id(args.spiffe_id, require_path=True)

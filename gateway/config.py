@@ -24,12 +24,11 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-
-from gateway.errors import ConfigError
-from pki.durations import parse_duration
-from pki.errors import PkiError
-from pki.matchers import parse_id_pattern
-from pki.spiffe_id import parse_spiffe_id, parse_trust_domain
+from svidgate.gateway.errors import ConfigError
+from svidgate.pki.durations import parse_duration
+from svidgate.pki.errors import PkiError
+from svidgate.pki.matchers import parse_id_pattern
+from svidgate.pki.spiffe_id import parse_spiffe_id, parse_trust_domain
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token
 _HEADER_NAME = _TOKEN

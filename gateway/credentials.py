@@ -16,15 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
-
-from gateway.config import GatewayConfig, load_config
-from gateway.errors import CredentialsError, GatewayError
-from gateway.policy import Policy
-from gateway.tls import build_client_context, build_server_context
-from pki.bundle import Bundle, BundleSet, load_bundle, marshal_pem
-from pki.errors import PkiError
-from pki.spiffe_id import SpiffeId, parse_spiffe_id
-from pki.svid import check_svid_profile, load_certificates, verify_x509_svid
+from svidgate.gateway.config import GatewayConfig, load_config
+from svidgate.gateway.errors import CredentialsError, GatewayError
+from svidgate.gateway.policy import Policy
+from svidgate.gateway.tls import build_client_context, build_server_context
+from svidgate.pki.bundle import Bundle, BundleSet, load_bundle, marshal_pem
+from svidgate.pki.errors import PkiError
+from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
+from svidgate.pki.svid import check_svid_profile, load_certificates, verify_x509_svid
 
 log = logging.getLogger("svidgate.gateway")
 

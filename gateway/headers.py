@@ -13,9 +13,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
-
-from gateway.errors import UpstreamError
-from gateway.identity import PeerIdentity
+from svidgate.gateway.errors import UpstreamError
+from svidgate.gateway.identity import PeerIdentity
 
 HOP_BY_HOP = frozenset(
     {

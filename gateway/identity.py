@@ -12,11 +12,10 @@ from datetime import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-
-from pki.bundle import BundleSet
-from pki.jose import b64url_encode
-from pki.spiffe_id import SpiffeId
-from pki.svid import X509Svid, thumbprint_sha256, verify_x509_svid
+from svidgate.pki.bundle import BundleSet
+from svidgate.pki.jose import b64url_encode
+from svidgate.pki.spiffe_id import SpiffeId
+from svidgate.pki.svid import X509Svid, thumbprint_sha256, verify_x509_svid
 
 DEFAULT_CHAIN_CACHE_ENTRIES = 4096
 

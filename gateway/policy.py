@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.config import GatewayConfig
-from gateway.errors import Forbidden, NoRoute
-from gateway.routes import Route, RouteTable
-from pki.matchers import IdMatcher
-from pki.spiffe_id import SpiffeId
+from svidgate.gateway.config import GatewayConfig
+from svidgate.gateway.errors import Forbidden, NoRoute
+from svidgate.gateway.routes import Route, RouteTable
+from svidgate.pki.matchers import IdMatcher
+from svidgate.pki.spiffe_id import SpiffeId
 
 ALLOWED = "allowed"
 NO_ROUTE = "no_route"
@@ -55,7 +55,7 @@ class Policy:
         return self._matchers[route.index]
 
     def explain(self, spiffe_id: SpiffeId, method: str, path: str) -> Decision:
-        """Decide for a canonical path (see :func:`gateway.routes.canonical_path`)."""
+        """Decide for a canonical path (see :func:`svidgate.gateway.routes.canonical_path`)."""
         found = self.table.match(path, method)
         if found is None:
             return Decision(False, NO_ROUTE, None)

@@ -17,13 +17,11 @@ from aiohttp import web
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
-from yarl import URL
-
-from gateway.config import UpstreamConfig
-from gateway.context import STREAMING, UPSTREAM_SECONDS
-from gateway.errors import BadRequest, CircuitOpen, UpstreamError, UpstreamTimeout
-from gateway.headers import downstream_response_headers
-from gateway.upstream_client import (
+from svidgate.gateway.config import UpstreamConfig
+from svidgate.gateway.context import STREAMING, UPSTREAM_SECONDS
+from svidgate.gateway.errors import BadRequest, CircuitOpen, UpstreamError, UpstreamTimeout
+from svidgate.gateway.headers import downstream_response_headers
+from svidgate.gateway.upstream_client import (
     BadResponse,
     ConnectFailed,
     ConnectTimeout,
@@ -35,6 +33,7 @@ from gateway.upstream_client import (
     UpstreamPool,
     encode_request_head,
 )
+from yarl import URL
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 BUFFER_LIMIT = 64 * 1024  # bodies up to this Content-Length go out with the headers in one write

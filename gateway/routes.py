@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gateway.config import GatewayConfig, JwtConfig, RouteConfig
-from gateway.errors import BadRequest
+from svidgate.gateway.config import GatewayConfig, JwtConfig, RouteConfig
+from svidgate.gateway.errors import BadRequest
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # pchar minus '%' and ';' (handled separately) plus '/': what may appear raw in a path.

@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 from aiohttp import web
-
-from gateway.admin import Metrics, admin_app
-from gateway.app import GatewayApp, GatewayWebServer, emit
-from gateway.config import parse_host_port
-from gateway.credentials import StateHolder
-from gateway.logs import BackgroundStreamHandler
+from svidgate.gateway.admin import Metrics, admin_app
+from svidgate.gateway.app import GatewayApp, GatewayWebServer, emit
+from svidgate.gateway.config import parse_host_port
+from svidgate.gateway.credentials import StateHolder
+from svidgate.gateway.logs import BackgroundStreamHandler
 
 log = logging.getLogger("svidgate.gateway")
 
@@ -59,7 +58,7 @@ class GatewayServer:
         cfg = self.holder.current.config
         signer = None
         if cfg.signer is not None:
-            from gateway.signer_client import SignerClient
+            from svidgate.gateway.signer_client import SignerClient
 
             signer = SignerClient.from_config(cfg.signer)
         self.app = GatewayApp(self.holder, self.metrics, signer)
@@ -155,7 +154,7 @@ async def serve_worker(config_path: Path, *, admin: bool = True) -> int:
 
 def configure_logging() -> None:
     """JSON lines on stderr: the message of every record is already JSON or plain text; they
-    are written by a background thread (:mod:`gateway.logs`), never on the event loop."""
+    are written by a background thread (:mod:`svidgate.gateway.logs`), never on the event loop."""
     handler = BackgroundStreamHandler(sys.stderr)
 
     class _Json(logging.Formatter):

@@ -29,11 +29,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.exceptions import PyJWTError
-
-from gateway.errors import ConfigError, SignerUnavailable, TokenRejected
-from pki.errors import PkiError
-from pki.jose import b64url_decode, key_fits_algorithm, loads_strict
-from pki.spiffe_id import parse_spiffe_id
+from svidgate.gateway.errors import ConfigError, SignerUnavailable, TokenRejected
+from svidgate.pki.errors import PkiError
+from svidgate.pki.jose import b64url_decode, key_fits_algorithm, loads_strict
+from svidgate.pki.spiffe_id import parse_spiffe_id
 
 if TYPE_CHECKING:
     import grpc
@@ -847,9 +846,8 @@ def _peer_spiffe_id(host: str, port: int, tls: SignerTLSSettings) -> str:
     from datetime import UTC, datetime
 
     from cryptography import x509
-
-    from pki.bundle import BundleSet, load_bundle
-    from pki.svid import check_svid_profile, verify_x509_svid
+    from svidgate.pki.bundle import BundleSet, load_bundle
+    from svidgate.pki.svid import check_svid_profile, verify_x509_svid
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

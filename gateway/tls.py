@@ -14,11 +14,10 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-
-from gateway.errors import CredentialsError
-from pki.bundle import BundleSet
-from pki.errors import PkiError, UntrustedSvidError
-from pki.svid import X509Svid, check_svid_profile, verify_x509_svid
+from svidgate.gateway.errors import CredentialsError
+from svidgate.pki.bundle import BundleSet
+from svidgate.pki.errors import PkiError, UntrustedSvidError
+from svidgate.pki.svid import X509Svid, check_svid_profile, verify_x509_svid
 
 # TLS 1.2: ECDHE key exchange with AEAD ciphers only. TLS 1.3 suites are all AEAD + (EC)DHE.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1:!SHA256:!SHA384"

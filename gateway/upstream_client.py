@@ -21,9 +21,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
-
-from gateway.tls import check_peer_id
-from pki.errors import PkiError
+from svidgate.gateway.tls import check_peer_id
+from svidgate.pki.errors import PkiError
 
 READ_LIMIT = 2**16
 MAX_HEAD = 64 * 1024  # response head bytes buffered for the obs-fold check

@@ -17,10 +17,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-from pki.errors import BundleError, UntrustedSvidError
-from pki.jose import b64url_encode
-from pki.spiffe_id import TrustDomain, parse_trust_domain
+from svidgate.pki.errors import BundleError, UntrustedSvidError
+from svidgate.pki.jose import b64url_encode
+from svidgate.pki.spiffe_id import TrustDomain, parse_trust_domain
 
 USE_X509_SVID = "x509-svid"
 USE_JWT_SVID = "jwt-svid"

@@ -18,12 +18,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from pki.bundle import Bundle, marshal_json, marshal_pem
-from pki.durations import format_duration
-from pki.errors import CaError, InvalidSpiffeIdError, PkiError
-from pki.spiffe_id import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain
-from pki.svid import load_certificates, load_private_key, uri_sans
+from svidgate.pki.bundle import Bundle, marshal_json, marshal_pem
+from svidgate.pki.durations import format_duration
+from svidgate.pki.errors import CaError, InvalidSpiffeIdError, PkiError
+from svidgate.pki.spiffe_id import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain
+from svidgate.pki.svid import load_certificates, load_private_key, uri_sans
 
 DEFAULT_CA_TTL = timedelta(days=365)
 DEFAULT_SVID_TTL = timedelta(hours=1)

@@ -10,13 +10,12 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-from pki.bundle import Bundle, BundleSet, load_bundle
-from pki.ca import DEFAULT_CA_TTL, DEFAULT_SVID_TTL, CertificateAuthority, KeyType
-from pki.durations import format_duration, parse_duration
-from pki.errors import CaError, PkiError
-from pki.spiffe_id import TrustDomain, parse_spiffe_id, parse_trust_domain
-from pki.svid import (
+from svidgate.pki.bundle import Bundle, BundleSet, load_bundle
+from svidgate.pki.ca import DEFAULT_CA_TTL, DEFAULT_SVID_TTL, CertificateAuthority, KeyType
+from svidgate.pki.durations import format_duration, parse_duration
+from svidgate.pki.errors import CaError, PkiError
+from svidgate.pki.spiffe_id import TrustDomain, parse_spiffe_id, parse_trust_domain
+from svidgate.pki.svid import (
     check_svid_profile,
     load_certificates,
     thumbprint_sha256,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from pki.errors import DurationError
+from svidgate.pki.errors import DurationError
 
 # Go's units: ns, us / µs (micro sign) / μs (Greek mu), ms, s, m, h. Nanoseconds round to µs.
 _UNITS_US = {

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pki.errors import InvalidPatternError, InvalidSpiffeIdError, UnauthorizedIdError
-from pki.spiffe_id import SpiffeId, parse_spiffe_id
+from svidgate.pki.errors import InvalidPatternError, InvalidSpiffeIdError, UnauthorizedIdError
+from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
 
 ONE_SEGMENT = "*"
 REST = "**"

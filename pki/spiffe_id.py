@@ -9,7 +9,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from pki.errors import InvalidSpiffeIdError
+from svidgate.pki.errors import InvalidSpiffeIdError
 
 SCHEME_PREFIX = "spiffe://"
 MAX_ID_BYTES = 2048

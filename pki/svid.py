@@ -21,11 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
-
-from pki.bundle import BundleSet
-from pki.errors import InvalidSpiffeIdError, InvalidSvidError, PkiError, UntrustedSvidError
-from pki.jose import b64url_encode
-from pki.spiffe_id import SpiffeId, parse_spiffe_id
+from svidgate.pki.bundle import BundleSet
+from svidgate.pki.errors import InvalidSpiffeIdError, InvalidSvidError, PkiError, UntrustedSvidError
+from svidgate.pki.jose import b64url_encode
+from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
 
 
 @dataclass(frozen=True)

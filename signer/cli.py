@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from signer.errors import SignerError
+from svidgate.signer.errors import SignerError
 
 if TYPE_CHECKING:
     import grpc
-
-    from signer.config import SignerConfig
+    from svidgate.signer.config import SignerConfig
 
 RPC_TIMEOUT = 10.0
 
@@ -43,8 +42,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from signer.config import load_config
-    from signer.server import run
+    from svidgate.signer.config import load_config
+    from svidgate.signer.server import run
 
     return run(load_config(args.config))
 
@@ -92,11 +91,10 @@ def _call(cfg: SignerConfig, method: str, request: Any) -> Any:
 
 
 def _sign(args: argparse.Namespace) -> int:
+    from svidgate.pki.durations import parse_duration
+    from svidgate.pki.errors import PkiError
+    from svidgate.signer.config import load_config
     from svidgate.signer.v1 import signer_pb2
-
-    from pki.durations import parse_duration
-    from pki.errors import PkiError
-    from signer.config import load_config
 
     cfg = load_config(args.config)
     ttl = 0
@@ -114,9 +112,8 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _rotate(args: argparse.Namespace) -> int:
+    from svidgate.signer.config import load_config
     from svidgate.signer.v1 import signer_pb2
-
-    from signer.config import load_config
 
     reply = _call(load_config(args.config), "Rotate", signer_pb2.RotateRequest())
     print(f"prepared {reply.prepared_kid} (active {reply.active_kid})")

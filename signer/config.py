@@ -23,12 +23,11 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
 )
-
-from pki.durations import format_duration, parse_duration
-from pki.errors import PkiError
-from pki.matchers import IdMatcher, parse_id_pattern
-from pki.spiffe_id import TrustDomain, parse_trust_domain
-from signer.errors import ConfigError
+from svidgate.pki.durations import format_duration, parse_duration
+from svidgate.pki.errors import PkiError
+from svidgate.pki.matchers import IdMatcher, parse_id_pattern
+from svidgate.pki.spiffe_id import TrustDomain, parse_trust_domain
+from svidgate.signer.errors import ConfigError
 
 VAULT_TOKEN_ENV = "VAULT_TOKEN"  # noqa: S105 (a variable name, not a secret)
 

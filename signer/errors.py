@@ -1,5 +1,5 @@
 """The signer's error tree (one base); the single table mapping them to gRPC status codes lives
-in the service layer (:mod:`signer.service`)."""
+in the service layer (:mod:`svidgate.signer.service`)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """JWT minting and verification: a pure core (``now`` is always passed in).
 
 Tokens are compact JWS with the header ``{"alg", "kid", "typ": "JWT"}`` only. Verification is
-strict and fails closed with a typed :class:`~signer.errors.TokenError` whose ``reason`` is the
-machine-readable code: the size limit first, then structure, header, key lookup by ``kid`` (only
-ever a dictionary key), header ``alg`` == the key's algorithm, signature (pyjwt algorithm
-objects with key objects; ES256 with P-256 keys calls cryptography directly, see
-:func:`verify_signature`), then the claims.
+strict and fails closed with a typed :class:`~svidgate.signer.errors.TokenError` whose
+``reason`` is the machine-readable code: the size limit first, then structure, header, key
+lookup by ``kid`` (only ever a dictionary key), header ``alg`` == the key's algorithm, signature
+(pyjwt algorithm objects with key objects; ES256 with P-256 keys calls cryptography directly,
+see :func:`verify_signature`), then the claims.
 
 Per-request costs are kept off the hot path without changing any decision: a validated header
 is remembered by its exact base64url text (a failing header is never cached and fails again),
@@ -34,18 +34,17 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 from jwt.algorithms import Algorithm, get_default_algorithms
-
-from pki.errors import PkiError
-from pki.jose import (
+from svidgate.pki.errors import PkiError
+from svidgate.pki.jose import (
     B64URL_ALPHABET,
     b64url_decode,
     key_fits_algorithm,
     loads_strict,
     reject_duplicate_keys,
 )
-from pki.jose import b64url_encode as b64url
-from pki.spiffe_id import parse_spiffe_id
-from signer.errors import (
+from svidgate.pki.jose import b64url_encode as b64url
+from svidgate.pki.spiffe_id import parse_spiffe_id
+from svidgate.signer.errors import (
     AlgNotAllowedError,
     BadAudienceError,
     BadIssuerError,
@@ -114,7 +113,8 @@ def check_key_algorithm(alg: str, key: PublicKey | PrivateKey) -> None:
 def parse_json_object(data: bytes | str, what: str) -> dict[str, Any]:
     """Decode a JSON object rejecting duplicate keys; raises MalformedTokenError.
 
-    Decoding is :func:`pki.jose.loads_strict` (``json.loads`` semantics, one shared decoder)."""
+    Decoding is :func:`svidgate.pki.jose.loads_strict` (``json.loads`` semantics, one shared
+    decoder)."""
     try:
         value = loads_strict(data)
     except ValueError as exc:

@@ -6,10 +6,9 @@ from datetime import datetime
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-from signer.errors import KeySourceError
-from signer.jwt import PrivateKey, check_key_algorithm, jwk_thumbprint
-from signer.keyring import SigningKey
+from svidgate.signer.errors import KeySourceError
+from svidgate.signer.jwt import PrivateKey, check_key_algorithm, jwk_thumbprint
+from svidgate.signer.keyring import SigningKey
 
 
 def generate_private_key(algorithm: str) -> PrivateKey:

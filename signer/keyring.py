@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from signer.errors import UnknownKidError
-from signer.jwt import PrivateKey, PublicKey, VerificationKey, public_jwk
+from svidgate.signer.errors import UnknownKidError
+from svidgate.signer.jwt import PrivateKey, PublicKey, VerificationKey, public_jwk
 
 RemoteSign = Callable[[bytes], Awaitable[bytes]]
 

@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from signer import jwt as sjwt
-from signer.config import SignerConfig
-from signer.errors import (
+from svidgate.signer import jwt as sjwt
+from svidgate.signer.config import SignerConfig
+from svidgate.signer.errors import (
     InvalidRequestError,
     KeySourceError,
     NotReadyError,
     SigningUnavailableError,
     SourceConflictError,
 )
-from signer.keyring import KeyRing, KeyState, SigningKey, Timing
-from signer.rotation import Action, next_rotation_at, plan_rotation
-from signer.sources import KeySource
+from svidgate.signer.keyring import KeyRing, KeyState, SigningKey, Timing
+from svidgate.signer.rotation import Action, next_rotation_at, plan_rotation
+from svidgate.signer.sources import KeySource
 
 log = logging.getLogger("svidgate.signer.keys")
 Clock = Callable[[], datetime]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from signer.keyring import KeyRing
+from svidgate.signer.keyring import KeyRing
 
 
 class Action(StrEnum):

@@ -23,13 +23,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from svidgate.signer.config import SignerConfig, TlsConfig, environment_token
+from svidgate.signer.errors import ConfigError
+from svidgate.signer.keystore import KeyStore
+from svidgate.signer.service import SignerService
+from svidgate.signer.sources import KeySource
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
-
-from signer.config import SignerConfig, TlsConfig, environment_token
-from signer.errors import ConfigError
-from signer.keystore import KeyStore
-from signer.service import SignerService
-from signer.sources import KeySource
 
 log = logging.getLogger("svidgate.signer")
 SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["Signer"].full_name
@@ -42,13 +41,13 @@ def build_source(cfg: SignerConfig) -> KeySource:
     """The configured key source (Vault sources get an authenticated client lazily)."""
     keys = cfg.keys
     if keys.source == "file":
-        from signer.sources.file import FileKeySource
+        from svidgate.signer.sources.file import FileKeySource
 
         assert keys.dir is not None
         return FileKeySource(keys.dir, keys.algorithm)
-    from signer.sources.vault_kv import VaultKvKeySource
-    from signer.sources.vault_transit import VaultTransitKeySource
-    from signer.vault import VaultClient
+    from svidgate.signer.sources.vault_kv import VaultKvKeySource
+    from svidgate.signer.sources.vault_transit import VaultTransitKeySource
+    from svidgate.signer.vault import VaultClient
 
     assert keys.vault is not None
     client = VaultClient(keys.vault, env_token=environment_token())

@@ -18,15 +18,13 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
-
-from pki.errors import PkiError
-from pki.jose import b64url_encode
-from pki.matchers import IdMatcher
-from pki.spiffe_id import SpiffeId, parse_spiffe_id
-from pki.svid import check_svid_profile
-from signer.config import SignerConfig
-from signer.errors import (
+from svidgate.pki.errors import PkiError
+from svidgate.pki.jose import b64url_encode
+from svidgate.pki.matchers import IdMatcher
+from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
+from svidgate.pki.svid import check_svid_profile
+from svidgate.signer.config import SignerConfig
+from svidgate.signer.errors import (
     InvalidRequestError,
     KeySourceError,
     NotReadyError,
@@ -36,8 +34,9 @@ from signer.errors import (
     SourceConflictError,
     TokenError,
 )
-from signer.jwt import parse_extra_claims
-from signer.keystore import KeyStore
+from svidgate.signer.jwt import parse_extra_claims
+from svidgate.signer.keystore import KeyStore
+from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]

@@ -20,9 +20,8 @@ from typing import Any, TypeVar
 import hvac
 import hvac.exceptions
 import requests
-
-from signer.config import VaultConfig
-from signer.errors import KeySourceError, SourceConflictError, SourceUnavailableError
+from svidgate.signer.config import VaultConfig
+from svidgate.signer.errors import KeySourceError, SourceConflictError, SourceUnavailableError
 
 log = logging.getLogger("svidgate.signer.vault")
 T = TypeVar("T")

@@ -29,18 +29,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The exception bases whose message is written for the user (each package has one)."""
-    from gateway.errors import GatewayError
-    from pki.errors import PkiError
-    from signer.errors import SignerError
+    from svidgate.gateway.errors import GatewayError
+    from svidgate.pki.errors import PkiError
+    from svidgate.signer.errors import SignerError
 
     return (PkiError, SignerError, GatewayError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gateway import cli as gateway_cli
-    from pki import cli as pki_cli
-    from signer import cli as signer_cli
     from svidgate import devstack
+    from svidgate.gateway import cli as gateway_cli
+    from svidgate.pki import cli as pki_cli
+    from svidgate.signer import cli as signer_cli
 
     parser = OneLineParser(
         prog="svidgate",

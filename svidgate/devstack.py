@@ -164,7 +164,7 @@ def _needs_reissue(crt: Path, key: Path, ca_cert: Any, now: datetime) -> bool:
 
 def prepare_pki(layout: Layout, *, now: datetime | None = None) -> list[str]:
     """Create or reuse the dev CA and the four SVIDs; returns what was (re)created."""
-    from pki.ca import CertificateAuthority
+    from svidgate.pki.ca import CertificateAuthority
 
     now = now or datetime.now(UTC)
     changed: list[str] = []
@@ -401,7 +401,7 @@ def provision_vault(address: str, root_token: str, token_file: Path) -> None:
     token = created.get("auth", {}).get("client_token")
     if not isinstance(token, str) or not token:
         raise DevstackError("OpenBao did not return a signer token")
-    from pki.ca import write_private_file
+    from svidgate.pki.ca import write_private_file
 
     write_private_file(token_file, token.encode() + b"\n")
 

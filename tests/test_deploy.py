@@ -23,13 +23,13 @@ import grpc
 import pytest
 import yaml
 from bao_server import BaoServer
+from svidgate.gateway.config import GatewayConfig
+from svidgate.gateway.config import load_config as load_gateway_config
+from svidgate.pki.bundle import marshal_pem
+from svidgate.pki.ca import CertificateAuthority
+from svidgate.signer.config import SignerConfig
+from svidgate.signer.config import load_config as load_signer_config
 
-from gateway.config import GatewayConfig
-from gateway.config import load_config as load_gateway_config
-from pki.bundle import marshal_pem
-from pki.ca import CertificateAuthority
-from signer.config import SignerConfig
-from signer.config import load_config as load_signer_config
 from svidgate.devstack import signer_policy_hcl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -401,11 +401,15 @@ def test_dockerfile_installs_the_package_as_non_root(tmp_path: Path) -> None:
         "svidgate/demo_upstream.py",
         "svidgate/signer/v1/signer_pb2.py",
         "svidgate/signer/v1/signer_pb2_grpc.py",
-        "gateway/signer_client.py",
-        "signer/cli.py",
-        "pki/ca.py",
+        "svidgate/gateway/signer_client.py",
+        "svidgate/signer/cli.py",
+        "svidgate/signer/sources/vault_kv.py",
+        "svidgate/pki/ca.py",
     ):
         assert needed in names, needed
+    # generic top-level names would collide with other distributions in a user's environment
+    tops = {n.split("/", 1)[0] for n in names if not n.startswith("svidgate-")}
+    assert tops == {"svidgate"}, tops
     assert any(n.endswith("entry_points.txt") for n in names)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from signer.keyring import SigningKey
-from signer.rotation import NewKeyPlan
+from svidgate.signer.keyring import SigningKey
+from svidgate.signer.rotation import NewKeyPlan
 
 
 class KeySource(Protocol):

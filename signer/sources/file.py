@@ -17,16 +17,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pki.ca import write_private_file
-from signer.errors import KeySourceError, SourceConflictError
-from signer.keygen import (
+from svidgate.pki.ca import write_private_file
+from svidgate.signer.errors import KeySourceError, SourceConflictError
+from svidgate.signer.keygen import (
     generate_private_key,
     local_signing_key,
     parse_private_key,
     private_key_pem,
 )
-from signer.keyring import SigningKey
-from signer.rotation import NewKeyPlan
+from svidgate.signer.keyring import SigningKey
+from svidgate.signer.rotation import NewKeyPlan
 
 STATE_FILE = "state.json"
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from signer.errors import KeySourceError
-from signer.keygen import (
+from svidgate.signer.errors import KeySourceError
+from svidgate.signer.keygen import (
     generate_private_key,
     local_signing_key,
     parse_private_key,
     private_key_pem,
 )
-from signer.keyring import SigningKey
-from signer.rotation import NewKeyPlan
-from signer.vault import VaultClient
+from svidgate.signer.keyring import SigningKey
+from svidgate.signer.rotation import NewKeyPlan
+from svidgate.signer.vault import VaultClient
 
 
 class VaultKvKeySource:

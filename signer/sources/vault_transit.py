@@ -17,12 +17,11 @@ from functools import partial
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-from signer.errors import KeySourceError, SourceConflictError
-from signer.jwt import PublicKey, check_key_algorithm, jwk_thumbprint
-from signer.keyring import SigningKey
-from signer.rotation import NewKeyPlan
-from signer.vault import TRANSIT_KEY_TYPES, VaultClient
+from svidgate.signer.errors import KeySourceError, SourceConflictError
+from svidgate.signer.jwt import PublicKey, check_key_algorithm, jwk_thumbprint
+from svidgate.signer.keyring import SigningKey
+from svidgate.signer.rotation import NewKeyPlan
+from svidgate.signer.vault import TRANSIT_KEY_TYPES, VaultClient
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 

@@ -16,8 +16,7 @@ from gateway_harness import (
     start_echo,
     write_config,
 )
-
-from gateway.server import GatewayServer
+from svidgate.gateway.server import GatewayServer
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ from typing import Any
 
 import yaml
 from aiohttp import web
-
-from gateway.server import GatewayServer
-from pki.bundle import marshal_pem
-from pki.ca import CertificateAuthority
+from svidgate.gateway.server import GatewayServer
+from svidgate.pki.bundle import marshal_pem
+from svidgate.pki.ca import CertificateAuthority
 
 A = "example.org"
 B = "other.org"

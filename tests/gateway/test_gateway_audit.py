@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 from gateway_harness import WEB_ID, Echo, LabPki, gateway_config
-
-from gateway.app import authorization_line
-from gateway.config import parse_config
+from svidgate.gateway.app import authorization_line
+from svidgate.gateway.config import parse_config
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from gateway_harness import WEB_ID, Echo, Harness
-
-from gateway.identity import VerifiedChainCache
-from pki.bundle import BundleSet
-from pki.ca import CertificateAuthority, IssuedSvid
-from pki.errors import PkiError
-from pki.spiffe_id import parse_spiffe_id
+from svidgate.gateway.identity import VerifiedChainCache
+from svidgate.pki.bundle import BundleSet
+from svidgate.pki.ca import CertificateAuthority, IssuedSvid
+from svidgate.pki.errors import PkiError
+from svidgate.pki.spiffe_id import parse_spiffe_id
 
 GATEWAY = parse_spiffe_id("spiffe://example.org/gateway")
 

@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from gateway.config import load_config
-from gateway.errors import ConfigError
+from svidgate.gateway.config import load_config
+from svidgate.gateway.errors import ConfigError
 
 
 def _doc() -> dict[str, Any]:

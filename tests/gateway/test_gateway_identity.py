@@ -6,11 +6,10 @@ import base64
 import hashlib
 
 from cryptography.hazmat.primitives.serialization import Encoding
-
-from gateway.identity import PeerIdentity
-from pki.ca import CertificateAuthority
-from pki.spiffe_id import parse_spiffe_id
-from pki.svid import X509Svid, x5t_s256
+from svidgate.gateway.identity import PeerIdentity
+from svidgate.pki.ca import CertificateAuthority
+from svidgate.pki.spiffe_id import parse_spiffe_id
+from svidgate.pki.svid import X509Svid, x5t_s256
 
 
 def test_identity_values() -> None:

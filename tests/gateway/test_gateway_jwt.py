@@ -24,9 +24,8 @@ from gateway_harness import (
     LabPki,
     gateway_config,
 )
+from svidgate.pki.svid import load_certificates, x5t_s256
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
-
-from pki.svid import load_certificates, x5t_s256
 
 AUDIENCE = "orders"
 

@@ -12,8 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
-from gateway.logs import BackgroundStreamHandler
+from svidgate.gateway.logs import BackgroundStreamHandler
 
 
 class Recorder(io.StringIO):

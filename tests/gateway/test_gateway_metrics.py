@@ -6,8 +6,7 @@ from __future__ import annotations
 import aiohttp
 from gateway_harness import Echo, Harness
 from prometheus_client.exposition import generate_latest
-
-from gateway.admin import Metrics
+from svidgate.gateway.admin import Metrics
 
 
 def test_children_are_bound_once_and_exported() -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from gateway.config import parse_config
-from gateway.errors import Forbidden, NoRoute
-from gateway.policy import Policy
-from pki.spiffe_id import parse_spiffe_id
+from svidgate.gateway.config import parse_config
+from svidgate.gateway.errors import Forbidden, NoRoute
+from svidgate.gateway.policy import Policy
+from svidgate.pki.spiffe_id import parse_spiffe_id
 
 
 def _policy(tmp_path: Path) -> Policy:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from gateway.errors import BadRequest
-from gateway.routes import Route, RouteTable, canonical_path, parse_target
+from svidgate.gateway.errors import BadRequest
+from svidgate.gateway.routes import Route, RouteTable, canonical_path, parse_target
 
 
 @pytest.mark.parametrize(

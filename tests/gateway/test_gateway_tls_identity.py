@@ -22,8 +22,7 @@ from gateway_harness import (
     gateway_config,
     raw_exchange,
 )
-
-from pki.ca import CertificateAuthority, write_private_file
+from svidgate.pki.ca import CertificateAuthority, write_private_file
 
 
 async def test_valid_svid_reaches_upstream(gw: Harness, echo: Echo) -> None:

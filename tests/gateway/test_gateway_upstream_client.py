@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from gateway_harness import WEB_ID, WRITER_ID, Echo, Harness, LabPki, gateway_config
 from multidict import CIMultiDict
-
-from gateway.upstream_client import (
+from svidgate.gateway.upstream_client import (
     ConnectFailed,
     Disconnected,
     ReadTimeout,

@@ -23,10 +23,9 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-
-from gateway.config import SignerConfig
-from gateway.errors import ConfigError, SignerUnavailable, TokenRejected
-from gateway.signer_client import (
+from svidgate.gateway.config import SignerConfig
+from svidgate.gateway.errors import ConfigError, SignerUnavailable, TokenRejected
+from svidgate.gateway.signer_client import (
     MAX_TOKEN_BYTES,
     KeySet,
     KeySetError,
@@ -692,8 +691,8 @@ def _tls_config(tmp: Path, spiffe_id: str, cert: str = "gateway") -> SignerConfi
 
 @pytest.fixture
 def tcp_signer(tmp_path: Path) -> Iterator[SignerProcess]:
-    from pki.bundle import marshal_pem
-    from pki.ca import CertificateAuthority
+    from svidgate.pki.bundle import marshal_pem
+    from svidgate.pki.ca import CertificateAuthority
 
     ca = CertificateAuthority.create("example.org")
     proc = SignerProcess(tmp_path / "tcp", tcp_port=_free_port())

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-
-from pki.bundle import (
+from svidgate.pki.bundle import (
     Bundle,
     BundleSet,
     load_bundle,
@@ -21,10 +20,10 @@ from pki.bundle import (
     parse_json_bundle,
     parse_pem_bundle,
 )
-from pki.ca import CertificateAuthority, KeyType
-from pki.errors import BundleError, UntrustedSvidError
-from pki.spiffe_id import TrustDomain, parse_spiffe_id
-from pki.svid import verify_x509_svid
+from svidgate.pki.ca import CertificateAuthority, KeyType
+from svidgate.pki.errors import BundleError, UntrustedSvidError
+from svidgate.pki.spiffe_id import TrustDomain, parse_spiffe_id
+from svidgate.pki.svid import verify_x509_svid
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "pki"
 NOW = datetime(2030, 1, 1, tzinfo=UTC)

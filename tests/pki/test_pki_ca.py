@@ -16,12 +16,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
-
-from pki.bundle import BundleSet
-from pki.ca import CertificateAuthority, IssuedSvid, KeyType, write_private_file
-from pki.errors import CaError, InvalidSpiffeIdError, InvalidSvidError, PkiError, UntrustedSvidError
-from pki.spiffe_id import TrustDomain, parse_spiffe_id
-from pki.svid import (
+from svidgate.pki.bundle import BundleSet
+from svidgate.pki.ca import CertificateAuthority, IssuedSvid, KeyType, write_private_file
+from svidgate.pki.errors import (
+    CaError,
+    InvalidSpiffeIdError,
+    InvalidSvidError,
+    PkiError,
+    UntrustedSvidError,
+)
+from svidgate.pki.spiffe_id import TrustDomain, parse_spiffe_id
+from svidgate.pki.svid import (
     load_certificates,
     load_private_key,
     parse_raw_chain,

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from svidgate.pki.bundle import load_bundle
+from svidgate.pki.svid import load_certificates, thumbprint_sha256, x5t_s256
 
-from pki.bundle import load_bundle
-from pki.svid import load_certificates, thumbprint_sha256, x5t_s256
 from svidgate.cli import main
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "pki"

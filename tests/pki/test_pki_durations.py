@@ -7,9 +7,8 @@ from datetime import timedelta
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from pki.durations import format_duration, parse_duration
-from pki.errors import DurationError, PkiError
+from svidgate.pki.durations import format_duration, parse_duration
+from svidgate.pki.errors import DurationError, PkiError
 
 VALID = [
     ("0", timedelta(0)),

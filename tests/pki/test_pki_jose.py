@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-from pki.jose import b64url_decode, b64url_encode, key_fits_algorithm, loads_strict
+from svidgate.pki.jose import b64url_decode, b64url_encode, key_fits_algorithm, loads_strict
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00", b"\xff\xfe", bytes(range(256))])

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from pki.errors import InvalidPatternError, PkiError, UnauthorizedIdError
-from pki.matchers import IdMatcher, parse_id_pattern
-from pki.spiffe_id import parse_spiffe_id
+from svidgate.pki.errors import InvalidPatternError, PkiError, UnauthorizedIdError
+from svidgate.pki.matchers import IdMatcher, parse_id_pattern
+from svidgate.pki.spiffe_id import parse_spiffe_id
 
 CASES = [
     # (pattern, id, matches)

@@ -10,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from spiffe import SpiffeId as PySpiffeId
 from spiffe import TrustDomain as PyTrustDomain
-
-from pki.errors import InvalidSpiffeIdError, PkiError
-from pki.spiffe_id import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain
+from svidgate.pki.errors import InvalidSpiffeIdError, PkiError
+from svidgate.pki.spiffe_id import SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain
 
 TD_CHARS = string.ascii_lowercase + string.digits + ".-_"
 PATH_CHARS = string.ascii_letters + string.digits + ".-_"

@@ -12,11 +12,10 @@ from types import ModuleType
 
 import pytest
 from cryptography import x509
-
-from pki.bundle import BundleSet, load_bundle
-from pki.errors import InvalidSvidError, PkiError, UntrustedSvidError
-from pki.spiffe_id import parse_spiffe_id
-from pki.svid import check_svid_profile, load_certificates, verify_x509_svid
+from svidgate.pki.bundle import BundleSet, load_bundle
+from svidgate.pki.errors import InvalidSvidError, PkiError, UntrustedSvidError
+from svidgate.pki.spiffe_id import parse_spiffe_id
+from svidgate.pki.svid import check_svid_profile, load_certificates, verify_x509_svid
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "pki"
 NOW = datetime(2030, 1, 1, tzinfo=UTC)  # the instant the vectors are made for

@@ -21,9 +21,8 @@ from signer_harness import (
     Pki,
     bao_server,
 )
-
-from pki.bundle import marshal_pem
-from pki.ca import CertificateAuthority
+from svidgate.pki.bundle import marshal_pem
+from svidgate.pki.ca import CertificateAuthority
 
 
 @pytest.fixture(scope="session")

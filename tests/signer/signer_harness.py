@@ -18,11 +18,10 @@ from typing import Any
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from svidgate.pki.ca import CertificateAuthority
+from svidgate.signer.config import SignerConfig, load_config
+from svidgate.signer.server import SignerServer
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
-
-from pki.ca import CertificateAuthority
-from signer.config import SignerConfig, load_config
-from signer.server import SignerServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bao_server import BaoServer, bao_server

@@ -26,8 +26,7 @@ from signer_harness import (
     signer_pb2,
     unix_stub,
 )
-
-from signer.config import load_config
+from svidgate.signer.config import load_config
 
 
 def svidgate(*args: str) -> subprocess.CompletedProcess[str]:

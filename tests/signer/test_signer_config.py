@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from signer.config import load_config, parse_config
-from signer.errors import ConfigError
+from svidgate.signer.config import load_config, parse_config
+from svidgate.signer.errors import ConfigError
 
 BASE: dict[str, Any] = {
     "trust_domain": "example.org",

@@ -13,9 +13,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from signer import jwt as sjwt
-from signer.errors import TokenError, UnknownKidError
+from svidgate.signer import jwt as sjwt
+from svidgate.signer.errors import TokenError, UnknownKidError
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 ISS = "spiffe://example.org/signer"

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from signer import jwt as sjwt
-from signer.errors import TokenError, UnknownKidError
+from svidgate.signer import jwt as sjwt
+from svidgate.signer.errors import TokenError, UnknownKidError
 
 VECTORS = Path(__file__).resolve().parent / "vectors" / "jwt"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())

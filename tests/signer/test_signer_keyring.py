@@ -6,10 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from signer.errors import UnknownKidError
-from signer.keyring import KeyRing, KeyState, SigningKey, Timing
-from signer.rotation import Action, plan_rotation
+from svidgate.signer.errors import UnknownKidError
+from svidgate.signer.keyring import KeyRing, KeyState, SigningKey, Timing
+from svidgate.signer.rotation import Action, plan_rotation
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 S = timedelta(seconds=1)

@@ -31,10 +31,9 @@ from signer_harness import (
     wait_for,
     write_config,
 )
+from svidgate.pki.bundle import marshal_pem
+from svidgate.pki.ca import CertificateAuthority
 from svidgate.signer.v1 import signer_pb2_grpc
-
-from pki.bundle import marshal_pem
-from pki.ca import CertificateAuthority
 
 
 def tcp_config(pki: Pki, short_dir: Path) -> dict[str, object]:

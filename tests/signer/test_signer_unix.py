@@ -26,10 +26,9 @@ from signer_harness import (
     unix_stub,
     write_config,
 )
-
-from signer.errors import ConfigError
-from signer.jwt import ALGORITHMS
-from signer.server import SignerServer
+from svidgate.signer.errors import ConfigError
+from svidgate.signer.jwt import ALGORITHMS
+from svidgate.signer.server import SignerServer
 
 
 def b64(data: bytes) -> str:

@@ -25,16 +25,15 @@ from signer_harness import (
     wait_for,
     write_config,
 )
-
-from pki.bundle import marshal_pem
-from pki.ca import CertificateAuthority
-from signer.config import VaultConfig
-from signer.errors import KeySourceError, SourceConflictError
-from signer.jwt import ALGORITHMS
-from signer.rotation import Action, NewKeyPlan
-from signer.server import SignerServer
-from signer.sources.vault_kv import VaultKvKeySource
-from signer.vault import VaultClient
+from svidgate.pki.bundle import marshal_pem
+from svidgate.pki.ca import CertificateAuthority
+from svidgate.signer.config import VaultConfig
+from svidgate.signer.errors import KeySourceError, SourceConflictError
+from svidgate.signer.jwt import ALGORITHMS
+from svidgate.signer.rotation import Action, NewKeyPlan
+from svidgate.signer.server import SignerServer
+from svidgate.signer.sources.vault_kv import VaultKvKeySource
+from svidgate.signer.vault import VaultClient
 
 
 def token_file(bao: BaoServer, directory: Path) -> Path:
