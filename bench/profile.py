@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import nginx
+from bench import nginx, shim
 from bench.harness import ROOT, cpu_list
 from bench.procs import (
     BenchError,
@@ -211,6 +211,7 @@ def _profile(args: argparse.Namespace, spy: str) -> int:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=shim.env(shim.build()),  # TCP_NODELAY, as in bench/run (bench/shim.py)
         )
         time.sleep(1.5)
         tag = f"{args.route}-{'new' if args.new else 'ka'}-c{args.concurrency}"

@@ -1,4 +1,4 @@
-"""Turn the samples of all rounds into medians, ratios to nginx, two printed tables and JSON."""
+"""Turn the samples of all rounds into medians, ratios to nginx and to Envoy, tables and JSON."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ from typing import Any
 SCENARIOS = ("ka-c1", "ka-c16", "ka-c64", "new-c16")
 REFERENCE = "nginx"
 DIRECT = "direct"
+# Each svidgate target against the Envoy target doing the same work (envoy-jwt verifies the
+# token itself from the inline JWKS, so it is the peer of both JWT routes).
+PEERS = {
+    "svidgate-rbac": "envoy",
+    "svidgate-jwt-remote": "envoy-jwt",
+    "svidgate-jwt-local": "envoy-jwt",
+}
 
 # Issue 5 targets, as ratios (same run) or absolute bounds.
 TARGETS = {
@@ -73,6 +80,27 @@ def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str
     return out
 
 
+def _ratio_row(
+    mine: dict[str, dict[str, Any]], ref: dict[str, dict[str, Any]], mem: Any, ref_mem: Any
+) -> dict[str, Any]:
+    """Throughput (and per-core throughput, RSS per worker) of one target ÷ a reference's."""
+    row: dict[str, Any] = {}
+    for name in SCENARIOS:
+        rps = mine.get(name, {}).get("rps")
+        theirs = ref.get(name, {}).get("rps")
+        row[name] = round(rps / theirs, 3) if rps and theirs else None
+    for name in ("ka-c64", "new-c16"):
+        mine_pc = mine.get(name, {}).get("rps_per_core")
+        ref_pc = ref.get(name, {}).get("rps_per_core")
+        row[f"{name}_per_core"] = round(mine_pc / ref_pc, 3) if mine_pc and ref_pc else None
+    row["rss_per_worker"] = round(mem / ref_mem, 1) if mem and ref_mem else None
+    return row
+
+
+def _rss(memory: dict[str, Any], target: str) -> Any:
+    return memory.get(_proxy_of(target), {}).get("rss_per_worker_mb_max")
+
+
 def ratios(
     summary: dict[str, dict[str, dict[str, Any]]], memory: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
@@ -82,26 +110,39 @@ def ratios(
     for target, scen in summary.items():
         if target == DIRECT:
             continue
-        row: dict[str, Any] = {}
-        for name in SCENARIOS:
-            mine = scen.get(name, {}).get("rps")
-            theirs = ref.get(name, {}).get("rps")
-            row[name] = round(mine / theirs, 3) if mine and theirs else None
-        for name in ("ka-c64", "new-c16"):
-            mine_pc = scen.get(name, {}).get("rps_per_core")
-            ref_pc = ref.get(name, {}).get("rps_per_core")
-            row[f"{name}_per_core"] = round(mine_pc / ref_pc, 3) if mine_pc and ref_pc else None
+        row = _ratio_row(scen, ref, _rss(memory, target), _rss(memory, REFERENCE))
         p99 = scen.get("ka-c1", {}).get("p99_ms")
         row["p99_added_ms"] = round(p99 - direct_p99, 3) if p99 is not None and direct_p99 else None
-        mem = memory.get(_proxy_of(target), {}).get("rss_per_worker_mb_max")
-        ref_mem = memory.get(REFERENCE, {}).get("rss_per_worker_mb_max")
-        row["rss_per_worker"] = round(mem / ref_mem, 1) if mem and ref_mem else None
+        out[target] = row
+    return out
+
+
+def peer_ratios(
+    summary: dict[str, dict[str, dict[str, Any]]], memory: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Each svidgate target ÷ its Envoy peer (PEERS) in the same run; p99 at c=1 as a
+    difference. Empty when Envoy was not measured."""
+    out: dict[str, dict[str, Any]] = {}
+    for target, peer in PEERS.items():
+        if target not in summary or peer not in summary:
+            continue
+        mine, theirs = summary[target], summary[peer]
+        row = _ratio_row(mine, theirs, _rss(memory, target), _rss(memory, peer))
+        p99 = mine.get("ka-c1", {}).get("p99_ms")
+        peer_p99 = theirs.get("ka-c1", {}).get("p99_ms")
+        row["p99_vs_peer_ms"] = (
+            round(p99 - peer_p99, 3) if p99 is not None and peer_p99 is not None else None
+        )
+        row["versus"] = peer
         out[target] = row
     return out
 
 
 def _proxy_of(target: str) -> str:
-    return "svidgate" if target.startswith("svidgate") else target
+    for proxy in ("svidgate", "envoy"):
+        if target.startswith(proxy):
+            return proxy
+    return target
 
 
 def verdicts(
@@ -176,6 +217,25 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
+RATIO_COLUMNS = (
+    "ka c=1",
+    "ka c=16",
+    "ka c=64",
+    "new c=16",
+    "ka c=64 per core",
+    "new c=16 per core",
+)
+
+
+def _ratio_cells(r: dict[str, Any], p99_key: str) -> list[str]:
+    """The cells of one ratio row: throughput ratios, p99 (ms, signed), RSS ratio; "—" where
+    not measured."""
+    keys = [*SCENARIOS, "ka-c64_per_core", "new-c16_per_core"]
+    cells = [_fmt(r.get(k), ".2f") + ("x" if r.get(k) else "") for k in keys]
+    rss = r.get("rss_per_worker")
+    return [*cells, _fmt(r.get(p99_key), "+.3f"), _fmt(rss, ".1f") + ("x" if rss else "")]
+
+
 def render(result: dict[str, Any]) -> str:
     summary: dict[str, dict[str, dict[str, Any]]] = result["summary"]
     ratio: dict[str, dict[str, Any]] = result["ratios"]
@@ -224,34 +284,8 @@ def render(result: dict[str, Any]) -> str:
                 _fmt(mem.get("kb_per_connection"), ".1f") if t != DIRECT else "—",
             ]
         )
-    rheader = [
-        "vs nginx",
-        "ka c=1",
-        "ka c=16",
-        "ka c=64",
-        "new c=16",
-        "ka c=64 per core",
-        "new c=16 per core",
-        "+p99 c=1 ms",
-        "RSS/worker",
-    ]
-    rrows = []
-    for t in order:
-        if t not in ratio:
-            continue
-        r = ratio[t]
-        rrows.append(
-            [
-                t,
-                *(_fmt(r.get(s), ".2f") + ("x" if r.get(s) else "") for s in SCENARIOS),
-                *(
-                    _fmt(r.get(k), ".2f") + ("x" if r.get(k) else "")
-                    for k in ("ka-c64_per_core", "new-c16_per_core")
-                ),
-                _fmt(r.get("p99_added_ms"), "+.3f"),
-                _fmt(r.get("rss_per_worker"), ".1f") + ("x" if r.get("rss_per_worker") else ""),
-            ]
-        )
+    rheader = ["vs nginx", *RATIO_COLUMNS, "+p99 c=1 ms", "RSS/worker"]
+    rrows = [[t, *_ratio_cells(ratio[t], "p99_added_ms")] for t in order if t in ratio]
     lines = [
         f"svidgate bench {meta['started']}  mode={meta['mode']} rounds={meta['rounds']} "
         f"seconds/run={meta['seconds']} server cpus={meta['server_cpus']} "
@@ -267,6 +301,18 @@ def render(result: dict[str, Any]) -> str:
         "Ratios to nginx in the same run (throughput: higher is better)",
         _table(rheader, rrows),
     ]
+    peers: dict[str, dict[str, Any]] = result.get("ratios_envoy") or {}
+    if peers:
+        pheader = ["vs Envoy", "Envoy target", *RATIO_COLUMNS, "p99 c=1 - Envoy's ms"]
+        pheader.append("RSS/worker")
+        prows = [[t, r["versus"], *_ratio_cells(r, "p99_vs_peer_ms")] for t, r in peers.items()]
+        lines += [
+            "",
+            "Ratios to Envoy in the same run (svidgate-rbac ÷ envoy, the JWT routes ÷ envoy-jwt)",
+            _table(pheader, prows),
+        ]
+    if meta.get("ab_note"):
+        lines += ["", f"note: {meta['ab_note']}"]
     if result.get("verdicts"):
         lines += ["", "Issue 5 targets"]
         for name, v in result["verdicts"].items():

@@ -126,6 +126,14 @@ class SvidgateStack:
     port: int
     admin_port: int
     token: str
+    signer_sock: Path | None = None
+
+    def jwks(self) -> str:
+        """The signer's public keys (JWKS JSON) from its GetJWKS RPC, for peers that verify
+        tokens themselves (Envoy's jwt_authn)."""
+        if self.signer_sock is None:
+            raise BenchError("no signer running (no JWT route): no JWKS to hand out")
+        return fetch_jwks(self.signer_sock)
 
     def server_pids(self) -> list[int]:
         return self.gateway.tree() + (self.signer.tree() if self.signer else [])
@@ -277,7 +285,9 @@ def start_stack(
         if signer is not None:
             signer.stop()
         raise
-    stack = SvidgateStack(work, signer, gateway, port, admin_port, token)
+    stack = SvidgateStack(
+        work, signer, gateway, port, admin_port, token, sock if signer is not None else None
+    )
     try:
         gateway.wait_port(port, timeout=30)
         gateway.wait_port(admin_port, timeout=30)
@@ -286,6 +296,30 @@ def start_stack(
         stack.stop()
         raise
     return stack
+
+
+def fetch_jwks(sock: Path) -> str:
+    """GetJWKS over the signer's Unix socket; the key set as JSON (at least one key)."""
+    import json
+
+    import grpc
+    from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        stub = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            reply = stub.GetJWKS(signer_pb2.GetJWKSRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise BenchError(f"signer GetJWKS failed: {detail}") from None
+    text: str = reply.jwks_json
+    try:
+        keys = json.loads(text).get("keys")
+    except (ValueError, AttributeError):
+        keys = None
+    if not keys:
+        raise BenchError("signer GetJWKS returned no keys")
+    return text
 
 
 def _mint(signer_conf: Path) -> str:
