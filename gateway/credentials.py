@@ -25,6 +25,8 @@ from svidgate.pki.errors import PkiError
 from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
 from svidgate.pki.svid import check_svid_profile, load_certificates, verify_x509_svid
 
+from svidgate.config import ConfigError
+
 log = logging.getLogger("svidgate.gateway")
 
 
@@ -112,7 +114,7 @@ def build_state(
     sni_callback: Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None] | None = None,
     now: datetime | None = None,
 ) -> GatewayState:
-    """Load config and every file it names; raise :class:`GatewayError` on any problem."""
+    """Load config and every file it names; raise ConfigError or GatewayError on any problem."""
     now = now or datetime.now(UTC)
     cfg = load_config(config_path)
     watched = {p: _file_stamp(p) for p in watched_files(config_path, cfg)}
@@ -172,7 +174,7 @@ class StateHolder:
             new = build_state(
                 self.config_path, generation=old.generation + 1, sni_callback=self.sni_callback
             )
-        except GatewayError as exc:
+        except (ConfigError, GatewayError) as exc:
             self.last_error = str(exc)
             # Remember the stamps so a broken file is reported once, not on every poll.
             self._stamps = {p: _file_stamp(p) for p in self._stamps}

@@ -17,13 +17,6 @@ class GatewayError(Exception):
     reason: str = "internal"
 
 
-class ConfigError(GatewayError):
-    """The configuration file is unreadable or invalid; the message names the field path."""
-
-    status = 500
-    reason = "config"
-
-
 class CredentialsError(GatewayError):
     """Certificates, keys or bundles cannot be loaded or do not fit together."""
 

@@ -22,9 +22,10 @@ from pathlib import Path
 from aiohttp import web
 from svidgate.gateway.admin import Metrics, admin_app
 from svidgate.gateway.app import GatewayApp, GatewayWebServer, emit
-from svidgate.gateway.config import parse_host_port
 from svidgate.gateway.credentials import StateHolder
 from svidgate.gateway.logs import BackgroundStreamHandler
+
+from svidgate.config import parse_host_port
 
 log = logging.getLogger("svidgate.gateway")
 
@@ -33,7 +34,7 @@ LISTEN_BACKLOG = 1024
 
 def listening_socket(address: str) -> socket.socket:
     """A TCP socket bound with SO_REUSEPORT so several workers can share the port."""
-    host, port = parse_host_port(address)
+    host, port = parse_host_port(address, any_port=True)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.exceptions import PyJWTError
-from svidgate.gateway.errors import ConfigError, SignerUnavailable, TokenRejected
+from svidgate.gateway.errors import SignerUnavailable, TokenRejected
 from svidgate.pki.errors import PkiError
 from svidgate.pki.jose import b64url_decode, key_fits_algorithm, loads_strict
 from svidgate.pki.spiffe_id import parse_spiffe_id
+
+from svidgate.config import ConfigError
 
 if TYPE_CHECKING:
     import grpc
@@ -82,7 +84,7 @@ class SignerTLSSettings(Protocol):
 
 
 class SignerSettings(Protocol):
-    """What the client needs from ``gateway.config.SignerConfig``."""
+    """What the client needs from ``gateway.config.SignerClientConfig``."""
 
     @property
     def address(self) -> str: ...

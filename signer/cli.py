@@ -1,4 +1,7 @@
-"""`svidgate signer serve|sign|rotate --config signer.yaml`.
+"""`svidgate signer serve|check|sign|rotate --config signer.yaml`.
+
+``check`` validates signer.yaml (the rotation safety rule included) and prints the key source
+and the rotation plan without contacting Vault or reading a key file.
 
 ``sign`` and ``rotate`` talk to the running signer over its configured Unix socket (or, without
 one, over TCP with the config's TLS material as the client certificate) and fail with one clear
@@ -20,7 +23,7 @@ RPC_TIMEOUT = 10.0
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``signer`` with its ``serve``, ``sign`` and ``rotate`` subcommands."""
+    """Add ``signer`` with its ``serve``, ``check``, ``sign`` and ``rotate`` subcommands."""
     parser = sub.add_parser("signer", help="the JWT signer sidecar (gRPC)")
     commands = parser.add_subparsers(dest="signer_command", metavar="COMMAND")
     commands.required = True
@@ -28,6 +31,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     serve = commands.add_parser("serve", help="run the signer")
     serve.add_argument("--config", required=True, help="signer.yaml")
     serve.set_defaults(handler=_serve)
+
+    check = commands.add_parser(
+        "check", help="validate signer.yaml; print the key source and the rotation plan"
+    )
+    check.add_argument("--config", required=True, help="signer.yaml")
+    check.set_defaults(handler=_check)
 
     sign = commands.add_parser("sign", help="mint a JWT with the running signer (prints it)")
     sign.add_argument("--config", required=True, help="signer.yaml")
@@ -46,6 +55,49 @@ def _serve(args: argparse.Namespace) -> int:
     from svidgate.signer.server import run
 
     return run(load_config(args.config))
+
+
+def _check(args: argparse.Namespace) -> int:
+    from svidgate.pki.durations import format_duration as fmt
+    from svidgate.signer.config import load_config
+
+    cfg = load_config(args.config)
+    listen = cfg.listen
+    unix = f"unix {listen.unix} (mode {listen.unix_mode:04o})" if listen.unix else "unix -"
+    tcp = f"tcp {listen.tcp} (mTLS)" if listen.tcp else "tcp -"
+    rot, tok = cfg.rotation, cfg.tokens
+    print(f"config:    {args.config} OK")
+    print(f"issuer:    {cfg.issuer} (trust domain {cfg.trust_domain})")
+    print(f"listen:    {unix}; {tcp}")
+    print(f"keys:      {_key_source(cfg)}, algorithm {cfg.keys.algorithm}")
+    print(
+        f"rotation:  period {fmt(rot.period)}, prepare_ahead {fmt(rot.prepare_ahead)}, "
+        f"poll_interval {fmt(rot.poll_interval)}"
+    )
+    print(
+        f"retention: retain_retired {fmt(cfg.retain_retired)} (at least max_ttl "
+        f"{fmt(tok.max_ttl)} + clock_skew {fmt(tok.clock_skew)} + poll_interval "
+        f"{fmt(rot.poll_interval)} = {fmt(cfg.minimum_retention)})"
+    )
+    print(
+        f"tokens:    default_ttl {fmt(tok.default_ttl)}, max_ttl {fmt(tok.max_ttl)}, "
+        f"clock_skew {fmt(tok.clock_skew)}"
+    )
+    return 0
+
+
+def _key_source(cfg: SignerConfig) -> str:
+    """Where the keys come from, as configured (nothing is contacted or read)."""
+    keys = cfg.keys
+    if keys.source == "file" or keys.vault is None:
+        return f"file {keys.dir}"
+    vault = keys.vault
+    if keys.source == "vault-kv":
+        where = f"kv {vault.kv_mount}/{vault.kv_path}"
+    else:
+        where = f"transit {vault.transit_mount}/{vault.transit_key}"
+    namespace = f", namespace {vault.namespace}" if vault.namespace else ""
+    return f"{keys.source} at {vault.address}{namespace}, {where} (auth {vault.auth.method})"
 
 
 def _channel(cfg: SignerConfig) -> tuple[grpc.Channel, str]:

@@ -1,7 +1,9 @@
-"""signer.yaml: one frozen, typed model, validated once at start-up.
+"""signer.yaml: the frozen, typed models and the signer's rules, validated once at start-up.
 
-Every error names its field path (``signer.yaml: rotation.prepare_ahead: …``). Relative paths,
-the Unix socket included, are resolved against the directory of the config file. The rotation
+Field types, YAML reading and error reporting come from the config kernel
+(:mod:`svidgate.config`): every error names its field path (``signer.yaml: rotation.prepare_ahead:
+…``) and all of them are reported at once; relative paths, the Unix socket included, are made
+absolute against the directory of the config file without resolving symlinks. The rotation
 safety rule is checked here, with the numbers in the message, so a signer that could drop a
 verifiable token never starts. The environment is read in one place: :func:`environment_token`.
 """
@@ -11,23 +13,25 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-)
-from svidgate.pki.durations import format_duration, parse_duration
-from svidgate.pki.errors import PkiError
-from svidgate.pki.matchers import IdMatcher, parse_id_pattern
+from pydantic import Field
+from svidgate.pki.durations import format_duration
 from svidgate.pki.spiffe_id import TrustDomain, parse_trust_domain
-from svidgate.signer.errors import ConfigError
+
+from svidgate.config import (
+    ConfigFile,
+    ConfigModel,
+    ConfigPath,
+    Duration,
+    FileMode,
+    ListenAddress,
+    ListOf,
+    Problem,
+    SpiffePatternField,
+    TrustDomainField,
+    parse_host_port,
+)
 
 VAULT_TOKEN_ENV = "VAULT_TOKEN"  # noqa: S105 (a variable name, not a secret)
 
@@ -38,79 +42,31 @@ def environment_token() -> str | None:
     return value or None
 
 
-def _duration(value: Any) -> timedelta:
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, int) and value == 0:
-        return timedelta(0)
-    try:
-        return parse_duration(value)
-    except PkiError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    if base is not None and not value.is_absolute():
-        return Path(base) / value
-    return value
-
-
-def _pattern(value: str) -> str:
-    try:
-        parse_id_pattern(value)
-    except PkiError as exc:
-        raise ValueError(str(exc)) from None
-    return value
-
-
-def _mode(value: Any) -> int:
-    if isinstance(value, str):
-        try:
-            value = int(value, 8)
-        except ValueError:
-            raise ValueError("must be an octal file mode like '0600'") from None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o777:
-        raise ValueError("must be an octal file mode like '0600'")
-    return value
-
-
-Duration = Annotated[timedelta, BeforeValidator(_duration)]
-ConfigPath = Annotated[Path, AfterValidator(_resolve)]
-Pattern = Annotated[str, AfterValidator(_pattern)]
-FileMode = Annotated[int, BeforeValidator(_mode)]
 Algorithm = Literal["EdDSA", "ES256", "RS256", "PS256"]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ListenConfig(_Model):
+class ListenConfig(ConfigModel):
     unix: ConfigPath | None = None
     unix_mode: FileMode = 0o600
-    tcp: str | None = None
+    tcp: ListenAddress | None = None
 
 
-class TlsConfig(_Model):
+class TlsConfig(ConfigModel):
     cert: ConfigPath
     key: ConfigPath
     bundle: ConfigPath
 
 
-class AuthorizationConfig(_Model):
-    verify: tuple[Pattern, ...] = ()
-    sign: tuple[Pattern, ...] = ()
-    rotate: tuple[Pattern, ...] = ()
+class AuthorizationConfig(ConfigModel):
+    verify: ListOf[SpiffePatternField] = ()
+    sign: ListOf[SpiffePatternField] = ()
+    rotate: ListOf[SpiffePatternField] = ()
     # Callers (over TCP) that may mint tokens for a subject other than themselves; the subject
     # must still match `sign`.
-    sign_for_others: tuple[Pattern, ...] = ()
-
-    def matcher(self, rpc: Literal["verify", "sign", "rotate", "sign_for_others"]) -> IdMatcher:
-        return IdMatcher.parse(getattr(self, rpc))
+    sign_for_others: ListOf[SpiffePatternField] = ()
 
 
-class VaultAuthConfig(_Model):
+class VaultAuthConfig(ConfigModel):
     method: Literal["token", "approle", "kubernetes"] = "token"
     token_file: ConfigPath | None = None
     role_id: str | None = None
@@ -120,7 +76,7 @@ class VaultAuthConfig(_Model):
     mount: str | None = None  # auth mount path; defaults to the method name
 
 
-class VaultConfig(_Model):
+class VaultConfig(ConfigModel):
     address: str
     auth: VaultAuthConfig = VaultAuthConfig()
     namespace: str | None = None
@@ -132,20 +88,20 @@ class VaultConfig(_Model):
     transit_key: str = "svidgate-jwt"
 
 
-class KeysConfig(_Model):
+class KeysConfig(ConfigModel):
     source: Literal["file", "vault-kv", "vault-transit"] = "file"
     algorithm: Algorithm = "ES256"
     dir: ConfigPath | None = None
     vault: VaultConfig | None = None
 
 
-class TokensConfig(_Model):
+class TokensConfig(ConfigModel):
     default_ttl: Duration = timedelta(minutes=5)
     max_ttl: Duration = timedelta(minutes=15)
     clock_skew: Duration = timedelta(seconds=30)
 
 
-class RotationConfig(_Model):
+class RotationConfig(ConfigModel):
     period: Duration = timedelta(hours=24)
     prepare_ahead: Duration = timedelta(minutes=10)
     poll_interval: Duration = timedelta(seconds=10)
@@ -154,8 +110,8 @@ class RotationConfig(_Model):
     retain_retired: Duration | None = None
 
 
-class SignerConfig(_Model):
-    trust_domain: str
+class SignerConfig(ConfigModel):
+    trust_domain: TrustDomainField
     issuer: str = Field(min_length=1)
     listen: ListenConfig
     tls: TlsConfig | None = None
@@ -182,31 +138,17 @@ class SignerConfig(_Model):
     def tcp_address(self) -> tuple[str, int] | None:
         if self.listen.tcp is None:
             return None
-        return parse_host_port(self.listen.tcp)
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``127.0.0.1:7443`` / ``[::1]:7443`` → (host, port); port 0 = any free port."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+        return parse_host_port(self.listen.tcp, any_port=True)
 
 
 def _fmt(value: timedelta) -> str:
     return format_duration(value)
 
 
-def _rules(cfg: SignerConfig) -> list[tuple[str, str]]:
+def _rules(cfg: SignerConfig) -> list[Problem]:
     """Cross-field rules, the rotation safety rule first. Returns (field path, message)."""
-    problems: list[tuple[str, str]] = []
+    problems: list[Problem] = []
     rot, tok = cfg.rotation, cfg.tokens
-    try:
-        parse_trust_domain(cfg.trust_domain)
-    except PkiError as exc:
-        problems.append(("trust_domain", str(exc)))
     if rot.poll_interval <= timedelta(0):
         problems.append(("rotation.poll_interval", "must be > 0"))
     if rot.prepare_ahead < rot.poll_interval:
@@ -246,13 +188,8 @@ def _rules(cfg: SignerConfig) -> list[tuple[str, str]]:
         )
     if cfg.listen.unix is None and cfg.listen.tcp is None:
         problems.append(("listen", "needs unix and/or tcp"))
-    if cfg.listen.tcp is not None:
-        try:
-            parse_host_port(cfg.listen.tcp)
-        except ValueError as exc:
-            problems.append(("listen.tcp", str(exc)))
-        if cfg.tls is None:
-            problems.append(("tls", "is required when listen.tcp is set (mTLS)"))
+    if cfg.listen.tcp is not None and cfg.tls is None:
+        problems.append(("tls", "is required when listen.tcp is set (mTLS)"))
     keys = cfg.keys
     if keys.source == "file" and keys.dir is None:
         problems.append(("keys.dir", "is required when keys.source is file"))
@@ -271,37 +208,6 @@ def _rules(cfg: SignerConfig) -> list[tuple[str, str]]:
     return problems
 
 
-def parse_config(data: Any, *, base_dir: Path, name: str = "signer.yaml") -> SignerConfig:
-    """Validate a decoded YAML document; raises :class:`ConfigError` naming the field path."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{name}: must be a mapping at the top level")
-    try:
-        cfg = SignerConfig.model_validate(data, context={"base_dir": base_dir})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "is required"
-        raise ConfigError(f"{name}: {path}: {msg}") from None
-    problems = _rules(cfg)
-    if problems:
-        path, msg = problems[0]
-        raise ConfigError(f"{name}: {path}: {msg}")
-    return cfg
-
-
-def load_config(path: str | Path) -> SignerConfig:
-    """Read and validate signer.yaml; relative paths resolve against its directory."""
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_config(data, base_dir=file.resolve().parent, name=str(file))
+SIGNER_YAML = ConfigFile(SignerConfig, "signer.yaml", rules=_rules)
+parse_config = SIGNER_YAML.parse  # (data, *, base_dir, source=None) -> SignerConfig
+load_config = SIGNER_YAML.load  # (path) -> SignerConfig; raises svidgate.config.ConfigError

@@ -8,10 +8,6 @@ class SignerError(Exception):
     """Base of every signer error. ``str(err)`` never holds a token, key or Vault token."""
 
 
-class ConfigError(SignerError):
-    """signer.yaml is missing, unreadable or invalid; the message names the field path."""
-
-
 class TokenError(SignerError):
     """A token failed verification. ``reason`` is the machine-readable code sent to clients."""
 

@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from svidgate.signer.config import SignerConfig, TlsConfig, environment_token
-from svidgate.signer.errors import ConfigError
 from svidgate.signer.keystore import KeyStore
 from svidgate.signer.service import SignerService
 from svidgate.signer.sources import KeySource
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
+
+from svidgate.config import ConfigError
 
 log = logging.getLogger("svidgate.signer")
 SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["Signer"].full_name

@@ -4,6 +4,7 @@ Each package owns its subcommands in ``<package>/cli.py`` through ``register(sub
 those modules import heavy dependencies (grpc, aiohttp, hvac) inside their handlers so that
 ``svidgate pki …`` starts fast. Every user error ends as one line on stderr and exit code 2;
 an unexpected error is one line too (exit 1), with the traceback only when SVIDGATE_DEBUG=1.
+``svidgate --version`` prints ``svidgate <version>``.
 """
 
 from __future__ import annotations
@@ -28,12 +29,27 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """The exception bases whose message is written for the user (each package has one)."""
+    """The exception bases whose message is written for the user (one per package, one for
+    the config kernel shared by the gateway and the signer)."""
+    from svidgate.config import ConfigError
     from svidgate.gateway.errors import GatewayError
     from svidgate.pki.errors import PkiError
     from svidgate.signer.errors import SignerError
 
-    return (PkiError, SignerError, GatewayError)
+    return (ConfigError, PkiError, SignerError, GatewayError)
+
+
+def version() -> str:
+    """The installed distribution's version, or the package's own when it is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("svidgate")
+    except PackageNotFoundError:
+        from svidgate import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="svidgate",
         description="Zero-trust identity gateway: SPIFFE mTLS, RBAC and JWTs from a signer.",
     )
+    parser.add_argument("--version", action="version", version=f"svidgate {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
     devstack.register(sub)

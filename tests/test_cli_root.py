@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,18 @@ def test_python_dash_m_entry_point_matches_the_script() -> None:
     )
     assert proc.returncode == 2
     assert len(proc.stderr.splitlines()) == 1
+
+
+def test_version() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "svidgate.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+    assert proc.stdout == f"svidgate {version('svidgate')}\n"
+    assert run("--version").stdout == proc.stdout
+    assert "--version" in run("--help").stdout

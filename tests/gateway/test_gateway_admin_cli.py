@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -141,3 +142,66 @@ def test_missing_certificate_one_line(test_pki: LabPki) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "absent.crt" in result.stderr
+
+
+def test_check_offline_reads_no_certificate_key_or_bundle(tmp_path: Path) -> None:
+    """The config names files that do not exist: --offline validates schema and policy only."""
+    doc = gateway_config_without_files()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = _cli("gateway", "check", "--offline", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        f"config:        {path} OK (offline: certificates, keys and bundles not read)"
+    )
+    assert "trust domains: example.org" in lines
+    assert "listen:        [::1]:8443 (workers 1); admin 127.0.0.1:9901" in lines
+    assert "  orders-read: GET,HEAD /orders -> echo (https://127.0.0.1:9000)" in lines
+    assert "      allow spiffe://example.org/ns/shop/sa/*" in lines
+    assert "      jwt audience=orders bind=subject verify=remote" in lines
+    # the same file without --offline fails on the first missing file it reads
+    online = _cli("gateway", "check", "--config", str(path))
+    assert online.returncode == 2
+    assert online.stderr.count("\n") == 1 and "cannot read bundle" in online.stderr
+
+
+def test_check_offline_still_names_bad_fields(tmp_path: Path) -> None:
+    doc = gateway_config_without_files()
+    doc["routes"][0]["allow"] = ["spiffe://*/x"]
+    doc["listen"] = "8443"
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = _cli("gateway", "check", "--offline", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"svidgate: error: {path}: ")
+    assert "routes.0.allow.0: " in lines[0] and "listen: expected HOST:PORT" in lines[0]
+
+
+def gateway_config_without_files() -> dict[str, Any]:
+    return {
+        "listen": "[::1]:8443",
+        "admin_listen": "127.0.0.1:9901",
+        "tls": {"cert": "no-such-gateway.crt", "key": "no-such-gateway.key"},
+        "trust_domains": {"example.org": {"bundle": "/nonexistent/bundle.pem"}},
+        "signer": {"address": "unix:run/signer.sock"},
+        "upstreams": {
+            "echo": {
+                "url": "https://127.0.0.1:9000",
+                "tls": {"bundle": "absent.pem", "spiffe_id": "spiffe://example.org/echo"},
+            }
+        },
+        "routes": [
+            {
+                "name": "orders-read",
+                "match": {"path_prefix": "/orders", "methods": ["GET", "HEAD"]},
+                "upstream": "echo",
+                "allow": ["spiffe://example.org/ns/shop/sa/*"],
+                "jwt": {"audience": "orders"},
+            }
+        ],
+    }

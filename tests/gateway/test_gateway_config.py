@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 from svidgate.gateway.config import load_config
-from svidgate.gateway.errors import ConfigError
+
+from svidgate.config import ConfigError
 
 
 def _doc() -> dict[str, Any]:
@@ -136,4 +137,102 @@ def test_invalid_yaml(tmp_path: Path) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text("listen: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(path)
+
+
+def test_every_error_is_reported_with_its_field_path(tmp_path: Path) -> None:
+    doc = _doc()
+    doc["listen"] = "8443"
+    doc["workers"] = 0
+    doc["routes"][0]["match"]["path_prefix"] = "orders"
+    doc["upstreams"]["orders"]["timeouts"]["read"] = "soon"
+    doc["identity_headers"]["colour"] = "red"
+    message = _error(tmp_path, doc)
+    assert message.startswith(f"{tmp_path / 'gateway.yaml'}: ")
+    for fragment in (
+        "listen: expected HOST:PORT",
+        "workers: Input should be greater than or equal to 1",
+        "routes.0.match.path_prefix: expected a canonical path starting with '/'",
+        "upstreams.orders.timeouts.read: 'soon' is not a duration",
+        "identity_headers.colour: unknown key",
+    ):
+        assert fragment in message
+    assert message.count("; ") == 4
+
+
+def test_cross_references_are_all_reported(tmp_path: Path) -> None:
+    doc = _doc()
+    doc["routes"].append({**doc["routes"][0], "upstream": "nope"})
+    doc["signer"] = {"address": "127.0.0.1:7443"}
+    message = _error(tmp_path, doc)
+    assert "routes.1.name: duplicate route name 'orders-read'" in message
+    assert "routes.1.upstream: unknown upstream 'nope'" in message
+    assert "signer.tls: a TCP signer address needs tls" in message
+
+
+@pytest.mark.parametrize("address", ["[::1]:8443", "[2001:db8::10]:443", "gw.internal:8443"])
+def test_listeners_take_ipv6_and_names(tmp_path: Path, address: str) -> None:
+    doc = {**_doc(), "listen": address, "admin_listen": address.replace("443", "901")}
+    cfg = load_config(_write(tmp_path, doc))
+    assert cfg.listen == address
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("listen", "::1:8443"),
+        ("admin_listen", "[::1]:65536"),
+        ("admin_listen", "[zz]:9901"),
+    ],
+)
+def test_bad_listeners_name_the_field(tmp_path: Path, field: str, value: str) -> None:
+    assert f"{field}: " in _error(tmp_path, {**_doc(), field: value})
+
+
+def test_signer_address_forms(tmp_path: Path) -> None:
+    tls = {"cert": "gateway.crt", "key": "gateway.key", "bundle": "bundle.pem"}
+    doc = {**_doc(), "signer": {"address": "[::1]:7443", "tls": tls}}
+    cfg = load_config(_write(tmp_path, doc))
+    assert cfg.signer is not None and cfg.signer.address == "[::1]:7443"
+    assert cfg.signer.tls is not None and cfg.signer.tls.bundle == tmp_path / "bundle.pem"
+    doc["signer"] = {"address": "127.0.0.1:0", "tls": tls}  # a dial target needs a real port
+    assert "signer.address: expected HOST:PORT with a port from 1 to 65535" in _error(tmp_path, doc)
+    doc["signer"] = {"address": "unix:"}
+    assert "signer.address: expected unix:PATH with a non-empty path" in _error(tmp_path, doc)
+
+
+def test_unix_signer_socket_is_resolved_like_every_path(tmp_path: Path) -> None:
+    doc = {**_doc(), "signer": {"address": "unix:../run/./signer.sock"}}
+    (tmp_path / "etc").mkdir()
+    path = tmp_path / "etc" / "gateway.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(path)
+    assert cfg.signer is not None and cfg.signer.address == f"unix:{tmp_path}/run/signer.sock"
+    assert cfg.tls.cert == tmp_path / "etc" / "gateway.crt"
+
+
+def test_values_are_not_coerced(tmp_path: Path) -> None:
+    assert "workers: Input should be a valid integer" in _error(
+        tmp_path, {**_doc(), "workers": "2"}
+    )
+    doc = _doc()
+    doc["identity_headers"]["xfcc"] = "yes please"
+    assert "identity_headers.xfcc: Input should be a valid boolean" in _error(tmp_path, doc)
+
+
+def test_min_version_written_as_a_number(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(_doc()).replace("min_version: '1.2'", "min_version: 1.3"))
+    assert load_config(path).tls.min_version == "1.3"
+
+
+def test_trust_domain_keys_are_checked(tmp_path: Path) -> None:
+    doc = {**_doc(), "trust_domains": {"Example.ORG": {"bundle": "b.pem"}}}
+    assert "trust_domains.Example.ORG: " in _error(tmp_path, doc)
+
+
+def test_duplicate_yaml_key_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, _doc())
+    path.write_text(path.read_text() + "workers: 3\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML \(line \d+\): duplicate key 'workers'"):
         load_config(path)

@@ -23,8 +23,8 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-from svidgate.gateway.config import SignerConfig
-from svidgate.gateway.errors import ConfigError, SignerUnavailable, TokenRejected
+from svidgate.gateway.config import SignerClientConfig
+from svidgate.gateway.errors import SignerUnavailable, TokenRejected
 from svidgate.gateway.signer_client import (
     MAX_TOKEN_BYTES,
     KeySet,
@@ -35,6 +35,8 @@ from svidgate.gateway.signer_client import (
     cache_key,
     verify_local,
 )
+
+from svidgate.config import ConfigError
 
 ISS = "spiffe://example.org/signer"
 SUB = "spiffe://example.org/ns/shop/sa/web"
@@ -370,7 +372,7 @@ def test_new_key_set_evicts_verifications_of_removed_keys_and_bad_sets_are_ignor
 
 
 def test_from_config_uses_the_gateway_model(tmp_path: Path) -> None:
-    cfg = SignerConfig.model_validate(
+    cfg = SignerClientConfig.model_validate(
         {"address": "unix:run/signer.sock", "timeout": "100ms"}, context={"base_dir": tmp_path}
     )
     client = SignerClient.from_config(cfg)
@@ -381,7 +383,9 @@ def test_from_config_uses_the_gateway_model(tmp_path: Path) -> None:
 
 
 def test_tcp_without_tls_is_a_config_error(tmp_path: Path) -> None:
-    cfg = SignerConfig.model_validate({"address": "127.0.0.1:7443"}, context={"base_dir": tmp_path})
+    cfg = SignerClientConfig.model_validate(
+        {"address": "127.0.0.1:7443"}, context={"base_dir": tmp_path}
+    )
     with pytest.raises(ConfigError, match=r"signer\.tls"):
         SignerClient.from_config(cfg)
 
@@ -671,8 +675,8 @@ async def test_rotation_without_failures(own_signer: SignerProcess) -> None:
     assert len(kids) == 2, kids  # the prepared key activated and signed, verified at once
 
 
-def _tls_config(tmp: Path, spiffe_id: str, cert: str = "gateway") -> SignerConfig:
-    return SignerConfig.model_validate(
+def _tls_config(tmp: Path, spiffe_id: str, cert: str = "gateway") -> SignerClientConfig:
+    return SignerClientConfig.model_validate(
         {
             "address": "placeholder:1",
             "timeout": "2s",

@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 import yaml
 from signer_harness import (
     CLIENT_ID,
@@ -155,3 +157,95 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _check(config: Path, data: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    config.write_text(yaml.safe_dump(data))
+    return svidgate("signer", "check", "--config", str(config))
+
+
+def test_check_prints_key_source_and_rotation_plan(tmp_path: Path) -> None:
+    config = tmp_path / "signer.yaml"
+    data = base_config(Path("run/signer.sock"), Path("keys"))  # keys/ does not exist
+    data["listen"]["tcp"] = "[::1]:7443"
+    data["tls"] = {"cert": "absent.crt", "key": "absent.key", "bundle": "absent.pem"}
+    data["rotation"]["retain_retired"] = "1h"
+    done = _check(config, data)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == [
+        f"config:    {config} OK",
+        f"issuer:    spiffe://{TD}/signer (trust domain {TD})",
+        f"listen:    unix {tmp_path}/run/signer.sock (mode 0600); tcp [::1]:7443 (mTLS)",
+        f"keys:      file {tmp_path}/keys, algorithm ES256",
+        "rotation:  period 24h, prepare_ahead 10m, poll_interval 10s",
+        "retention: retain_retired 1h (at least max_ttl 15m + clock_skew 30s + poll_interval "
+        "10s = 15m40s)",
+        "tokens:    default_ttl 5m, max_ttl 15m, clock_skew 30s",
+    ]
+
+
+def test_check_contacts_no_vault(tmp_path: Path) -> None:
+    """keys.vault.address points at a listener that must never see a connection, then at a
+    closed port: check still exits 0 and reads neither the token file nor any key."""
+    config = tmp_path / "signer.yaml"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    data = base_config(Path("run/signer.sock"), Path("keys"))
+    data["keys"] = {
+        "source": "vault-transit",
+        "algorithm": "EdDSA",
+        "vault": {
+            "address": f"http://127.0.0.1:{port}",
+            "namespace": "team-a",
+            "auth": {"method": "token", "token_file": "no-such-token"},
+        },
+    }
+    try:
+        done = _check(config, data)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    finally:
+        listener.close()
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"keys:      vault-transit at http://127.0.0.1:{port}, namespace team-a, transit "
+        "transit/svidgate-jwt (auth token), algorithm EdDSA"
+    ) in done.stdout.splitlines()
+    data["keys"]["source"] = "vault-kv"  # the port is closed now
+    done = _check(config, data)
+    assert done.returncode == 0, done.stderr
+    assert f"vault-kv at http://127.0.0.1:{port}, namespace team-a, kv secret/" in done.stdout
+
+
+def test_check_bad_field_is_one_line_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "signer.yaml"
+    data = base_config(Path("run/signer.sock"), Path("keys"))
+    data["listen"]["tcp"] = "::1:7443"
+    data["tokens"]["max_ttl"] = "forever"
+    done = _check(config, data)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"svidgate: error: {config}: ")
+    assert "listen.tcp: " in lines[0]
+    assert "tokens.max_ttl: 'forever' is not a duration" in lines[0]
+
+
+def test_check_refuses_an_unsafe_rotation(tmp_path: Path) -> None:
+    config = tmp_path / "signer.yaml"
+    data = deep_merge(
+        base_config(Path("run/signer.sock"), Path("keys")),
+        {"rotation": {"retain_retired": "10m"}},
+    )
+    done = _check(config, data)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == (
+        f"svidgate: error: {config}: rotation.retain_retired: must be >= tokens.max_ttl + "
+        "tokens.clock_skew + rotation.poll_interval (15m + 30s + 10s = 15m40s), got 10m\n"
+    )

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 from svidgate.signer.config import load_config, parse_config
-from svidgate.signer.errors import ConfigError
+
+from svidgate.config import ConfigError
 
 BASE: dict[str, Any] = {
     "trust_domain": "example.org",
@@ -119,3 +120,110 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(["a"]))
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def _message(**overrides: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg(**overrides), base_dir=Path("/etc/svidgate"))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("signer.yaml: ")
+    return message
+
+
+def test_every_schema_error_is_reported_at_once() -> None:
+    message = _message(
+        tokens__max_ttl="forever",
+        colour="red",
+        keys__algorithm="HS256",
+        listen__tcp="::1:7443",
+        authorization__sign=["spiffe://example.org/a*"],
+    )
+    for fragment in (
+        "tokens.max_ttl: 'forever' is not a duration",
+        "colour: unknown key",
+        "keys.algorithm: Input should be",
+        "listen.tcp: ",
+        "authorization.sign.0: ",
+    ):
+        assert fragment in message
+    assert message.count("; ") == 4
+
+
+def test_every_rule_violation_is_reported_at_once() -> None:
+    message = _message(
+        rotation__prepare_ahead="5s",
+        tokens__default_ttl="1h",
+        keys__dir=None,
+        listen__tcp="127.0.0.1:7443",
+    )
+    assert message.startswith("signer.yaml: rotation.prepare_ahead: must be >= ")  # rule first
+    for fragment in (
+        "tokens.default_ttl: must be between 1s and",
+        "keys.dir: is required when keys.source is file",
+        "tls: is required when listen.tcp is set",
+    ):
+        assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("tcp", "address"),
+    [
+        ("[::1]:7443", ("::1", 7443)),
+        ("[fd00::5]:0", ("fd00::5", 0)),
+        ("signer.internal:7443", ("signer.internal", 7443)),
+    ],
+)
+def test_tcp_listener_takes_ipv6(tcp: str, address: tuple[str, int]) -> None:
+    tls = {"cert": "s.crt", "key": "s.key", "bundle": "b.pem"}
+    c = parse_config(cfg(listen__tcp=tcp, tls=tls), base_dir=Path("/etc/svidgate"))
+    assert c.listen.tcp == tcp
+    assert c.tcp_address() == address
+
+
+@pytest.mark.parametrize("tcp", ["::1:7443", "[::1]:65536", "7443", "[::1]"])
+def test_bad_tcp_listener_names_the_field(tcp: str) -> None:
+    assert "signer.yaml: listen.tcp: " in _message(listen__tcp=tcp)
+
+
+def test_every_file_path_resolves_against_the_config_directory(tmp_path: Path) -> None:
+    data = cfg(
+        listen__unix="../run/./signer.sock",
+        tls={"cert": "tls/s.crt", "key": "tls/s.key", "bundle": "b.pem"},
+        keys__dir="./keys",
+        keys__vault={
+            "address": "http://127.0.0.1:8200",
+            "ca_cert": "vault-ca.pem",
+            "auth": {"token_file": "t", "secret_id_file": "s/id", "jwt_file": "sa/token"},
+        },
+    )
+    path = tmp_path / "etc" / "signer.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(data))
+    c = load_config(path)
+    etc = tmp_path / "etc"
+    assert c.listen.unix == tmp_path / "run" / "signer.sock"
+    assert c.tls is not None
+    assert (c.tls.cert, c.tls.key, c.tls.bundle) == (
+        etc / "tls/s.crt",
+        etc / "tls/s.key",
+        etc / "b.pem",
+    )
+    assert c.keys.dir == etc / "keys"
+    vault = c.keys.vault
+    assert vault is not None and vault.ca_cert == etc / "vault-ca.pem"
+    assert vault.auth.token_file == etc / "t"
+    assert vault.auth.secret_id_file == etc / "s/id"
+    assert vault.auth.jwt_file == etc / "sa/token"
+
+
+def test_duplicate_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "signer.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "issuer: spiffe://example.org/other\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML \(line \d+\): duplicate key 'issuer'"):
+        load_config(path)
+
+
+def test_values_are_not_coerced() -> None:
+    assert "listen.unix_mode: must be an octal file mode" in _message(listen__unix_mode=True)
+    assert "issuer: Input should be a valid string" in _message(issuer=7)
+    assert "tokens.max_ttl: expected a Go-style duration" in _message(tokens__max_ttl=900)

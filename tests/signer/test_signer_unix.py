@@ -26,9 +26,10 @@ from signer_harness import (
     unix_stub,
     write_config,
 )
-from svidgate.signer.errors import ConfigError
 from svidgate.signer.jwt import ALGORITHMS
 from svidgate.signer.server import SignerServer
+
+from svidgate.config import ConfigError
 
 
 def b64(data: bytes) -> str:
