@@ -4,8 +4,10 @@ Per connection (:class:`PeerGate`): re-verify the client's SVID against its own 
 (or find the same presented chain already verified in this generation), compute its identity
 once, and close the connection at the certificate's notAfter.
 Per request (:meth:`GatewayApp.handle`): method → Host / target form → canonical path →
-policy (default deny, audit) → JWT (when the route requires it) → header hygiene → forward.
-Every :class:`GatewayError` becomes a response through the one table in ``gateway.errors``.
+policy (:meth:`Policy.authorize`: default deny, every decision audited) → JWT (when the route
+requires it) → header hygiene → forward. Every :class:`GatewayError` becomes a response through
+the one table in ``gateway.errors``. The metrics and the access line are built from what the
+pipeline learned (:class:`_Exchange`) and the :class:`ForwardOutcome` the proxy returns.
 """
 
 from __future__ import annotations
@@ -26,22 +28,20 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from svidgate.gateway.admin import Metrics
 from svidgate.gateway.config import JwtConfig
-from svidgate.gateway.context import CANONICAL_PATH, ROUTE, STREAMING, UPSTREAM, UPSTREAM_SECONDS
 from svidgate.gateway.credentials import GatewayState, StateHolder
 from svidgate.gateway.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
     MethodNotAllowed,
-    NoRoute,
     TokenRejected,
     response_spec,
 )
 from svidgate.gateway.headers import identity_header_names, upstream_request_headers
 from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
-from svidgate.gateway.policy import Decision
-from svidgate.gateway.proxy import Upstream
-from svidgate.gateway.routes import parse_target
+from svidgate.gateway.policy import Decision, PolicyDenial
+from svidgate.gateway.proxy import ForwardOutcome, Upstream
+from svidgate.gateway.routes import Route, parse_target
 from svidgate.gateway.tls import peer_chain_der, verify_peer
 from svidgate.pki.errors import PkiError
 
@@ -111,12 +111,11 @@ class PeerGate(asyncio.Protocol):
     transport is handed to aiohttp's protocol directly (``set_protocol``), so request bytes do
     not pass through this wrapper; a refused connection is aborted and never handed over."""
 
-    __slots__ = ("_app", "_inner", "_rejected")
+    __slots__ = ("_app", "_inner")
 
     def __init__(self, app: GatewayApp, inner: asyncio.Protocol) -> None:
         self._app = app
         self._inner = inner
-        self._rejected = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         state = self._app.holder.current
@@ -139,7 +138,6 @@ class PeerGate(asyncio.Protocol):
                     verify_peer(ssl_object, state.bundles, now=now), state.gateway_id
                 )
         except PkiError as exc:
-            self._rejected = True
             self._app.metrics.connections_rejected.inc()
             peer = transport.get_extra_info("peername")
             emit(
@@ -185,6 +183,20 @@ class GatewayWebServer(web.Server):
         super().connection_lost(handler, exc)
         if transport is not None:
             self._gateway.connection_lost(transport)
+
+
+class _Exchange:
+    """What the pipeline learned about one request, as it learned it: for the error response,
+    the metrics and the access line (the request object carries no gateway state)."""
+
+    __slots__ = ("error", "outcome", "path", "route", "started")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.path: str | None = None  # canonical path, once parsed
+        self.route: str | None = None  # route name, once policy found one
+        self.outcome: ForwardOutcome | None = None  # once forwarded
+        self.error: str | None = None  # reason code of a failed request
 
 
 class GatewayApp:
@@ -279,15 +291,19 @@ class GatewayApp:
     # -- the pipeline ---------------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()
+        exchange = _Exchange()
         state = self.holder.current
         identity = self.peers.get(request.transport) if request.transport else None
         try:
             if identity is None:  # cannot happen: PeerGate refuses such connections
                 raise Forbidden("no_identity")
-            response = await self._pipeline(request, state, identity)
+            outcome = await self._pipeline(request, state, identity, exchange)
+            response = outcome.response
+            exchange.outcome = outcome
+            exchange.error = outcome.error
         except GatewayError as err:
-            response = self._error_response(err, request.get(ROUTE))
+            response = self._error_response(err, exchange.route)
+            exchange.error = err.reason
         except asyncio.CancelledError:
             raise
         except ConnectionError as exc:
@@ -299,36 +315,58 @@ class GatewayApp:
             log.info(
                 "client disconnected during %s (route %s): %s",
                 request.method,
-                request.get(ROUTE) or "-",
+                exchange.route or "-",
                 type(exc).__name__,
             )
             response = web.Response(status=499, headers={"Server": SERVER_HEADER})
+            exchange.error = "client_disconnected"
         except Exception:
-            if request.get(STREAMING):
-                raise
+            # Never after a committed response: forward owns one to its end (only the client
+            # going away is raised past it), so an error response can always be sent here.
             log.exception("unexpected error while handling a request")
-            response = self._error_response(GatewayError("internal"), request.get(ROUTE))
-        route = request.get(ROUTE) or "-"
-        self.metrics.request_count(route, str(response.status)).inc()
-        upstream_seconds = request.get(UPSTREAM_SECONDS)
-        if upstream_seconds is not None and request.get(UPSTREAM):
-            self.metrics.upstream_seconds(request[UPSTREAM]).observe(upstream_seconds)
-        if state.config.access_log:
+            response = self._error_response(GatewayError("internal"), exchange.route)
+            exchange.error = "internal"
+        status = exchange.outcome.status if exchange.outcome is not None else response.status
+        self._record(request, exchange, status, identity, state.config.access_log)
+        return response
+
+    def _record(
+        self,
+        request: web.BaseRequest,
+        exchange: _Exchange,
+        status: int,
+        identity: PeerIdentity | None,
+        access: bool,
+    ) -> None:
+        """Metrics for every request; the access line when ``access_log`` is on."""
+        route = exchange.route or "-"
+        outcome = exchange.outcome
+        self.metrics.request_count(route, str(status)).inc()
+        if outcome is not None:
+            self.metrics.upstream_seconds(outcome.upstream).observe(outcome.upstream_seconds)
+        if access:
             emit(
                 access_log,
                 event="access",
                 method=request.method,
-                path=request.get(CANONICAL_PATH, "-"),
-                status=response.status,
+                path=exchange.path or "-",
+                status=status,
                 route=route,
                 spiffe_id=identity.id_text if identity else None,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                upstream=outcome.upstream if outcome is not None else None,
+                bytes_in=outcome.bytes_in if outcome is not None else None,
+                bytes_out=outcome.bytes_out if outcome is not None else None,
+                error=exchange.error,
+                duration_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
             )
-        return response
 
     async def _pipeline(
-        self, request: web.BaseRequest, state: GatewayState, identity: PeerIdentity
-    ) -> web.StreamResponse:
+        self,
+        request: web.BaseRequest,
+        state: GatewayState,
+        identity: PeerIdentity,
+        exchange: _Exchange,
+    ) -> ForwardOutcome:
         method = request.method
         if method in _NEVER_PROXIED:
             raise MethodNotAllowed("method_not_allowed", f"{method} is never proxied")
@@ -336,17 +374,8 @@ class GatewayApp:
         if len(hosts) != 1:
             raise BadRequest("bad_host", "exactly one Host header is required")
         target = parse_target(_origin_form(request.raw_path, hosts[0]))
-        request[CANONICAL_PATH] = target.path
-        decision = state.policy.explain(identity.spiffe_id, method, target.path)
-        self._audit(decision, identity, method, target.path, log_allow=state.config.audit.allow)
-        route = decision.route
-        if route is not None:
-            request[ROUTE] = route.name
-        if not decision.allowed:
-            if route is None:
-                raise NoRoute(decision.reason)
-            raise Forbidden(decision.reason)
-        assert route is not None
+        exchange.path = target.path
+        route = self._authorize(state, identity, method, target.path, exchange)
         claims: Mapping[str, Any] | None = None
         if route.jwt is not None:
             try:
@@ -377,9 +406,30 @@ class GatewayApp:
             # The bearer token was verified here; like Envoy's jwt_authn it is not passed on
             # unless the route says so (`jwt.forward: true`).
             headers.popall("Authorization", None)
-        upstream = self.upstreams[route.upstream]
-        request[UPSTREAM] = upstream.name
-        return await upstream.forward(request, target.forward(), headers)
+        return await self.upstreams[route.upstream].forward(request, target.forward(), headers)
+
+    def _authorize(
+        self,
+        state: GatewayState,
+        identity: PeerIdentity,
+        method: str,
+        path: str,
+        exchange: _Exchange,
+    ) -> Route:
+        """Policy (default deny) through :meth:`Policy.authorize`; every decision is audited, a
+        denial is raised on as the typed error the one table maps to 403 / 404."""
+        log_allow = state.config.audit.allow
+        try:
+            decision = state.policy.authorize(identity.spiffe_id, method, path)
+        except PolicyDenial as denial:
+            self._audit(denial.decision, identity, method, path, log_allow=log_allow)
+            if denial.decision.route is not None:
+                exchange.route = denial.decision.route.name
+            raise
+        self._audit(decision, identity, method, path, log_allow=log_allow)
+        assert decision.route is not None  # an allowing decision always names its route
+        exchange.route = decision.route.name
+        return decision.route
 
     async def _check_jwt(
         self,

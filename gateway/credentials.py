@@ -150,7 +150,6 @@ class StateHolder:
         self.config_path = config_path.absolute()
         self.current = build_state(self.config_path, sni_callback=self.sni_callback)
         self.listeners: list[Callable[[GatewayState, GatewayState], None]] = []
-        self.last_error: str | None = None
         # What the files looked like at the last reload attempt (successful or not).
         self._stamps = dict(self.current.watched)
 
@@ -175,14 +174,12 @@ class StateHolder:
                 self.config_path, generation=old.generation + 1, sni_callback=self.sni_callback
             )
         except (ConfigError, GatewayError) as exc:
-            self.last_error = str(exc)
             # Remember the stamps so a broken file is reported once, not on every poll.
             self._stamps = {p: _file_stamp(p) for p in self._stamps}
             log.error("reload failed, keeping the previous state: %s", exc)
             return False
         self.current = new
         self._stamps = dict(new.watched)
-        self.last_error = None
         log.info("reloaded configuration and credentials (generation %d)", new.generation)
         for listener in self.listeners:
             listener(old, new)

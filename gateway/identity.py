@@ -10,12 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from svidgate.pki.bundle import BundleSet
 from svidgate.pki.jose import b64url_encode
 from svidgate.pki.spiffe_id import SpiffeId
-from svidgate.pki.svid import X509Svid, thumbprint_sha256, verify_x509_svid
+from svidgate.pki.svid import X509Svid, parse_raw_chain, thumbprint_sha256, verify_x509_svid
 
 DEFAULT_CHAIN_CACHE_ENTRIES = 4096
 
@@ -26,7 +25,6 @@ class PeerIdentity:
 
     spiffe_id: SpiffeId
     id_text: str
-    leaf_sha256_hex: str
     x5t_s256: str  # base64url (no padding) SHA-256 of the leaf DER (RFC 8705 cnf.x5t#S256)
     xfcc: str  # By=<gateway>;Hash=<hex>;URI=<client>
     leaf_der: bytes
@@ -46,7 +44,6 @@ class PeerIdentity:
         return cls(
             spiffe_id=svid.spiffe_id,
             id_text=id_text,
-            leaf_sha256_hex=hex_digest,
             x5t_s256=b64url_encode(digest),
             xfcc=f"By={gateway_id};Hash={hex_digest};URI={id_text}",
             leaf_der=leaf.public_bytes(Encoding.DER),
@@ -113,7 +110,7 @@ class VerifiedChainCache:
                 return entry.identity
             del self._entries[key]
         self.misses += 1
-        chain = [x509.load_der_x509_certificate(der) for der in ders]
+        chain = parse_raw_chain(ders)
         svid = verify_x509_svid(chain[0], chain[1:], bundles, now=now)
         identity = PeerIdentity.from_svid(svid, gateway_id)
         roots = bundles.get(svid.spiffe_id.trust_domain).x509_authorities

@@ -1,7 +1,10 @@
 """Authorization: default deny; per route an allow list of SPIFFE ID patterns (pki matchers).
 
-:meth:`Policy.authorize` raises :class:`Forbidden` / :class:`NoRoute`; :meth:`Policy.explain`
-returns the same decision as data (route, rule, reason) for the audit log and the CLI.
+:meth:`Policy.authorize` is what the request pipeline calls: it returns the allowing decision
+or raises a :class:`PolicyDenial` carrying the denying one (:class:`IdentityDenied`, a 403
+:class:`Forbidden`, or :class:`RouteNotFound`, a 404 :class:`NoRoute`). :meth:`Policy.explain`
+returns the same decision as data, for the CLI. A decision names the route, the rule that
+admitted the caller and the reason: what the audit log records.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from svidgate.gateway.config import GatewayConfig
-from svidgate.gateway.errors import Forbidden, NoRoute
+from svidgate.gateway.errors import Forbidden, NoRoute, RequestError
 from svidgate.gateway.routes import Route, RouteTable
 from svidgate.pki.matchers import IdMatcher
 from svidgate.pki.spiffe_id import SpiffeId
@@ -29,11 +32,21 @@ class Decision:
     route: Route | None
     rule: str | None = None
 
-    def describe(self) -> str:
-        route = self.route.name if self.route is not None else "-"
-        if self.allowed:
-            return f"ALLOW route={route} rule={self.rule}"
-        return f"DENY route={route} reason={self.reason}"
+
+class PolicyDenial(RequestError):
+    """Policy refused the request; ``decision`` says why (route, reason) for the audit log."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason)
+        self.decision = decision
+
+
+class IdentityDenied(PolicyDenial, Forbidden):
+    """A route matches, but not for this caller or this method: 403."""
+
+
+class RouteNotFound(PolicyDenial, NoRoute):
+    """No route's path prefix matches: 404."""
 
 
 class Policy:
@@ -51,9 +64,6 @@ class Policy:
         matchers = {i: IdMatcher.parse(r.allow) for i, r in enumerate(cfg.routes)}
         return cls(table, matchers)
 
-    def matcher(self, route: Route) -> IdMatcher:
-        return self._matchers[route.index]
-
     def explain(self, spiffe_id: SpiffeId, method: str, path: str) -> Decision:
         """Decide for a canonical path (see :func:`svidgate.gateway.routes.canonical_path`)."""
         found = self.table.match(path, method)
@@ -67,10 +77,11 @@ class Policy:
         return Decision(True, ALLOWED, found.route, pattern.text)
 
     def authorize(self, spiffe_id: SpiffeId, method: str, path: str) -> Decision:
-        """The allowing decision, or raise :class:`NoRoute` / :class:`Forbidden`."""
+        """The allowing decision, or raise :class:`RouteNotFound` (no route) /
+        :class:`IdentityDenied` (method or identity not allowed) with the denying one."""
         decision = self.explain(spiffe_id, method, path)
         if decision.allowed:
             return decision
         if decision.route is None:
-            raise NoRoute(NO_ROUTE)
-        raise Forbidden(decision.reason)
+            raise RouteNotFound(decision)
+        raise IdentityDenied(decision)

@@ -5,20 +5,23 @@ The upstream leg is the small HTTP/1.1 client in ``gateway.upstream_client``; it
 translated here into UpstreamError (502), UpstreamTimeout (504) and CircuitOpen (503).
 Small responses (Content-Length up to :data:`BUFFER_LIMIT`) are read whole and sent to the
 client in one write; larger, chunked or read-until-close bodies are streamed.
+:meth:`Upstream.forward` returns a :class:`ForwardOutcome` (status, upstream, timing, bytes in
+and out, and why a committed response broke off) for the pipeline's access log and metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from svidgate.gateway.config import UpstreamConfig
-from svidgate.gateway.context import STREAMING, UPSTREAM_SECONDS
 from svidgate.gateway.errors import BadRequest, CircuitOpen, UpstreamError, UpstreamTimeout
 from svidgate.gateway.headers import downstream_response_headers
 from svidgate.gateway.upstream_client import (
@@ -39,6 +42,26 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 BUFFER_LIMIT = 64 * 1024  # bodies up to this Content-Length go out with the headers in one write
 _NO_BODY_STATUS = frozenset({204, 304})
 
+log = logging.getLogger("svidgate.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardOutcome:
+    """What one forwarded exchange did: the response for the client, and the figures the
+    access log and the metrics report.
+
+    ``error`` is set only when the response was already committed (its status line sent) and
+    the exchange then broke off: the client connection was cut, since no error response can
+    follow. Failures before that point are raised as gateway errors instead."""
+
+    response: web.StreamResponse
+    upstream: str  # the upstream's name in the config
+    status: int  # the status the client was sent
+    upstream_seconds: float  # request out → the upstream's head (its whole body when buffered)
+    bytes_in: int  # request-body bytes sent upstream
+    bytes_out: int  # response-body bytes relayed to the client
+    error: str | None = None
+
 
 class CircuitBreaker:
     """Closed → open after ``threshold`` consecutive failures → one probe after ``reset``."""
@@ -51,10 +74,6 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
-
-    @property
-    def is_open(self) -> bool:
-        return self._opened_at is not None
 
     def before(self, now: float) -> None:
         """Raise :class:`CircuitOpen` unless a request may go through."""
@@ -83,7 +102,6 @@ class Upstream:
     def __init__(self, name: str, cfg: UpstreamConfig, ssl_context: ssl.SSLContext | None):
         self.name = name
         self.cfg = cfg
-        self.base = cfg.url
         self.breaker = CircuitBreaker(
             cfg.circuit_breaker.failures, cfg.circuit_breaker.reset.total_seconds()
         )
@@ -108,37 +126,37 @@ class Upstream:
         request: web.BaseRequest,
         target: str,
         headers: CIMultiDict[str],
-    ) -> web.StreamResponse:
-        """Send the request upstream and relay the answer to the client."""
+    ) -> ForwardOutcome:
+        """Send the request upstream and relay the answer to the client; what happened comes
+        back as the outcome. Failures before the response is committed are raised."""
         loop = asyncio.get_running_loop()
         breaker = self.breaker
         breaker.before(loop.time())
         method = request.method
-        has_body = request.body_exists
-        head_only = method == "HEAD"
+        upload = _Upload(request) if request.body_exists else None
         try:
             head, chunked = encode_request_head(
-                method, target, headers, default_host=self._host_header, has_body=has_body
+                method, target, headers, default_host=self._host_header, has_body=upload is not None
             )
         except ValueError as exc:
             raise UpstreamError("bad_request_header", str(exc)) from None
-        attempts = 1 + (self.cfg.retries if method in IDEMPOTENT and not has_body else 0)
+        attempts = 1 + (self.cfg.retries if method in IDEMPOTENT and upload is None else 0)
         started = time.perf_counter()
         conn: UpstreamConnection | None = None
-        body_task: asyncio.Task[bool] | None = None
+        body_task: asyncio.Task[None] | None = None
         try:
             for attempt in range(attempts):
                 try:
                     conn, _reused = await self.pool.acquire()
-                    waiter = conn.send(head, head_only=head_only)
-                    if has_body:
-                        body_task = loop.create_task(_send_body(request, conn, chunked))
+                    waiter = conn.send(head, head_only=method == "HEAD")
+                    if upload is not None:
+                        body_task = loop.create_task(upload.run(conn, chunked))
                     message, payload = await waiter
                 except (ConnectTimeout, ConnectFailed, Disconnected) as exc:
                     if conn is not None:
                         conn.discard()
                         conn = None
-                    if body_task is not None and body_task.done() and body_task.result():
+                    if upload is not None and upload.client_failed:
                         raise BadRequest(
                             "incomplete_body", "the request body ended early"
                         ) from None
@@ -165,12 +183,12 @@ class Upstream:
                     raise UpstreamError("upstream_error", type(exc).__name__) from None
                 break
             assert conn is not None
-            response = await self._relay(request, message, payload, started)
+            outcome = await self._relay(request, message, payload, started, upload)
             if body_task is not None and not body_task.done():
                 conn.discard()  # the upstream answered before taking the whole body
             self.pool.release(conn)
             conn = None
-            return response
+            return outcome
         finally:
             if conn is not None:
                 conn.discard()
@@ -183,7 +201,8 @@ class Upstream:
         message: RawResponseMessage,
         payload: StreamReader,
         started: float,
-    ) -> web.StreamResponse:
+        upload: _Upload | None,
+    ) -> ForwardOutcome:
         loop = asyncio.get_running_loop()
         breaker = self.breaker
         try:
@@ -194,12 +213,11 @@ class Upstream:
         status = message.code
         if request.method == "HEAD" or status in _NO_BODY_STATUS:
             breaker.success()
-            request[UPSTREAM_SECONDS] = time.perf_counter() - started
+            seconds = time.perf_counter() - started
             out = web.StreamResponse(status=status, reason=message.reason, headers=out_headers)
-            request[STREAMING] = True
             await out.prepare(request)
-            await out.write_eof()
-            return out
+            _sent, error = await _stream_body(request, None, out)
+            return self._outcome(out, seconds, upload, 0, error)
         length = _content_length(message)
         if length is not None and length <= BUFFER_LIMIT:
             # Small body: read it whole, then headers + body leave in one write.
@@ -212,30 +230,73 @@ class Upstream:
                 breaker.failure(loop.time())
                 raise UpstreamError("bad_upstream_response") from None
             breaker.success()
-            request[UPSTREAM_SECONDS] = time.perf_counter() - started
-            return web.Response(
+            seconds = time.perf_counter() - started
+            response = web.Response(
                 status=status, reason=message.reason, headers=out_headers, body=body
             )
+            return self._outcome(response, seconds, upload, len(body))
         breaker.success()
-        request[UPSTREAM_SECONDS] = time.perf_counter() - started
+        seconds = time.perf_counter() - started
         out = web.StreamResponse(status=status, reason=message.reason, headers=out_headers)
-        request[STREAMING] = True
         if "Content-Length" not in out_headers and request.version >= (1, 1):
             out.enable_chunked_encoding()
         await out.prepare(request)
-        try:
-            while True:
-                chunk = await payload.readany()
-                if not chunk:
-                    break
-                await out.write(chunk)
-        except UpstreamClientError:
-            # Headers are out: the only honest signal left is to cut the connection.
-            if request.transport is not None:
-                request.transport.abort()
-            raise
+        sent, error = await _stream_body(request, payload, out)
+        if error is not None and error != "internal":
+            log.warning(
+                "upstream %s broke off mid-body (%s): client connection cut", self.name, error
+            )
+        return self._outcome(out, seconds, upload, sent, error)
+
+    def _outcome(
+        self,
+        response: web.StreamResponse,
+        upstream_seconds: float,
+        upload: _Upload | None,
+        bytes_out: int,
+        error: str | None = None,
+    ) -> ForwardOutcome:
+        return ForwardOutcome(
+            response=response,
+            upstream=self.name,
+            status=response.status,
+            upstream_seconds=upstream_seconds,
+            bytes_in=upload.sent if upload is not None else 0,
+            bytes_out=bytes_out,
+            error=error,
+        )
+
+
+async def _stream_body(
+    request: web.BaseRequest, payload: StreamReader | None, out: web.StreamResponse
+) -> tuple[int, str | None]:
+    """Relay the body (if any) of a committed response: (bytes sent, error reason or None).
+
+    The status line is out, so no error response can follow: when the exchange breaks off the
+    client connection is cut (the only honest signal left) and the reason is returned. The
+    client going away (ConnectionError) is raised, like anywhere else in the pipeline."""
+    sent = 0
+    try:
+        while payload is not None:
+            chunk = await payload.readany()
+            if not chunk:
+                break
+            await out.write(chunk)
+            sent += len(chunk)
         await out.write_eof()
-        return out
+        return sent, None
+    except ConnectionError:
+        raise
+    except ReadTimeout:
+        error = "read_timeout"
+    except UpstreamClientError:
+        error = "bad_upstream_response"
+    except Exception:
+        log.exception("unexpected error while relaying a response body")
+        error = "internal"
+    if request.transport is not None:
+        request.transport.abort()
+    return sent, error
 
 
 def _content_length(message: RawResponseMessage) -> int | None:
@@ -248,39 +309,49 @@ def _content_length(message: RawResponseMessage) -> int | None:
     return int(value)
 
 
-async def _send_body(request: web.BaseRequest, conn: UpstreamConnection, chunked: bool) -> bool:
-    """Stream the client's request body upstream (re-chunked when it had no Content-Length).
+class _Upload:
+    """The client's request body on its way upstream (re-chunked when it had no
+    Content-Length): how many bytes went out, and whether a failure was the *client's* (its
+    body ended early: not the upstream's fault, so not counted against its circuit breaker)."""
 
-    On any failure the upstream connection is dropped, so the response waiter fails instead of
-    waiting for the read timeout. Returns True when the *client* failed (its body ended early):
-    that is not the upstream's fault and must not count against its circuit breaker."""
-    transport = conn.transport
-    content = request.content
-    while True:
-        try:
-            chunk = await content.readany()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            conn.break_off()
-            return True
-        try:
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("upstream connection closed")
-            if not chunk:
-                break
-            if chunked:
-                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            else:
-                transport.write(chunk)
-            conn.progress()
-            await conn.drain()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            conn.break_off()
-            return False
-    if chunked:
-        transport.write(b"0\r\n\r\n")
-    conn.progress()
-    return False
+    __slots__ = ("client_failed", "request", "sent")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self.request = request
+        self.sent = 0
+        self.client_failed = False
+
+    async def run(self, conn: UpstreamConnection, chunked: bool) -> None:
+        """Stream the body; on any failure drop the upstream connection, so the response waiter
+        fails instead of waiting for the read timeout."""
+        transport = conn.transport
+        content = self.request.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.client_failed = True
+                conn.break_off()
+                return
+            try:
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("upstream connection closed")
+                if not chunk:
+                    break
+                if chunked:
+                    transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                else:
+                    transport.write(chunk)
+                self.sent += len(chunk)
+                conn.progress()
+                await conn.drain()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                conn.break_off()
+                return
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+        conn.progress()

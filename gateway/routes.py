@@ -102,12 +102,6 @@ class Route:
     upstream: str
     jwt: JwtConfig | None
 
-    def matches_path(self, path: str) -> bool:
-        """Match on segment boundaries: ``/orders`` matches ``/orders/x``, not ``/ordersx``."""
-        if self.prefix == "/":
-            return True
-        return path == self.prefix or path.startswith(self.prefix + "/")
-
     def allows_method(self, method: str) -> bool:
         return self.methods is None or method in self.methods
 

@@ -9,15 +9,14 @@ sessions included, since a resumed session skips the current CA store.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from cryptography import x509
 from svidgate.gateway.errors import CredentialsError
 from svidgate.pki.bundle import BundleSet
 from svidgate.pki.errors import PkiError, UntrustedSvidError
-from svidgate.pki.svid import X509Svid, check_svid_profile, verify_x509_svid
+from svidgate.pki.svid import X509Svid, check_svid_profile, parse_raw_chain, verify_x509_svid
 
 # TLS 1.2: ECDHE key exchange with AEAD ciphers only. TLS 1.3 suites are all AEAD + (EC)DHE.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1:!SHA256:!SHA384"
@@ -81,21 +80,9 @@ def build_client_context(bundle_pem: bytes, cert: Path | None, key: Path | None)
     return ctx
 
 
-def peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certificate]:
-    """The chain the peer sent (leaf first). Python 3.13 has a public API; 3.11 a private one."""
-    getter = getattr(ssl_object, "get_unverified_chain", None)
-    if getter is not None:  # Python >= 3.13
-        raw: Sequence[bytes] = getter() or []
-        return [x509.load_der_x509_certificate(der) for der in raw]
-    inner = getattr(ssl_object, "_sslobj", None)
-    chain = inner.get_unverified_chain() if inner is not None else None
-    if not chain:
-        return []
-    return [x509.load_der_x509_certificate(c.public_bytes(ssl._ssl.ENCODING_DER)) for c in chain]  # type: ignore[attr-defined]
-
-
 def peer_chain_der(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
-    """The DER of every certificate the peer sent (leaf first); empty for a resumed session."""
+    """The DER of every certificate the peer sent (leaf first); empty for a resumed session.
+    The one place that reads the chain: Python 3.13 has a public API, 3.11 a private one."""
     getter = getattr(ssl_object, "get_unverified_chain", None)
     if getter is not None:  # Python >= 3.13
         return list(getter() or [])
@@ -114,10 +101,11 @@ def verify_peer(
     A resumed TLS session skipped the handshake's chain check against the *current* store, and
     the server keeps only the leaf in the session: such a leaf is verified alone (so it must
     chain directly to a current root; one that needs an intermediate is refused)."""
-    chain = peer_chain(ssl_object)
-    if not chain and ssl_object.session_reused:
+    ders = peer_chain_der(ssl_object)
+    if not ders and ssl_object.session_reused:
         der = ssl_object.getpeercert(binary_form=True)
-        chain = [x509.load_der_x509_certificate(der)] if der else []
+        ders = [der] if der else []
+    chain = parse_raw_chain(ders)
     if not chain:
         raise UntrustedSvidError("the peer presented no certificate")
     return verify_x509_svid(chain[0], chain[1:], bundles, now=now)
@@ -129,7 +117,7 @@ def check_peer_id(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected: str) -> N
     if not der:
         raise UntrustedSvidError("the upstream presented no certificate")
     try:
-        got = check_svid_profile(x509.load_der_x509_certificate(der))
+        got = check_svid_profile(parse_raw_chain([der])[0])
     except PkiError as exc:
         raise UntrustedSvidError(f"upstream certificate is not an SVID: {exc}") from None
     if str(got) != expected:

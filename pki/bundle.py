@@ -193,9 +193,6 @@ class BundleSet:
     def trust_domains(self) -> list[TrustDomain]:
         return list(self._bundles)
 
-    def all_authorities(self) -> list[x509.Certificate]:
-        return [c for b in self._bundles.values() for c in b.x509_authorities]
-
     def pem(self) -> bytes:
         """All authorities as PEM, e.g. for ``SSLContext.load_verify_locations(cadata=…)``."""
         return b"".join(marshal_pem(b) for b in self._bundles.values())

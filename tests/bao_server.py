@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from svidgate.signer import vault_policy
+
 ROOT_TOKEN = "svidgate-test-root"
 SIGNER_POLICY = "svidgate-signer"
 
@@ -60,15 +62,12 @@ def free_port_pair() -> int:
 
 def signer_policy_hcl(kv_mount: str = "secret", transit_mount: str = "transit") -> str:
     """What a signer needs and nothing more (any key path below svidgate/ for test isolation)."""
-    return f"""
-path "{kv_mount}/data/svidgate/*" {{ capabilities = ["create", "read", "update"] }}
-path "{kv_mount}/metadata/svidgate/*" {{ capabilities = ["read"] }}
-path "{kv_mount}/destroy/svidgate/*" {{ capabilities = ["update"] }}
-path "{transit_mount}/sign/svidgate-*" {{ capabilities = ["update"] }}
-path "{transit_mount}/keys/svidgate-*" {{ capabilities = ["create", "read", "update"] }}
-path "auth/token/lookup-self" {{ capabilities = ["read"] }}
-path "auth/token/renew-self" {{ capabilities = ["update"] }}
-"""
+    return vault_policy.signer_policy_hcl(
+        kv_mount=kv_mount,
+        kv_path="svidgate/*",
+        transit_mount=transit_mount,
+        transit_key="svidgate-*",
+    )
 
 
 class BaoServer:

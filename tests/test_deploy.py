@@ -29,8 +29,7 @@ from svidgate.pki.bundle import marshal_pem
 from svidgate.pki.ca import CertificateAuthority
 from svidgate.signer.config import SignerConfig
 from svidgate.signer.config import load_config as load_signer_config
-
-from svidgate.devstack import signer_policy_hcl
+from svidgate.signer.vault_policy import signer_policy_hcl
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -431,6 +430,22 @@ def test_policy_file_is_the_generated_least_privilege_policy(
             transit_key=vault.transit_key,
         )
         assert POLICY.read_text() == expected
+
+
+def test_signer_policy_is_least_privilege() -> None:
+    hcl = signer_policy_hcl(kv_mount="kv", kv_path="a/b", transit_mount="t", transit_key="k")
+    paths = re.findall(r'^path "([^"]+)"', hcl, flags=re.MULTILINE)
+    assert paths == [
+        "kv/data/a/b",
+        "kv/metadata/a/b",
+        "kv/destroy/a/b",
+        "t/sign/k",
+        "t/keys/k",
+        "t/keys/k/rotate",
+        "auth/token/lookup-self",
+        "auth/token/renew-self",
+    ]
+    assert "*" not in hcl and "sudo" not in hcl and "delete" not in hcl
 
 
 class Vault:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from svidgate.devstack import IDENTITIES, SVID_TTL, Layout, prepare_pki, signer_policy_hcl
+from svidgate.devstack import IDENTITIES, SVID_TTL, Layout, prepare_pki
 
 READY_LINE = "Ctrl-C stops everything."
 EXPECTED = [200, 200, 403]
@@ -251,19 +251,3 @@ def test_state_dir_is_reused_and_renewed(tmp_path: Path) -> None:
     # a new CA (the old one expired) re-issues everything under it
     far = datetime.now(UTC) + timedelta(days=400)
     assert prepare_pki(layout, now=far) == ["ca", *IDENTITIES]
-
-
-def test_signer_policy_is_least_privilege() -> None:
-    hcl = signer_policy_hcl(kv_mount="kv", kv_path="a/b", transit_mount="t", transit_key="k")
-    paths = re.findall(r'^path "([^"]+)"', hcl, flags=re.MULTILINE)
-    assert paths == [
-        "kv/data/a/b",
-        "kv/metadata/a/b",
-        "kv/destroy/a/b",
-        "t/sign/k",
-        "t/keys/k",
-        "t/keys/k/rotate",
-        "auth/token/lookup-self",
-        "auth/token/renew-self",
-    ]
-    assert "*" not in hcl and "sudo" not in hcl and "delete" not in hcl

@@ -1,5 +1,6 @@
 """The audit log off the hot path: allow decisions can be switched off (denials never are), and
-the fast line builder writes exactly what the generic JSON emitter would."""
+the fast line builder writes exactly what the generic JSON emitter would. The pipeline denies
+through Policy.authorize and audits the decision that denial carries."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from gateway_harness import WEB_ID, Echo, LabPki, gateway_config
+from gateway_harness import WEB_ID, Echo, Harness, LabPki, gateway_config
 from svidgate.gateway.app import authorization_line
 from svidgate.gateway.config import parse_config
+from svidgate.gateway.errors import response_spec
+from svidgate.gateway.policy import PolicyDenial
+from svidgate.pki.spiffe_id import parse_spiffe_id
 
 
 @pytest.mark.parametrize(
@@ -91,3 +95,46 @@ async def test_audit_allow_true_logs_both(
     await gw.request("GET", "/orders/1")
     await gw.request("GET", "/admin/1")
     assert [line["decision"] for line in _audit_lines(caplog)] == ["allow", "deny"]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status", "route", "reason"),
+    [
+        ("GET", "/admin/1", 403, "admin", "identity_not_allowed"),
+        ("DELETE", "/orders/1", 403, "orders-read", "method_not_allowed"),
+        ("GET", "/ordersx", 404, None, "no_route"),
+    ],
+)
+async def test_pipeline_denies_through_policy_authorize(
+    gw: Harness,
+    echo: Echo,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    target: str,
+    status: int,
+    route: str | None,
+    reason: str,
+) -> None:
+    # The denial Policy.authorize raises is the one the pipeline answers (the one error table)
+    # and audits: same body, same audit line, nothing reaches the upstream.
+    with pytest.raises(PolicyDenial) as raised:
+        gw.server.holder.current.policy.authorize(parse_spiffe_id(WEB_ID), method, target)
+    assert response_spec(raised.value).status == status
+    caplog.set_level(logging.INFO, logger="svidgate.audit")
+    resp = await gw.request(method, target)
+    assert resp is not None and resp.status == status
+    error = "forbidden" if status == 403 else "no_route"
+    assert resp.json() == {"error": error, "route": route, "reason": reason}
+    audit = [r for r in caplog.records if r.name == "svidgate.audit"]
+    assert [r.getMessage() for r in audit] == [
+        authorization_line(
+            outcome="deny",
+            reason=raised.value.decision.reason,
+            spiffe_id=WEB_ID,
+            route=route,
+            rule=None,
+            method=method,
+            path=target,
+        )
+    ]
+    assert echo.seen == []

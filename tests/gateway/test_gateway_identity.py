@@ -21,7 +21,6 @@ def test_identity_values() -> None:
     der = issued.leaf.public_bytes(Encoding.DER)
     digest = hashlib.sha256(der).hexdigest()
     assert ident.x5t_s256 == x5t_s256(issued.leaf)
-    assert ident.leaf_sha256_hex == digest
     assert ident.xfcc == (
         f"By=spiffe://example.org/gateway;Hash={digest};URI=spiffe://example.org/ns/shop/sa/web"
     )

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from svidgate.gateway.config import parse_config
-from svidgate.gateway.errors import Forbidden, NoRoute
-from svidgate.gateway.policy import Policy
-from svidgate.pki.spiffe_id import parse_spiffe_id
+from svidgate.gateway.errors import Forbidden, NoRoute, response_spec
+from svidgate.gateway.policy import IdentityDenied, Policy, PolicyDenial, RouteNotFound
+from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
 
 
 def _policy(tmp_path: Path) -> Policy:
@@ -89,3 +89,41 @@ def test_no_route(tmp_path: Path) -> None:
     assert p.explain(WEB, "GET", "/ordersx").reason == "no_route"
     with pytest.raises(NoRoute):
         p.authorize(WEB, "GET", "/nothing")
+
+
+def test_authorize_returns_the_allowing_decision(tmp_path: Path) -> None:
+    p = _policy(tmp_path)
+    d = p.authorize(WRITER, "POST", "/orders/1")
+    assert d == p.explain(WRITER, "POST", "/orders/1")
+    assert d.allowed and d.route is not None and d.route.name == "orders-write"
+    assert d.rule == "spiffe://example.org/ns/shop/sa/writer"
+
+
+@pytest.mark.parametrize(
+    ("spiffe_id", "method", "path", "kind", "status", "route", "reason"),
+    [
+        (OTHER_TD, "GET", "/orders", IdentityDenied, 403, "orders-read", "identity_not_allowed"),
+        (WEB, "DELETE", "/orders/1", IdentityDenied, 403, "orders-read", "method_not_allowed"),
+        (OPS, "GET", "/closed/x", IdentityDenied, 403, "closed", "identity_not_allowed"),
+        (WEB, "GET", "/nothing", RouteNotFound, 404, None, "no_route"),
+    ],
+)
+def test_authorize_raises_the_denying_decision(
+    tmp_path: Path,
+    spiffe_id: SpiffeId,
+    method: str,
+    path: str,
+    kind: type[PolicyDenial],
+    status: int,
+    route: str | None,
+    reason: str,
+) -> None:
+    p = _policy(tmp_path)
+    with pytest.raises(kind) as raised:
+        p.authorize(spiffe_id, method, path)
+    err = raised.value
+    assert err.decision == p.explain(spiffe_id, method, path)
+    assert err.reason == reason and str(err) == reason
+    assert (err.decision.route.name if err.decision.route else None) == route
+    assert isinstance(err, Forbidden if status == 403 else NoRoute)
+    assert response_spec(err).status == status

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from cryptography import x509
 from gateway_harness import (
     GATEWAY_ID,
@@ -64,12 +66,22 @@ async def test_rotation_while_serving_zero_failures(gw: Harness, echo: Echo) -> 
     assert await _served_serial(gw) != before
 
 
-async def test_reload_with_broken_certificate_keeps_old(gw: Harness, echo: Echo) -> None:
+def _reload_error(caplog: pytest.LogCaptureFixture) -> str:
+    """The reason of the one failed reload, as the gateway logged it."""
+    prefix = "reload failed, keeping the previous state: "
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
+    return line.removeprefix(prefix)
+
+
+async def test_reload_with_broken_certificate_keeps_old(
+    gw: Harness, echo: Echo, caplog: pytest.LogCaptureFixture
+) -> None:
     before = await _served_serial(gw)
     (gw.pki.dir / "gateway.crt").write_text("-----BEGIN CERTIFICATE-----\nbroken\n")
+    caplog.set_level(logging.ERROR, logger="svidgate.gateway")
     assert not gw.server.reload()
-    assert gw.server.holder.last_error is not None
-    assert "tls.cert" in gw.server.holder.last_error or "certificate" in gw.server.holder.last_error
+    error = _reload_error(caplog)
+    assert "tls.cert" in error or "certificate" in error
     resp = await gw.request("GET", "/orders/1")
     assert resp is not None and resp.status == 200
     assert await _served_serial(gw) == before
@@ -83,10 +95,13 @@ async def test_reload_with_mismatched_key_keeps_old(gw: Harness, echo: Echo) -> 
     assert resp is not None and resp.status == 200
 
 
-async def test_reload_with_broken_config_keeps_old_policy(gw: Harness, echo: Echo) -> None:
+async def test_reload_with_broken_config_keeps_old_policy(
+    gw: Harness, echo: Echo, caplog: pytest.LogCaptureFixture
+) -> None:
     gw.config_path.write_text(gw.config_path.read_text().replace("path_prefix", "prefix"))
+    caplog.set_level(logging.ERROR, logger="svidgate.gateway")
     assert not gw.server.reload()
-    assert "unknown key" in (gw.server.holder.last_error or "")
+    assert "unknown key" in _reload_error(caplog)
     resp = await gw.request("GET", "/orders/1")
     assert resp is not None and resp.status == 200
 
