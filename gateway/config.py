@@ -125,6 +125,7 @@ class SignerConfig(_Model):
     tls: SignerTLS | None = None
     issuer: str | None = None  # expected ``iss`` for verify: local (None: not checked)
     clock_skew: Duration = timedelta(seconds=30)
+    max_ttl: Duration | None = None  # verify: local: stricter than the signer's pushed max_ttl
 
     @field_validator("address")
     @classmethod

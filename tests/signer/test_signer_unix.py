@@ -26,8 +26,8 @@ from signer_harness import (
     unix_stub,
     write_config,
 )
+from svidgate.pki.jose import ALGORITHMS
 from svidgate.signer.errors import ConfigError
-from svidgate.signer.jwt import ALGORITHMS
 from svidgate.signer.server import SignerServer
 
 
