@@ -41,7 +41,10 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 # Ordered: the first area whose pattern matches a frame's file or function claims it.
 AREAS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("access/audit logging", re.compile(r"logging/|gateway/(audit|log)|json/encoder")),
-    ("JWT / signer client", re.compile(r"gateway/signer_client|jwt/|grpc|svidgate/signer")),
+    (
+        "JWT / signer client",
+        re.compile(r"gateway/signer_client|pki/(jwt_svid|jose)|jwt/|grpc|svidgate/signer"),
+    ),
     ("policy / routes / identity", re.compile(r"gateway/(policy|routes|identity|headers)|pki/")),
     (
         "upstream client (aiohttp client / gateway upstream_client)",
@@ -64,7 +67,7 @@ MARKERS: tuple[tuple[str, re.Pattern[str]], ...] = (
         re.compile(r"aiohttp/(client|connector)|gateway/upstream_client"),
     ),
     ("response relay to the client", re.compile(r"Upstream\._relay")),
-    ("JWT verification (local, pyjwt)", re.compile(r"verify_local|jwt/algorithms")),
+    ("JWT verification (local, pki.jwt_svid)", re.compile(r"verify_jwt_svid|jwt/algorithms")),
     ("JWT cache lookup", re.compile(r"cache_key|_cache")),
     ("signer gRPC", re.compile(r"grpc")),
     ("logging (audit/access/error)", re.compile(r"logging/__init__|_audit|emit \(gateway")),

@@ -155,10 +155,11 @@ def raw_benchmarks(seconds: float) -> dict[str, float]:
 
 
 def core_benchmarks(seconds: float) -> dict[str, float]:
-    """signer.jwt in-process: the token work one Sign / Verify RPC does, without gRPC."""
+    """signer.jwt / pki.jwt_svid in-process: the token work one Sign / Verify RPC does."""
     # run as a script, sys.path[0] is bench/, where this file would shadow the signer package
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    from svidgate.pki import jwt_svid
     from svidgate.signer import jwt as sjwt
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -168,8 +169,8 @@ def core_benchmarks(seconds: float) -> dict[str, float]:
     )
     data = sjwt.signing_input("ES256", "k", claims)
     token = sjwt.assemble(data, sjwt.sign_local("ES256", key, data))
-    vk = sjwt.VerificationKey("k", "ES256", key.public_key())
-    policy = sjwt.VerifyPolicy(ISSUER, timedelta(seconds=30), timedelta(minutes=15))
+    vk = jwt_svid.VerificationKey("k", "ES256", key.public_key())
+    policy = jwt_svid.VerificationPolicy(ISSUER, timedelta(seconds=30), timedelta(minutes=15))
 
     def sign() -> str:
         fresh = sjwt.build_claims(
@@ -181,7 +182,7 @@ def core_benchmarks(seconds: float) -> dict[str, float]:
     return {
         "signer_core_sign": timed_loop(sign, seconds),
         "signer_core_verify": timed_loop(
-            lambda: sjwt.verify_token(
+            lambda: jwt_svid.verify_jwt_svid(
                 token, lookup=lambda _kid: vk, policy=policy, audiences=[AUDIENCE], now=now
             ),
             seconds,
@@ -453,7 +454,7 @@ def main() -> int:
             rows.append((f"{labels[rpc]}, c={concurrency}", f"{rpc}_rpc_c{concurrency}", versus))
     rows += [
         ("signer.jwt sign (in-process)", "signer_core_sign", "crypto_sign"),
-        ("signer.jwt verify_token (in-process)", "signer_core_verify", "crypto_verify"),
+        ("pki.jwt_svid verify (in-process)", "signer_core_verify", "crypto_verify"),
         ("pyjwt encode ES256 (in-process)", "pyjwt_encode", "crypto_sign"),
         ("pyjwt decode ES256 (in-process)", "pyjwt_decode", "crypto_verify"),
         ("cryptography ECDSA P-256 sign", "crypto_sign", None),

@@ -67,8 +67,10 @@ class SignerClientConfig(ConfigModel):
     address: str
     timeout: Duration = timedelta(milliseconds=250)
     tls: SignerTLS | None = None
-    issuer: str | None = None  # expected ``iss`` for verify: local (None: not checked)
+    # expected ``iss`` for verify: local (None: the issuer the signer publishes with its keys)
+    issuer: str | None = None
     clock_skew: Duration = timedelta(seconds=30)
+    max_ttl: Duration | None = None  # verify: local: stricter than the signer's pushed max_ttl
 
     @field_validator("address")
     @classmethod

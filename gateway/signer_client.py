@@ -3,9 +3,13 @@
 One persistent grpc.aio channel (a Unix socket, or TCP with mTLS) carries every call. A
 background task keeps a ``GetJWKS`` + ``WatchKeys`` subscription open: it feeds the local
 verifier (``mode="local"``), evicts cached remote verifications whose key is gone, and tells
-readiness whether the signer is reachable. Every failure ends in exactly one of two errors:
-:class:`TokenRejected` (the token is bad: 401) or :class:`SignerUnavailable` (we could not
-find out: 503). Nothing here ever allows a token it could not verify.
+readiness whether the signer is reachable. Local verification is
+:func:`svidgate.pki.jwt_svid.verify_jwt_svid`, the same core the signer's ``Verify`` runs, with
+the issuer, ``max_ttl`` and clock skew the signer pushes with its keys (a configured
+``signer.max_ttl`` / ``signer.clock_skew`` can only make them stricter). Every failure ends in
+exactly one of two errors: :class:`TokenRejected` (the token is bad: 401, with the core's reason
+code) or :class:`SignerUnavailable` (we could not find out: 503). Nothing here ever allows a
+token it could not verify.
 """
 
 from __future__ import annotations
@@ -13,26 +17,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
-import json
 import logging
 import random
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from jwt.algorithms import Algorithm, get_default_algorithms
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.exceptions import PyJWTError
 from svidgate.gateway.errors import SignerUnavailable, TokenRejected
-from svidgate.pki.errors import PkiError
-from svidgate.pki.jose import b64url_decode, key_fits_algorithm, loads_strict
-from svidgate.pki.spiffe_id import parse_spiffe_id
+from svidgate.pki.jose import ALGORITHMS, jws_algorithm, key_fits_algorithm, loads_strict
+from svidgate.pki.jwt_svid import (
+    JwtSvidError,
+    UnknownKidError,
+    VerificationKey,
+    VerificationPolicy,
+    VerifiedToken,
+    check_binding,
+    parse_token,
+    precheck,
+    verify_jwt_svid,
+)
+from svidgate.signer.v1 import REASON_METADATA_KEY
 
 from svidgate.config import ConfigError
 
@@ -45,25 +57,12 @@ log = logging.getLogger("svidgate.gateway.signer_client")
 
 VerifyMode = Literal["remote", "local"]
 
-REASON_METADATA_KEY = "svidgate-reason"
-MAX_TOKEN_BYTES = 8 * 1024
 DEFAULT_CLOCK_SKEW = timedelta(seconds=30)
 DEFAULT_CACHE_ENTRIES = 10_000
 REFETCH_MIN_INTERVAL = 1.0  # seconds between two GetJWKS refetches triggered by unknown kids
 RECONNECT_BACKOFF_MIN = 0.05
 RECONNECT_BACKOFF_MAX = 2.0
-
-# Asymmetric algorithms only; the algorithm always comes from the key, never from the token.
-ALLOWED_ALGORITHMS = ("EdDSA", "ES256", "RS256", "PS256")
-ALLOWED_HEADERS = frozenset({"alg", "kid", "typ"})
-# Header parameters that would let a token pick its own key or demand unknown semantics.
-FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "crit", "zip", "cty", "b64")
-CNF_THUMBPRINT = "x5t#S256"
-_ALGORITHMS: Mapping[str, Algorithm] = MappingProxyType(
-    {name: alg for name, alg in get_default_algorithms().items() if name in ALLOWED_ALGORITHMS}
-)
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k", "oth"})
-REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat")
 # gRPC codes whose failure is about the token itself; every other code means "could not ask".
 _TOKEN_ERROR_CODES = frozenset({"UNAUTHENTICATED", "INVALID_ARGUMENT"})
 
@@ -92,16 +91,6 @@ class SignerSettings(Protocol):
     def timeout(self) -> timedelta: ...
     @property
     def tls(self) -> SignerTLSSettings | None: ...
-
-
-@dataclass(frozen=True)
-class VerifiedToken:
-    """A token the signer (or the local verifier) accepted; ``claims`` is read-only."""
-
-    subject: str
-    claims: Mapping[str, Any]
-    kid: str
-    expires_at: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,8 +159,8 @@ class VerificationCache:
 
 
 # ---------------------------------------------------------------------------------------------
-# Key set and local verification (pure: ``now`` is an argument). The rules mirror the signer's
-# verifier (signer/jwt.py) exactly, reason codes included; the gateway never imports the signer.
+# Key set (local mode). The verification rules are pki.jwt_svid's, shared with the signer; the
+# gateway never imports the signer.
 
 
 class KeySetError(ValueError):
@@ -179,248 +168,109 @@ class KeySetError(ValueError):
 
 
 @dataclass(frozen=True)
-class VerificationKey:
-    kid: str
-    algorithm: str
-    public_key: Any
-
-
-@dataclass(frozen=True)
 class KeySet:
-    """The signer's public keys as pushed over WatchKeys (a full set per message)."""
+    """The signer's public keys as pushed over WatchKeys (a full set per message), with the
+    token rules it pushes beside them (``None``: not sent)."""
 
     sequence: int
     keys: Mapping[str, VerificationKey]
     issuer: str | None = None
+    max_ttl: timedelta | None = None
+    clock_skew: timedelta | None = None
 
     @classmethod
-    def parse(cls, jwks_json: str, sequence: int) -> KeySet:
+    def parse(
+        cls,
+        jwks_json: str,
+        sequence: int,
+        *,
+        max_ttl_seconds: int = 0,
+        clock_skew_seconds: int = 0,
+    ) -> KeySet:
         """Parse and check a JWKS: every key needs a unique ``kid``, an allowed ``alg`` that
-        fits its key type, no private members; ``use`` (when present) must be ``sig``."""
+        fits its key type, no private members; ``use`` (when present) must be ``sig``.
+        ``max_ttl_seconds`` 0 means the signer sent none (then the skew is unknown too)."""
         try:
-            doc = json.loads(jwks_json)
-        except (ValueError, RecursionError) as exc:
+            doc = loads_strict(jwks_json)
+        except ValueError as exc:
             raise KeySetError(f"JWKS is not JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise KeySetError('JWKS must be an object with a "keys" array')
+        if max_ttl_seconds < 0 or clock_skew_seconds < 0:
+            raise KeySetError("negative max_ttl_seconds or clock_skew_seconds")
         keys: dict[str, VerificationKey] = {}
         for index, raw in enumerate(doc["keys"]):
-            where = f"keys[{index}]"
-            if not isinstance(raw, dict):
-                raise KeySetError(f"{where}: not an object")
-            kid = raw.get("kid")
-            alg = raw.get("alg")
-            if not isinstance(kid, str) or not kid:
-                raise KeySetError(f"{where}: missing kid")
-            if kid in keys:
-                raise KeySetError(f"{where}: duplicate kid {kid!r}")
-            if alg not in ALLOWED_ALGORITHMS:
-                raise KeySetError(f"{where} ({kid}): alg {alg!r} is not allowed")
-            if raw.get("use", "sig") != "sig":
-                raise KeySetError(f"{where} ({kid}): use must be 'sig'")
-            if PRIVATE_JWK_MEMBERS & raw.keys():
-                raise KeySetError(f"{where} ({kid}): contains private key material")
-            try:
-                public_key = _ALGORITHMS[alg].from_jwk(raw)
-            except (PyJWTError, ValueError, TypeError, KeyError) as exc:
-                raise KeySetError(f"{where} ({kid}): unusable key: {exc}") from None
-            if not key_fits_algorithm(str(alg), public_key):
-                raise KeySetError(f"{where} ({kid}): key type does not fit alg {alg}")
-            keys[kid] = VerificationKey(kid=kid, algorithm=str(alg), public_key=public_key)
+            key = _parse_jwk(raw, f"keys[{index}]")
+            if key.kid in keys:
+                raise KeySetError(f"keys[{index}]: duplicate kid {key.kid!r}")
+            keys[key.kid] = key
         issuer = doc.get("issuer")
+        pushed = max_ttl_seconds > 0
         return cls(
             sequence=sequence,
             keys=MappingProxyType(keys),
             issuer=issuer if isinstance(issuer, str) and issuer else None,
+            max_ttl=timedelta(seconds=max_ttl_seconds) if pushed else None,
+            clock_skew=timedelta(seconds=clock_skew_seconds) if pushed else None,
         )
 
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = loads_strict(data)
-    except (ValueError, RecursionError):
-        raise TokenRejected("malformed", f"{what} is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise TokenRejected("malformed", f"{what} is not a JSON object")
-    return value
+    def lookup(self, kid: str) -> VerificationKey:
+        """The key published under ``kid``; raises UnknownKidError (kid is only a dict key)."""
+        key = self.keys.get(kid)
+        if key is None:
+            raise UnknownKidError("no such key")
+        return key
 
 
-def precheck_token(token: str) -> None:
-    """Checks so cheap they run before any RPC: size and the compact-JWS shape."""
-    if len(token) > MAX_TOKEN_BYTES or len(token.encode("utf-8", "replace")) > MAX_TOKEN_BYTES:
-        raise TokenRejected("too_large", f"token is larger than {MAX_TOKEN_BYTES} bytes")
-    if token.count(".") != 2:
-        raise TokenRejected("malformed", "not a compact JWS (three dot-separated parts)")
-
-
-@dataclass(frozen=True)
-class ParsedToken:
-    header: Mapping[str, Any]
-    signing_input: bytes
-    payload_b64: str
-    signature: bytes
-    alg: str
-    kid: str
-
-
-def parse_token(token: str) -> ParsedToken:
-    """Structure and header checks, before any key is looked up; raises TokenRejected."""
-    precheck_token(token)
-    header_b64, payload_b64, sig_b64 = token.split(".")
-    try:
-        header_raw = b64url_decode(header_b64)
-        signature = b64url_decode(sig_b64)
-        b64url_decode(payload_b64)
-    except ValueError:
-        raise TokenRejected("malformed", "a part is not base64url") from None
-    header = _json_object(header_raw, "header")
-    alg = header.get("alg")
-    if not isinstance(alg, str):
-        raise TokenRejected("malformed", "header alg is missing")
-    if alg not in ALLOWED_ALGORITHMS:
-        raise TokenRejected("alg_not_allowed", f"algorithm {alg[:32]!r} is not allowed")
-    forbidden = [name for name in FORBIDDEN_HEADERS if name in header]
-    if forbidden:
-        raise TokenRejected("malformed", f"header {forbidden[0]} is not allowed")
-    unknown = sorted(set(header) - ALLOWED_HEADERS)
-    if unknown:
-        raise TokenRejected("malformed", "unexpected header parameters")
-    typ = header.get("typ")
-    if typ is not None and (not isinstance(typ, str) or typ.upper() != "JWT"):
-        raise TokenRejected("malformed", "header typ must be JWT")
-    kid = header.get("kid")
+def _parse_jwk(raw: Any, where: str) -> VerificationKey:
+    """One public JWK of the signer's JWKS as a verification key; raises KeySetError."""
+    if not isinstance(raw, dict):
+        raise KeySetError(f"{where}: not an object")
+    kid = raw.get("kid")
+    alg = raw.get("alg")
     if not isinstance(kid, str) or not kid:
-        raise TokenRejected("malformed", "header kid is missing")
-    if not signature:
-        raise TokenRejected("bad_signature", "empty signature")
-    return ParsedToken(
-        header=MappingProxyType(header),
-        signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
-        payload_b64=payload_b64,
-        signature=signature,
-        alg=alg,
-        kid=kid,
-    )
-
-
-def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
-    value = claims[name]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TokenRejected("malformed", f"claim {name} is not a NumericDate")
-    return float(value)
-
-
-def _is_workload_id(text: str) -> bool:
+        raise KeySetError(f"{where}: missing kid")
+    if not isinstance(alg, str) or alg not in ALGORITHMS:
+        raise KeySetError(f"{where} ({kid}): alg {alg!r} is not allowed")
+    if raw.get("use", "sig") != "sig":
+        raise KeySetError(f"{where} ({kid}): use must be 'sig'")
+    if PRIVATE_JWK_MEMBERS & raw.keys():
+        raise KeySetError(f"{where} ({kid}): contains private key material")
     try:
-        parse_spiffe_id(text, require_path=True)
-    except PkiError:
-        return False
-    return True
+        public_key = jws_algorithm(alg).from_jwk(raw)
+    except (PyJWTError, ValueError, TypeError, KeyError) as exc:
+        raise KeySetError(f"{where} ({kid}): unusable key: {exc}") from None
+    if not key_fits_algorithm(alg, public_key) or not isinstance(
+        public_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+    ):
+        raise KeySetError(f"{where} ({kid}): key type does not fit alg {alg}")
+    return VerificationKey(kid=kid, algorithm=alg, public_key=public_key)
 
 
-def check_binding(
-    claims: Mapping[str, Any], certificate_thumbprint: str | None, *, require_binding: bool
-) -> None:
-    """RFC 8705: a bound token always needs the matching certificate; ``require_binding``
-    refuses an unbound token."""
-    cnf = claims.get("cnf")
-    if cnf is None:
-        if require_binding:
-            raise TokenRejected("binding_mismatch", "token is not certificate-bound")
-        return
-    bound = cnf.get(CNF_THUMBPRINT) if isinstance(cnf, dict) else None
-    if not isinstance(bound, str) or not bound:
-        raise TokenRejected("malformed", "claim cnf has no x5t#S256")
-    if not certificate_thumbprint:
-        raise TokenRejected("binding_mismatch", "token is certificate-bound; no certificate")
-    if not hmac.compare_digest(bound.encode(), certificate_thumbprint.encode()):
-        raise TokenRejected("binding_mismatch", "cnf.x5t#S256 does not match the certificate")
-
-
-def verify_local(
-    token: str,
-    keys: KeySet,
-    *,
-    audience: str,
-    now: float,
-    issuer: str | None = None,
-    expected_subject: str | None = None,
-    certificate_thumbprint: str | None = None,
-    require_binding: bool | None = None,
-    clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
-) -> VerifiedToken:
-    """Verify ``token`` against ``keys`` with the signer's rules; raises :class:`TokenRejected`.
-
-    The algorithm comes from the key; exp/iat/iss/aud/sub are required; ``nbf``/``iat`` in the
-    future and ``exp`` in the past are judged with ``clock_skew``; a certificate-bound token needs
-    a matching thumbprint, and ``require_binding`` (default: a thumbprint was given) refuses an
-    unbound token. The issuer is checked when
-    known (``issuer`` argument, else an ``issuer`` member of the JWKS document).
-    """
-    parsed = parse_token(token)
-    key = keys.keys.get(parsed.kid)
-    if key is None:
-        raise TokenRejected("unknown_kid", "no such key")
-    if parsed.alg != key.algorithm:
-        raise TokenRejected("alg_not_allowed", "header alg is not the key's algorithm")
-    try:
-        valid = _ALGORITHMS[key.algorithm].verify(
-            parsed.signing_input, key.public_key, parsed.signature
-        )
-    except Exception:  # a malformed signature can raise inside the backend: fail closed
-        valid = False
-    if not valid:
-        raise TokenRejected("bad_signature", "signature does not verify")
-    claims = _json_object(b64url_decode(parsed.payload_b64), "payload")
-
-    missing = [name for name in REQUIRED_CLAIMS if name not in claims]
-    if missing:
-        raise TokenRejected("malformed", f"required claims missing: {missing}")
-    exp = _numeric_date(claims, "exp")
-    iat = _numeric_date(claims, "iat")
-    skew = clock_skew.total_seconds()
-    if exp <= iat:
-        raise TokenRejected("malformed", "exp is not after iat")
-    if now >= exp + skew:
-        raise TokenRejected("expired", f"token expired at {int(exp)}")
-    if iat > now + skew:
-        raise TokenRejected("not_yet_valid", "iat is in the future")
-    if "nbf" in claims and _numeric_date(claims, "nbf") > now + skew:
-        raise TokenRejected("not_yet_valid", "nbf is in the future")
-
-    iss = claims["iss"]
+def local_policy(
+    keys: KeySet, *, issuer: str | None, max_ttl: timedelta | None, clock_skew: timedelta
+) -> VerificationPolicy:
+    """The rules of local verification, never more lenient than the signer's own ``Verify``:
+    the configured issuer (else the JWKS ``issuer``), the smaller of the pushed and configured
+    ``max_ttl`` and of the pushed and configured clock skew. Raises SignerUnavailable when no
+    issuer or no ``max_ttl`` is known (a signer that has not pushed one)."""
     expected_issuer = issuer or keys.issuer
-    if not isinstance(iss, str) or not iss:
-        raise TokenRejected("bad_issuer", "unexpected issuer")
-    if expected_issuer is not None and not hmac.compare_digest(
-        iss.encode(), expected_issuer.encode()
-    ):
-        raise TokenRejected("bad_issuer", "unexpected issuer")
+    if not expected_issuer:
+        raise SignerUnavailable("no issuer known for local verification (set signer.issuer)")
+    limits = [limit for limit in (keys.max_ttl, max_ttl) if limit is not None]
+    if not limits:
+        raise SignerUnavailable("the signer has sent no max_ttl: local verification unavailable")
+    skew = clock_skew if keys.clock_skew is None else min(clock_skew, keys.clock_skew)
+    return VerificationPolicy(expected_issuer, skew, min(limits))
 
-    aud = claims["aud"]
-    token_aud = [aud] if isinstance(aud, str) else aud
-    if (
-        not isinstance(token_aud, list)
-        or not token_aud
-        or not all(isinstance(a, str) for a in token_aud)
-    ):
-        raise TokenRejected("malformed", "claim aud is not a string or a list of strings")
-    if audience not in token_aud:
-        raise TokenRejected("bad_audience", "no expected audience in aud")
 
-    sub = claims["sub"]
-    if not isinstance(sub, str):
-        raise TokenRejected("malformed", "claim sub is not a string")
-    if not _is_workload_id(sub):
-        raise TokenRejected("malformed", "claim sub is not a SPIFFE ID")
-    if expected_subject and not hmac.compare_digest(sub.encode(), expected_subject.encode()):
-        raise TokenRejected("bad_subject", "sub is not the expected subject")
-    if require_binding is None:
-        require_binding = bool(certificate_thumbprint)
-    check_binding(claims, certificate_thumbprint, require_binding=require_binding)
-    return VerifiedToken(
-        subject=sub, claims=MappingProxyType(claims), kid=key.kid, expires_at=int(exp)
-    )
+@contextlib.contextmanager
+def rejecting_tokens() -> Iterator[None]:
+    """Translate the core's JwtSvidError into the gateway's TokenRejected (401), same reason."""
+    try:
+        yield
+    except JwtSvidError as err:
+        raise TokenRejected(err.reason, err.detail) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,19 +313,27 @@ class SignerClient:
         tls: SignerTLSSettings | None = None,
         issuer: str | None = None,
         clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+        max_ttl: timedelta | None = None,
         cache_entries: int = DEFAULT_CACHE_ENTRIES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``issuer``, ``clock_skew``, ``max_ttl``: local verification (see :func:`local_policy`);
+        ``clock``: Unix seconds for token times and cache lifetimes."""
         if not address:
             raise ConfigError("signer.address: empty")
         if address.startswith("unix:") and tls is not None:
             raise ConfigError("signer.tls: only for a TCP address, not unix:")
         if not address.startswith("unix:") and tls is None:
             raise ConfigError("signer.tls: required for a TCP signer address (mTLS)")
+        if max_ttl is not None and max_ttl < timedelta(seconds=1):
+            raise ConfigError("signer.max_ttl: must be at least 1s")
         self.address = address
         self.timeout = timeout
         self.tls = tls
         self.issuer = issuer
         self.clock_skew = clock_skew
+        self.max_ttl = max_ttl
+        self.clock = clock
         self.cache = VerificationCache(cache_entries)
         # Local verifications, kept apart from remote ones: same key, same lifetime rules.
         self.local_cache = VerificationCache(cache_entries)
@@ -494,6 +352,7 @@ class SignerClient:
             tls=cfg.tls,
             issuer=getattr(cfg, "issuer", None),
             clock_skew=getattr(cfg, "clock_skew", None) or DEFAULT_CLOCK_SKEW,
+            max_ttl=getattr(cfg, "max_ttl", None),
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -545,12 +404,24 @@ class SignerClient:
 
     def ready(self, *, mode: VerifyMode = "remote") -> bool:
         """Remote: the key subscription is live (the signer answers). Local: a key set is held
-        (the last good one is kept while the signer is away)."""
+        (the last good one is kept while the signer is away) with an issuer and a max_ttl."""
         if self._channel is None or self._identity_error is not None:
             return False
         if mode == "local":
-            return self._state.keyset is not None
+            keyset = self._state.keyset
+            if keyset is None:
+                return False
+            try:
+                self._local_policy(keyset)
+            except SignerUnavailable:
+                return False
+            return True
         return self._state.connected
+
+    def _local_policy(self, keyset: KeySet) -> VerificationPolicy:
+        return local_policy(
+            keyset, issuer=self.issuer, max_ttl=self.max_ttl, clock_skew=self.clock_skew
+        )
 
     @property
     def keyset(self) -> KeySet | None:
@@ -600,9 +471,10 @@ class SignerClient:
         import grpc.aio
         from svidgate.signer.v1 import signer_pb2
 
-        precheck_token(token)
+        with rejecting_tokens():
+            precheck(token)
         key = cache_key(token, audience, expected_subject, thumbprint, require_binding)
-        cached = self.cache.get(key, now=time.time())
+        cached = self.cache.get(key, now=self.clock())
         if cached is not None:
             return cached
         stub = self._require_stub()
@@ -625,28 +497,21 @@ class SignerClient:
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise SignerUnavailable("signer channel is closed") from None
-        try:
-            claims = json.loads(response.claims_json) if response.claims_json else {}
-        except ValueError:
-            raise SignerUnavailable("signer returned unreadable claims") from None
-        if not isinstance(claims, dict) or not response.subject or not response.kid:
-            raise SignerUnavailable("signer returned an incomplete VerifyResponse")
+        verified = _remote_result(response)
         # Defence in depth: the binding the route asked for is checked here too.
-        check_binding(claims, thumbprint, require_binding=require_binding)
-        if expected_subject and response.subject != expected_subject:
-            raise TokenRejected("bad_subject", "sub is not the expected subject")
-        verified = VerifiedToken(
-            subject=response.subject,
-            claims=MappingProxyType(claims),
-            kid=response.kid,
-            expires_at=int(response.expires_at),
-        )
+        with rejecting_tokens():
+            check_binding(
+                verified.claims,
+                expected_subject=expected_subject,
+                certificate_thumbprint=thumbprint,
+                require_binding=require_binding,
+            )
         valid_until = float(response.expires_at)
         if response.key_valid_until:
             valid_until = min(valid_until, float(response.key_valid_until))
         keyset = self._state.keyset
         if keyset is None or verified.kid in keyset.keys:
-            self.cache.put(key, verified, valid_until=valid_until, now=time.time())
+            self.cache.put(key, verified, valid_until=valid_until, now=self.clock())
         return verified
 
     async def _verify_local(
@@ -657,31 +522,40 @@ class SignerClient:
         thumbprint: str | None,
         require_binding: bool,
     ) -> VerifiedToken:
-        precheck_token(token)
+        with rejecting_tokens():
+            precheck(token)
         key = cache_key(token, audience, expected_subject, thumbprint, require_binding)
-        now = time.time()
+        now = self.clock()
         cached = self.local_cache.get(key, now=now)
         current = self._state.keyset
         if cached is not None and current is not None and cached.kid in current.keys:
             # The key already pins subject, thumbprint and binding mode; check the binding
             # again anyway (cheap), so a cache hit can never weaken it.
-            check_binding(cached.claims, thumbprint, require_binding=require_binding)
+            with rejecting_tokens():
+                check_binding(
+                    cached.claims,
+                    expected_subject=expected_subject,
+                    certificate_thumbprint=thumbprint,
+                    require_binding=require_binding,
+                )
             return cached
-        kid = parse_token(token).kid
+        with rejecting_tokens():
+            kid = parse_token(token).kid
         keyset = self._state.keyset
         if keyset is None or kid not in keyset.keys:
             keyset = await self._refetch_for_kid(kid)
-        verified = verify_local(
-            token,
-            keyset,
-            audience=audience,
-            now=now,
-            issuer=self.issuer,
-            expected_subject=expected_subject,
-            certificate_thumbprint=thumbprint,
-            require_binding=require_binding,
-            clock_skew=self.clock_skew,
-        )
+        policy = self._local_policy(keyset)
+        with rejecting_tokens():
+            verified = verify_jwt_svid(
+                token,
+                lookup=keyset.lookup,
+                policy=policy,
+                audiences=(audience,),
+                now=datetime.fromtimestamp(now, UTC),
+                expected_subject=expected_subject,
+                certificate_thumbprint=thumbprint,
+                require_binding=require_binding,
+            )
         if self._state.keyset is keyset:  # not replaced while we were refetching
             # Valid until exp (the clock skew is not extended to cached entries); an entry
             # leaves earlier when its key is removed or changed (:meth:`_install_keyset`).
@@ -719,11 +593,28 @@ class SignerClient:
             )
         except grpc.aio.AioRpcError as err:
             raise SignerUnavailable(f"signer GetJWKS failed: {err.code().name}") from None
-        return self._install_keyset(response.jwks_json, response.sequence)
+        return self._install_keyset(
+            response.jwks_json,
+            response.sequence,
+            max_ttl_seconds=response.max_ttl_seconds,
+            clock_skew_seconds=response.clock_skew_seconds,
+        )
 
-    def _install_keyset(self, jwks_json: str, sequence: int) -> KeySet:
+    def _install_keyset(
+        self,
+        jwks_json: str,
+        sequence: int,
+        *,
+        max_ttl_seconds: int = 0,
+        clock_skew_seconds: int = 0,
+    ) -> KeySet:
         try:
-            keyset = KeySet.parse(jwks_json, int(sequence))
+            keyset = KeySet.parse(
+                jwks_json,
+                int(sequence),
+                max_ttl_seconds=int(max_ttl_seconds),
+                clock_skew_seconds=int(clock_skew_seconds),
+            )
         except KeySetError as exc:
             log.error("ignoring an unusable key set from the signer: %s", exc)
             raise SignerUnavailable("signer published an unusable key set") from None
@@ -766,7 +657,12 @@ class SignerClient:
                 backoff = RECONNECT_BACKOFF_MIN
                 async for message in stream:
                     with contextlib.suppress(SignerUnavailable):
-                        self._install_keyset(message.jwks_json, message.sequence)
+                        self._install_keyset(
+                            message.jwks_json,
+                            message.sequence,
+                            max_ttl_seconds=message.max_ttl_seconds,
+                            clock_skew_seconds=message.clock_skew_seconds,
+                        )
                 log.warning("signer key stream ended; reconnecting")
             except asyncio.CancelledError:
                 raise
@@ -803,10 +699,34 @@ class SignerClient:
         self._identity_error = None
 
 
+def _remote_result(response: Any) -> VerifiedToken:
+    """A VerifyResponse as a VerifiedToken; a response that does not hang together means the
+    signer could not be asked properly (503), never an allow."""
+    try:
+        claims = loads_strict(response.claims_json) if response.claims_json else {}
+    except ValueError:
+        raise SignerUnavailable("signer returned unreadable claims") from None
+    if not isinstance(claims, dict) or not response.subject or not response.kid:
+        raise SignerUnavailable("signer returned an incomplete VerifyResponse")
+    if claims.get("sub") != response.subject:
+        raise SignerUnavailable("signer returned a subject that is not the token's sub")
+    return VerifiedToken(
+        kid=response.kid,
+        subject=response.subject,
+        expires_at=int(response.expires_at),
+        claims=MappingProxyType(claims),
+    )
+
+
 def _unchanged_kids(previous: KeySet | None, current: KeySet) -> set[str]:
-    """Kids whose key, algorithm and issuer are the same in both sets: local verifications
-    made with any other key (removed, replaced under the same kid, new issuer) are dropped."""
-    if previous is None or previous.issuer != current.issuer:
+    """Kids whose key, algorithm and token rules (issuer, max_ttl, skew) are the same in both
+    sets: local verifications made under anything else (a removed key, another key under the
+    same kid, new rules) are dropped."""
+    if previous is None or (previous.issuer, previous.max_ttl, previous.clock_skew) != (
+        current.issuer,
+        current.max_ttl,
+        current.clock_skew,
+    ):
         return set()
     same: set[str] = set()
     for kid, key in current.keys.items():

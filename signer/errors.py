@@ -1,65 +1,12 @@
 """The signer's error tree (one base); the single table mapping them to gRPC status codes lives
-in the service layer (:mod:`svidgate.signer.service`)."""
+in the service layer (:mod:`svidgate.signer.service`). Token verification failures are not
+here: they are :class:`svidgate.pki.jwt_svid.JwtSvidError`, shared with the gateway."""
 
 from __future__ import annotations
 
 
 class SignerError(Exception):
     """Base of every signer error. ``str(err)`` never holds a token, key or Vault token."""
-
-
-class TokenError(SignerError):
-    """A token failed verification. ``reason`` is the machine-readable code sent to clients."""
-
-    reason = "malformed"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"{self.reason}: {detail}")
-        self.detail = detail
-
-
-class ExpiredError(TokenError):
-    reason = "expired"
-
-
-class NotYetValidError(TokenError):
-    reason = "not_yet_valid"
-
-
-class BadSignatureError(TokenError):
-    reason = "bad_signature"
-
-
-class UnknownKidError(TokenError):
-    reason = "unknown_kid"
-
-
-class BadAudienceError(TokenError):
-    reason = "bad_audience"
-
-
-class BadIssuerError(TokenError):
-    reason = "bad_issuer"
-
-
-class BadSubjectError(TokenError):
-    reason = "bad_subject"
-
-
-class MalformedTokenError(TokenError):
-    reason = "malformed"
-
-
-class AlgNotAllowedError(TokenError):
-    reason = "alg_not_allowed"
-
-
-class BindingMismatchError(TokenError):
-    reason = "binding_mismatch"
-
-
-class TooLargeError(TokenError):
-    reason = "too_large"
 
 
 class InvalidRequestError(SignerError):

@@ -11,7 +11,8 @@ from svidgate.signer.jwt import PrivateKey, check_key_algorithm, jwk_thumbprint
 from svidgate.signer.keyring import SigningKey
 
 
-def generate_private_key(algorithm: str) -> PrivateKey:
+def generate_signing_key(algorithm: str) -> PrivateKey:
+    """A new private JWS signing key for ``algorithm`` (RSA: 2048 bits)."""
     if algorithm == "EdDSA":
         return ed25519.Ed25519PrivateKey.generate()
     if algorithm == "ES256":

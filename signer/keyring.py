@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from svidgate.signer.errors import UnknownKidError
-from svidgate.signer.jwt import PrivateKey, PublicKey, VerificationKey, public_jwk
+from svidgate.pki.jwt_svid import PublicKey, UnknownKidError, VerificationKey
+from svidgate.signer.jwt import PrivateKey, verification_jwk
 
 RemoteSign = Callable[[bytes], Awaitable[bytes]]
 
@@ -138,7 +138,7 @@ class KeyRing:
         """Public keys of every prepared, active and retired key."""
         return {
             "keys": [
-                public_jwk(s.key.kid, s.key.algorithm, s.key.public_key)
+                verification_jwk(s.key.kid, s.key.algorithm, s.key.public_key)
                 for s in self.published(now)
             ]
         }

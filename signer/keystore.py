@@ -17,6 +17,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from svidgate.pki.jwt_svid import (
+    MAX_TOKEN_BYTES,
+    VerificationKey,
+    VerificationPolicy,
+    VerifiedToken,
+    verify_jwt_svid,
+)
 from svidgate.signer import jwt as sjwt
 from svidgate.signer.config import SignerConfig
 from svidgate.signer.errors import (
@@ -48,7 +55,7 @@ class SignedToken:
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
-    token: sjwt.VerifiedToken
+    token: VerifiedToken
     key_valid_until: int
 
 
@@ -68,7 +75,7 @@ class KeyStore:
         self.cfg = cfg
         self.clock = clock
         self.timing = timing_from(cfg)
-        self.policy = sjwt.VerifyPolicy(cfg.issuer, cfg.tokens.clock_skew, cfg.tokens.max_ttl)
+        self.policy = VerificationPolicy(cfg.issuer, cfg.tokens.clock_skew, cfg.tokens.max_ttl)
         self.ring: KeyRing | None = None
         # Sequence numbers start from the wall clock (ms) so they keep growing across restarts:
         # a watcher that reconnects with its last sequence is never left waiting for a number
@@ -307,9 +314,9 @@ class KeyStore:
             assert key.remote_sign is not None
             signature = await key.remote_sign(data)
         token = sjwt.assemble(data, signature)
-        if len(token) > sjwt.MAX_TOKEN_BYTES:
+        if len(token) > MAX_TOKEN_BYTES:
             raise InvalidRequestError(
-                f"the token would exceed {sjwt.MAX_TOKEN_BYTES} bytes (too many extra claims)"
+                f"the token would exceed {MAX_TOKEN_BYTES} bytes (too many extra claims)"
             )
         return SignedToken(token, key.kid, int(claims["exp"]))
 
@@ -322,24 +329,28 @@ class KeyStore:
         thumbprint: str = "",
         require_binding: bool = False,
     ) -> VerifyResult:
+        """Verify with :func:`svidgate.pki.jwt_svid.verify_jwt_svid` against the ring's
+        published keys; raises its JwtSvidError, or InvalidRequestError without audiences."""
         ring = self.ring
         if ring is None:
             raise NotReadyError("no keys loaded yet")
+        if not audiences:
+            raise InvalidRequestError("at least one expected audience is required")
         now = self.clock()
 
-        def lookup(kid: str) -> sjwt.VerificationKey:
+        def lookup(kid: str) -> VerificationKey:
             status = ring.lookup(kid, now)
             assert status.state != KeyState.REMOVED
             return status.key.verification_key
 
-        result = sjwt.verify_token(
+        result = verify_jwt_svid(
             token,
             lookup=lookup,
             policy=self.policy,
             audiences=audiences,
             now=now,
             expected_subject=expected_subject,
-            thumbprint=thumbprint,
+            certificate_thumbprint=thumbprint,
             require_binding=require_binding,
         )
         valid_until = ring.earliest_removal(result.kid, now)

@@ -1,7 +1,8 @@
 """The gRPC servicer: thin. Identify and authorize the caller, decode, call the key store,
-encode. One table (:data:`STATUS_TABLE`) maps signer errors to gRPC status codes; a failed
-RPC's message is ``reason: detail`` and the reason is also in trailing metadata
-``svidgate-reason``. Anything unmapped is INTERNAL with a generic message and a logged traceback.
+encode. One table (:data:`STATUS_TABLE`) maps signer errors and token verification errors
+(:class:`~svidgate.pki.jwt_svid.JwtSvidError`) to gRPC status codes; a failed RPC's message is
+``reason: detail`` and the reason is also in trailing metadata ``svidgate-reason``. Anything
+unmapped is INTERNAL with a generic message and a logged traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from svidgate.pki.errors import PkiError
 from svidgate.pki.jose import b64url_encode
+from svidgate.pki.jwt_svid import JwtSvidError
 from svidgate.pki.matchers import IdMatcher
 from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
 from svidgate.pki.svid import check_svid_profile
@@ -32,22 +34,20 @@ from svidgate.signer.errors import (
     SignerError,
     SigningUnavailableError,
     SourceConflictError,
-    TokenError,
 )
 from svidgate.signer.jwt import parse_extra_claims
 from svidgate.signer.keystore import KeyStore
-from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
+from svidgate.signer.v1 import REASON_METADATA_KEY, signer_pb2, signer_pb2_grpc
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
 
 log = logging.getLogger("svidgate.signer.rpc")
-REASON_KEY = "svidgate-reason"
 _THUMBPRINT = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
-# (error type, status code, reason); the first matching row wins. TokenError carries its reason.
-STATUS_TABLE: tuple[tuple[type[SignerError], grpc.StatusCode, str], ...] = (
-    (TokenError, grpc.StatusCode.UNAUTHENTICATED, ""),
+# (error type, status code, reason); the first matching row wins. JwtSvidError carries its reason.
+STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
+    (JwtSvidError, grpc.StatusCode.UNAUTHENTICATED, ""),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED, "permission_denied"),
     (SigningUnavailableError, grpc.StatusCode.UNAVAILABLE, "signing_unavailable"),
@@ -57,14 +57,14 @@ STATUS_TABLE: tuple[tuple[type[SignerError], grpc.StatusCode, str], ...] = (
 )
 
 
-def status_for(exc: SignerError) -> tuple[grpc.StatusCode, str, str]:
-    """(code, reason, message) for a signer error."""
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, str] | None:
+    """(code, reason, message) for a mapped error; None for anything else (INTERNAL)."""
     for kind, code, reason in STATUS_TABLE:
         if isinstance(exc, kind):
-            if isinstance(exc, TokenError):
+            if isinstance(exc, JwtSvidError):
                 return code, exc.reason, str(exc)
             return code, reason, f"{reason}: {exc}"
-    return grpc.StatusCode.INTERNAL, "internal", "internal: internal error"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,14 +139,16 @@ class SignerService(signer_pb2_grpc.SignerServicer):
             raise PermissionDeniedError(f"{caller.spiffe_id} may not call {rpc}")
 
     async def _fail(self, context: Context, exc: Exception) -> NoReturn:
-        if isinstance(exc, SignerError):
-            code, reason, message = status_for(exc)
+        mapped = status_for(exc)
+        if mapped is not None:
+            code, reason, message = mapped
         else:
-            log.exception("unexpected error in RPC")
+            if isinstance(exc, SignerError):
+                log.error("unmapped signer error %s", type(exc).__name__)
+            else:
+                log.exception("unexpected error in RPC")
             code, reason, message = grpc.StatusCode.INTERNAL, "internal", "internal: internal error"
-        if code == grpc.StatusCode.INTERNAL and isinstance(exc, SignerError):
-            log.error("unmapped signer error %s", type(exc).__name__)
-        await context.abort(code, message, trailing_metadata=((REASON_KEY, reason),))
+        await context.abort(code, message, trailing_metadata=((REASON_METADATA_KEY, reason),))
         raise AssertionError("unreachable")  # abort raises
 
     # -- RPCs ---------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ class SignerService(signer_pb2_grpc.SignerServicer):
             await self._fail(context, exc)
         token = result.token
         return signer_pb2.VerifyResponse(
-            claims_json=json.dumps(token.claims, separators=(",", ":")),
+            claims_json=json.dumps(dict(token.claims), separators=(",", ":")),
             kid=token.kid,
             subject=token.subject,
             expires_at=token.expires_at,
@@ -246,7 +248,7 @@ class SignerService(signer_pb2_grpc.SignerServicer):
                 raise NotReadyError("no keys loaded yet")
         except Exception as exc:
             await self._fail(context, exc)
-        return signer_pb2.JWKS(jwks_json=self.store.jwks_json, sequence=self.store.sequence)
+        return self._jwks(self.store.sequence, self.store.jwks_json)
 
     async def WatchKeys(
         self, request: signer_pb2.WatchKeysRequest, context: Context
@@ -256,7 +258,17 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         except Exception as exc:
             await self._fail(context, exc)
         async for sequence, text in self.store.watch(request.after_sequence):
-            yield signer_pb2.JWKS(jwks_json=text, sequence=sequence)
+            yield self._jwks(sequence, text)
+
+    def _jwks(self, sequence: int, text: str) -> signer_pb2.JWKS:
+        """A key set as pushed: the keys plus the token rules a local verifier must apply."""
+        tokens = self.cfg.tokens
+        return signer_pb2.JWKS(
+            jwks_json=text,
+            sequence=sequence,
+            max_ttl_seconds=int(tokens.max_ttl.total_seconds()),
+            clock_skew_seconds=int(tokens.clock_skew.total_seconds()),
+        )
 
     async def Rotate(
         self, request: signer_pb2.RotateRequest, context: Context

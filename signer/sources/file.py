@@ -20,7 +20,7 @@ from typing import Any
 from svidgate.pki.ca import write_private_file
 from svidgate.signer.errors import KeySourceError, SourceConflictError
 from svidgate.signer.keygen import (
-    generate_private_key,
+    generate_signing_key,
     local_signing_key,
     parse_private_key,
     private_key_pem,
@@ -89,7 +89,7 @@ class FileKeySource:
         return keys
 
     def _create_sync(self, plan: NewKeyPlan) -> SigningKey:
-        private = generate_private_key(self.algorithm)
+        private = generate_signing_key(self.algorithm)
         key = local_signing_key(private, self.algorithm, plan.created_at, plan.activate_at)
         with self._locked():
             state = self._read_state()

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from svidgate.signer.errors import KeySourceError
 from svidgate.signer.keygen import (
-    generate_private_key,
+    generate_signing_key,
     local_signing_key,
     parse_private_key,
     private_key_pem,
@@ -72,7 +72,7 @@ class VaultKvKeySource:
         return key
 
     async def create(self, plan: NewKeyPlan) -> SigningKey:
-        private = generate_private_key(self.algorithm)
+        private = generate_signing_key(self.algorithm)
         key = local_signing_key(private, self.algorithm, plan.created_at, plan.activate_at)
         version = await self.client.kv_write(
             {

@@ -17,8 +17,9 @@ from functools import partial
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from svidgate.pki.jwt_svid import PublicKey
 from svidgate.signer.errors import KeySourceError, SourceConflictError
-from svidgate.signer.jwt import PublicKey, check_key_algorithm, jwk_thumbprint
+from svidgate.signer.jwt import check_key_algorithm, jwk_thumbprint
 from svidgate.signer.keyring import SigningKey
 from svidgate.signer.rotation import NewKeyPlan
 from svidgate.signer.vault import TRANSIT_KEY_TYPES, VaultClient

@@ -1,12 +1,12 @@
-"""The gateway's signer client: pure parts (key set, local verification, cache) and, over a real
-signer process on a Unix socket / mTLS TCP, remote and local verification end to end."""
+"""The gateway's signer client: pure parts (key set, local verification rules, cache) and, over a
+real signer process on a Unix socket / mTLS TCP, remote and local verification end to end. The
+verification core itself (pki.jwt_svid) is tested in tests/pki/test_pki_jwt_svid.py."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
-import hmac
 import json
 import socket
 import subprocess
@@ -26,15 +26,14 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from svidgate.gateway.config import SignerClientConfig
 from svidgate.gateway.errors import SignerUnavailable, TokenRejected
 from svidgate.gateway.signer_client import (
-    MAX_TOKEN_BYTES,
     KeySet,
     KeySetError,
     SignerClient,
     VerificationCache,
-    VerifiedToken,
     cache_key,
-    verify_local,
+    local_policy,
 )
+from svidgate.pki.jwt_svid import MAX_TOKEN_BYTES, UnknownKidError, VerifiedToken
 
 from svidgate.config import ConfigError
 
@@ -42,6 +41,7 @@ ISS = "spiffe://example.org/signer"
 SUB = "spiffe://example.org/ns/shop/sa/web"
 AUD = "orders"
 NOW = 1_800_000_000.0
+SKEW = timedelta(seconds=30)
 
 
 class Signer:
@@ -78,32 +78,28 @@ class Signer:
         return jwt.encode(claims, self.private, algorithm=self.alg, headers=hdr)
 
 
-def keyset(*signers: Signer, sequence: int = 1, **extra: Any) -> KeySet:
-    return KeySet.parse(json.dumps({"keys": [s.jwk for s in signers], **extra}), sequence)
+def keyset(
+    *signers: Signer,
+    sequence: int = 1,
+    max_ttl_seconds: int = 0,
+    clock_skew_seconds: int = 0,
+    **extra: Any,
+) -> KeySet:
+    return KeySet.parse(
+        json.dumps({"keys": [s.jwk for s in signers], **extra}),
+        sequence,
+        max_ttl_seconds=max_ttl_seconds,
+        clock_skew_seconds=clock_skew_seconds,
+    )
 
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def forge(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"x") -> str:
-    return ".".join(
-        b64url(part)
-        for part in (json.dumps(header).encode(), json.dumps(claims).encode(), signature)
-    )
-
-
 @pytest.fixture(scope="module")
 def es() -> Signer:
     return Signer("k1")
-
-
-def reject(token: str, keys: KeySet, **kwargs: Any) -> str:
-    kwargs.setdefault("audience", AUD)
-    kwargs.setdefault("now", NOW)
-    with pytest.raises(TokenRejected) as info:
-        verify_local(token, keys, **kwargs)
-    return info.value.reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,159 +148,46 @@ def test_hmac_key_is_refused() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# local verification
+# local verification rules: pki.jwt_svid's core (tests/pki/test_pki_jwt_svid.py holds the
+# verification tests that lived here); the gateway picks issuer, max_ttl and skew
 
 
-@pytest.mark.parametrize("alg", ["ES256", "EdDSA", "RS256"])
-def test_valid_token_verifies(alg: str) -> None:
-    s = Signer("k-" + alg, alg)
-    got = verify_local(s.token(), keyset(s), audience=AUD, now=NOW, issuer=ISS)
-    assert got == VerifiedToken(
-        subject=SUB, claims=got.claims, kid=s.kid, expires_at=int(NOW) + 300
+def test_local_policy_issuer_from_config_or_key_set(es: Signer) -> None:
+    pushed = keyset(es, issuer=ISS, max_ttl_seconds=900, clock_skew_seconds=30)
+    assert local_policy(pushed, issuer=None, max_ttl=None, clock_skew=SKEW).issuer == ISS
+    other = "spiffe://example.org/other"
+    assert local_policy(pushed, issuer=other, max_ttl=None, clock_skew=SKEW).issuer == other
+    with pytest.raises(SignerUnavailable, match="issuer"):
+        local_policy(keyset(es, max_ttl_seconds=900), issuer=None, max_ttl=None, clock_skew=SKEW)
+
+
+def test_local_policy_max_ttl_and_skew_are_never_looser_than_the_signer(es: Signer) -> None:
+    pushed = keyset(es, issuer=ISS, max_ttl_seconds=900, clock_skew_seconds=20)
+    policy = local_policy(pushed, issuer=None, max_ttl=None, clock_skew=SKEW)
+    assert (policy.max_ttl, policy.clock_skew) == (timedelta(minutes=15), timedelta(seconds=20))
+    stricter = local_policy(
+        pushed, issuer=None, max_ttl=timedelta(minutes=5), clock_skew=timedelta(seconds=5)
     )
-    assert got.claims["aud"] == AUD
-    with pytest.raises(TypeError):
-        got.claims["sub"] = "x"  # type: ignore[index]
+    assert (stricter.max_ttl, stricter.clock_skew) == (timedelta(minutes=5), timedelta(seconds=5))
+    looser = local_policy(pushed, issuer=None, max_ttl=timedelta(hours=1), clock_skew=SKEW * 9)
+    assert (looser.max_ttl, looser.clock_skew) == (timedelta(minutes=15), timedelta(seconds=20))
+    # nothing pushed (an older signer): only a configured max_ttl makes local mode possible
+    unpushed = keyset(es, issuer=ISS)
+    assert unpushed.max_ttl is None and unpushed.clock_skew is None
+    with pytest.raises(SignerUnavailable, match="max_ttl"):
+        local_policy(unpushed, issuer=None, max_ttl=None, clock_skew=SKEW)
+    configured = local_policy(unpushed, issuer=None, max_ttl=timedelta(minutes=2), clock_skew=SKEW)
+    assert (configured.max_ttl, configured.clock_skew) == (timedelta(minutes=2), SKEW)
 
 
-def test_audience_list_and_expected_subject(es: Signer) -> None:
-    token = es.token(aud=["billing", AUD])
-    got = verify_local(token, keyset(es), audience=AUD, now=NOW, expected_subject=SUB)
-    assert got.subject == SUB
-    assert reject(token, keyset(es), audience="nope") == "bad_audience"
-    assert reject(token, keyset(es), expected_subject=SUB + "x") == "bad_subject"
-
-
-def test_time_checks_with_clock_skew(es: Signer) -> None:
-    keys = keyset(es)
-    skew = timedelta(seconds=30)
-    # expired 10 s ago: inside the skew; 31 s ago: outside
-    old = int(NOW) - 100
-    verify_local(es.token(iat=old, exp=int(NOW) - 10), keys, audience=AUD, now=NOW, clock_skew=skew)
-    assert reject(es.token(iat=old, exp=int(NOW) - 31), keys, clock_skew=skew) == "expired"
-    assert reject(es.token(iat=int(NOW) + 31), keys, clock_skew=skew) == "not_yet_valid"
-    assert reject(es.token(iat=int(NOW) + 20), keys, clock_skew=timedelta(0)) == "not_yet_valid"
-    assert reject(es.token(iat=int(NOW), exp=int(NOW)), keys) == "malformed"  # exp <= iat
-    assert reject(es.token(nbf=int(NOW) + 31), keys, clock_skew=skew) == "not_yet_valid"
-    verify_local(es.token(nbf=int(NOW) + 20), keys, audience=AUD, now=NOW, clock_skew=skew)
-    assert reject(es.token(exp="soon"), keys) == "malformed"
-    assert reject(es.token(exp=True), keys) == "malformed"
-
-
-@pytest.mark.parametrize("claim", ["iss", "sub", "aud", "exp", "iat"])
-def test_required_claims(es: Signer, claim: str) -> None:
-    assert reject(es.token(**{claim: None}), keyset(es)) == "malformed"
-
-
-def test_issuer_from_config_or_key_set(es: Signer) -> None:
-    other = es.token(iss="spiffe://example.org/other")
-    assert reject(other, keyset(es), issuer=ISS) == "bad_issuer"
-    assert reject(other, keyset(es, issuer=ISS)) == "bad_issuer"
-    verify_local(es.token(), keyset(es, issuer=ISS), audience=AUD, now=NOW)
-
-
-def test_signature_and_kid(es: Signer) -> None:
-    impostor = Signer("k1")  # same kid, different key
-    assert reject(impostor.token(), keyset(es)) == "bad_signature"
-    assert reject(Signer("k9").token(), keyset(es)) == "unknown_kid"
-    unsigned = forge({"alg": "ES256"}, {"sub": SUB})
-    assert reject(unsigned, keyset(es)) == "malformed"  # kid is required
-    tampered = es.token()
-    head, _, sig = tampered.split(".")
-    body = b64url(
-        json.dumps(
-            {
-                "iss": ISS,
-                "sub": "spiffe://example.org/admin",
-                "aud": AUD,
-                "iat": int(NOW),
-                "exp": int(NOW) + 60,
-            }
-        ).encode()
-    )
-    assert reject(f"{head}.{body}.{sig}", keyset(es)) == "bad_signature"
-
-
-def test_algorithm_comes_from_the_key(es: Signer) -> None:
-    keys = keyset(es)
-    claims = {"iss": ISS, "sub": SUB, "aud": AUD, "iat": int(NOW), "exp": int(NOW) + 60}
-    assert reject(forge({"alg": "none", "kid": "k1"}, claims, b""), keys) == "alg_not_allowed"
-    # HS256 signed with the public JWK as the secret (algorithm confusion)
-    secret = json.dumps(es.jwk).encode()
-    head = b64url(json.dumps({"alg": "HS256", "kid": "k1"}).encode())
-    body = b64url(json.dumps(claims).encode())
-    mac = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
-    hs = f"{head}.{body}.{b64url(mac)}"
-    assert reject(hs, keys) == "alg_not_allowed"
-    # a real RS256 signature presented under the ES256 key's kid
-    rs = Signer("k1", "RS256")
-    assert reject(rs.token(), keys) == "alg_not_allowed"
-
-
-@pytest.mark.parametrize("header", ["jku", "x5u", "jwk", "x5c", "crit", "zip", "cty", "x-extra"])
-def test_key_selecting_headers_are_refused(es: Signer, header: str) -> None:
-    value: Any = ["exp"] if header == "crit" else "https://evil.example/x"
-    if header == "jwk":
-        value = es.jwk
-    assert reject(es.token(headers={header: value}), keyset(es)) == "malformed"
-
-
-def test_header_and_payload_strictness(es: Signer) -> None:
-    keys = keyset(es)
-    assert reject(es.token(headers={"typ": "JOSE+JSON"}), keys) == "malformed"
-    verify_local(es.token(headers={"typ": "jwt"}), keys, audience=AUD, now=NOW)
-    assert reject(es.token(sub="web"), keys) == "malformed"  # not a SPIFFE ID
-    assert reject(es.token(sub="spiffe://example.org"), keys) == "malformed"  # no path
-    assert reject(es.token(aud=[]), keys) == "malformed"
-    assert reject(es.token(iss=""), keys) == "bad_issuer"
-    # duplicate keys in the header JSON
-    head = b64url(b'{"alg":"ES256","kid":"k1","kid":"k2"}')
-    _, body, sig = es.token().split(".")
-    assert reject(f"{head}.{body}.{sig}", keys) == "malformed"
-    # empty signature
-    head, body, _ = es.token().split(".")
-    assert reject(f"{head}.{body}.", keys) == "bad_signature"
-    assert reject(forge({"alg": "ES384", "kid": "k1"}, {}), keys) == "alg_not_allowed"
-    assert reject(forge({"kid": "k1"}, {}), keys) == "malformed"
-
-
-def test_certificate_binding(es: Signer) -> None:
-    thumb = b64url(hashlib.sha256(b"leaf-der").digest())
-    bound = es.token(cnf={"x5t#S256": thumb})
-    got = verify_local(bound, keyset(es), audience=AUD, now=NOW, certificate_thumbprint=thumb)
-    assert got.claims["cnf"] == {"x5t#S256": thumb}
-    other = b64url(hashlib.sha256(b"other").digest())
-    assert reject(bound, keyset(es), certificate_thumbprint=other) == "binding_mismatch"
-    assert reject(es.token(), keyset(es), certificate_thumbprint=thumb) == "binding_mismatch"
-    assert reject(bound, keyset(es)) == "binding_mismatch"  # bound token, no certificate
-    # a thumbprint without require_binding accepts an unbound token (bind: subject routes)
-    verify_local(
-        es.token(),
-        keyset(es),
-        audience=AUD,
-        now=NOW,
-        certificate_thumbprint=thumb,
-        require_binding=False,
-    )
-    assert reject(es.token(), keyset(es), require_binding=True) == "binding_mismatch"
-    assert reject(es.token(cnf="x"), keyset(es), certificate_thumbprint=thumb) == "malformed"
-
-
-@pytest.mark.parametrize(
-    "token", ["", "abc", "a.b", "a.b.c.d", "!!!.@@@.###", "eyJhbGciOiJFUzI1NiJ9.e30"]
-)
-def test_junk_is_malformed(es: Signer, token: str) -> None:
-    assert reject(token, keyset(es)) == "malformed"
-
-
-def test_oversized_token(es: Signer) -> None:
-    big = es.token(pad="x" * MAX_TOKEN_BYTES)
-    assert reject(big, keyset(es)) == "too_large"
-
-
-def test_payload_must_be_an_object(es: Signer) -> None:
-    raw = jwt.api_jws.encode(b"[1,2]", es.private, algorithm="ES256", headers={"kid": "k1"})
-    assert reject(raw, keyset(es)) == "malformed"
+def test_keyset_lookup_and_pushed_rules(es: Signer) -> None:
+    keys = keyset(es, max_ttl_seconds=60, clock_skew_seconds=0)
+    assert keys.lookup("k1").public_key == es.private.public_key()
+    assert (keys.max_ttl, keys.clock_skew) == (timedelta(seconds=60), timedelta(0))
+    with pytest.raises(UnknownKidError):
+        keys.lookup("nobody")
+    with pytest.raises(KeySetError, match="negative"):
+        keyset(es, max_ttl_seconds=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +195,7 @@ def test_payload_must_be_an_object(es: Signer) -> None:
 
 
 def vt(kid: str, exp: int = 2_000_000_000) -> VerifiedToken:
-    return VerifiedToken(subject=SUB, claims={}, kid=kid, expires_at=exp)
+    return VerifiedToken(kid=kid, subject=SUB, expires_at=exp, claims={})
 
 
 def test_cache_key_separates_every_input_and_hides_the_token() -> None:
@@ -753,7 +636,7 @@ async def test_unknown_kid_refetches_once_rate_limited(signer: SignerProcess) ->
     token = signer.sign()
     async with signer.client() as client:
         await wait_until(lambda: client.ready(mode="local"))
-        empty = KeySet.parse('{"keys": []}', 0)
+        empty = KeySet.parse('{"keys": []}', 0, max_ttl_seconds=900)
         # a stale key set (as if a push was missed): the unknown kid triggers one GetJWKS
         client._state.keyset = empty
         client._state.last_refetch = float("-inf")
@@ -778,9 +661,18 @@ async def test_unreadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
 # local verification cache (same rules as the remote one)
 
 
-def _local_client(*signers: Signer) -> SignerClient:
-    client = SignerClient(address="unix:/nonexistent/s.sock", timeout=timedelta(seconds=1))
-    client._install_keyset(json.dumps({"keys": [s.jwk for s in signers]}), 1)
+def _push(client: SignerClient, *signers: Signer, sequence: int, **rules: int) -> None:
+    """What a WatchKeys message from the signer installs: keys, issuer, max_ttl and skew."""
+    rules = {"max_ttl_seconds": 900, "clock_skew_seconds": 30, **rules}
+    document = {"keys": [s.jwk for s in signers], "issuer": ISS}
+    client._install_keyset(json.dumps(document), sequence, **rules)
+
+
+def _local_client(*signers: Signer, **kwargs: Any) -> SignerClient:
+    client = SignerClient(
+        address="unix:/nonexistent/s.sock", timeout=timedelta(seconds=1), **kwargs
+    )
+    _push(client, *signers, sequence=1)
     return client
 
 
@@ -833,10 +725,10 @@ async def test_local_cache_entries_end_with_the_key_or_the_token(es: Signer) -> 
     await client.verify(_live_token(other), audience=AUD, mode="local")
     assert len(client.local_cache) == 2
     # the same key set again (a reconnect) keeps both
-    client._install_keyset(json.dumps({"keys": [es.jwk, other.jwk]}), 2)
+    _push(client, es, other, sequence=2)
     assert len(client.local_cache) == 2
     # the key removed: its verification is gone, and the token no longer verifies
-    client._install_keyset(json.dumps({"keys": [other.jwk]}), 3)
+    _push(client, other, sequence=3)
     assert len(client.local_cache) == 1
     client._state.last_refetch = time.monotonic()  # no signer to refetch from
     with pytest.raises(TokenRejected) as exc:
@@ -844,7 +736,7 @@ async def test_local_cache_entries_end_with_the_key_or_the_token(es: Signer) -> 
     assert exc.value.reason == "unknown_kid"
     # a different key published under the same kid also drops the entry
     impostor = Signer("other")
-    client._install_keyset(json.dumps({"keys": [impostor.jwk]}), 4)
+    _push(client, impostor, sequence=4)
     assert len(client.local_cache) == 0
     # an expiring token is cached only until its exp
     short = _live_token(impostor, exp=int(time.time()) + 1)
@@ -852,3 +744,94 @@ async def test_local_cache_entries_end_with_the_key_or_the_token(es: Signer) -> 
     assert len(client.local_cache) == 1
     key = cache_key(short, AUD, None, None)
     assert client.local_cache.get(key, now=time.time() + 2) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# local mode applies the signer's max_ttl (pushed with the keys); config can only tighten it
+
+
+async def test_local_mode_applies_the_pushed_max_ttl(es: Signer) -> None:
+    long_lived = _live_token(es, exp=int(time.time()) + 600)  # 605 s: above 300, below 900
+    client = _local_client(es)  # pushed: 900 s
+    assert (await client.verify(long_lived, audience=AUD, mode="local")).subject == SUB
+    _push(client, es, sequence=2, max_ttl_seconds=300)  # new rules drop the cached entry
+    assert len(client.local_cache) == 0
+    with pytest.raises(TokenRejected) as exc:
+        await client.verify(long_lived, audience=AUD, mode="local")
+    assert exc.value.reason == "malformed"
+    # a configured max_ttl only ever makes it stricter
+    for configured, reason in ((timedelta(minutes=5), "malformed"), (timedelta(hours=1), "ok")):
+        strict = _local_client(es, max_ttl=configured)
+        try:
+            await strict.verify(long_lived, audience=AUD, mode="local")
+        except TokenRejected as err:
+            assert err.reason == reason
+        else:
+            assert reason == "ok"
+    loose = _local_client(es, max_ttl=timedelta(hours=1))
+    _push(loose, es, sequence=2, max_ttl_seconds=300)
+    with pytest.raises(TokenRejected) as exc:
+        await loose.verify(long_lived, audience=AUD, mode="local")
+    assert exc.value.reason == "malformed"
+
+
+async def test_local_mode_is_unavailable_without_any_max_ttl(es: Signer) -> None:
+    client = SignerClient(address="unix:/nonexistent/s.sock", timeout=timedelta(seconds=1))
+    await client.start()
+    try:
+        _push(client, es, sequence=1, max_ttl_seconds=0)  # a signer that sends no max_ttl
+        assert client.keyset is not None and not client.ready(mode="local")
+        with pytest.raises(SignerUnavailable, match="max_ttl"):
+            await client.verify(_live_token(es), audience=AUD, mode="local")
+        with pytest.raises(TokenRejected):  # a broken token is still a 401, not a 503
+            await client.verify("a.b", audience=AUD, mode="local")
+        _push(client, es, sequence=2)
+        assert client.ready(mode="local")
+        assert (await client.verify(_live_token(es), audience=AUD, mode="local")).subject == SUB
+    finally:
+        await client.close()
+    configured = _local_client(es, max_ttl=timedelta(minutes=5))
+    _push(configured, es, sequence=2, max_ttl_seconds=0)
+    assert (await configured.verify(_live_token(es), audience=AUD, mode="local")).subject == SUB
+
+
+def test_configured_max_ttl(tmp_path: Path) -> None:
+    cfg = SignerClientConfig.model_validate(
+        {"address": "unix:s.sock", "max_ttl": "5m"}, context={"base_dir": tmp_path}
+    )
+    assert SignerClient.from_config(cfg).max_ttl == timedelta(minutes=5)
+    unset = SignerClientConfig.model_validate(
+        {"address": "unix:s.sock"}, context={"base_dir": tmp_path}
+    )
+    assert SignerClient.from_config(unset).max_ttl is None
+    with pytest.raises(ConfigError, match=r"signer\.max_ttl"):
+        SignerClient(address="unix:s.sock", timeout=timedelta(seconds=1), max_ttl=timedelta(0))
+
+
+def _out_of_band_token(s: SignerProcess, lifetime: int) -> str:
+    """A token signed with the signer's own key file, but not by the signer (no max_ttl cap)."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = sorted((s.dir / "keys").glob("*.pem"))[-1]
+    key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
+    now = int(time.time())
+    claims = {"iss": ISS, "sub": SUB, "aud": AUD, "iat": now - 5, "exp": now - 5 + lifetime}
+    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": pem.stem})  # type: ignore[arg-type]
+
+
+async def test_real_signer_pushes_max_ttl_and_both_modes_refuse_longer_tokens(
+    signer: SignerProcess,
+) -> None:
+    async with signer.client() as client:
+        await wait_until(lambda: client.ready(mode="local"))
+        assert client.keyset is not None
+        assert client.keyset.max_ttl == timedelta(minutes=15)
+        assert client.keyset.clock_skew == timedelta(0)
+        fits = _out_of_band_token(signer, 15 * 60)
+        too_long = _out_of_band_token(signer, 15 * 60 + 1)
+        for mode in MODES:
+            got = await client.verify(fits, audience=AUD, mode=mode)  # type: ignore[arg-type]
+            assert got.subject == SUB
+            with pytest.raises(TokenRejected) as info:
+                await client.verify(too_long, audience=AUD, mode=mode)  # type: ignore[arg-type]
+            assert info.value.reason == "malformed", mode

@@ -45,7 +45,7 @@ def test_contract_field_names() -> None:
         "SignResponse": {"token", "kid", "expires_at"},
         "VerifyRequest": {"token", "audience", "expected_subject", "certificate_thumbprint"},
         "VerifyResponse": {"claims_json", "kid", "subject", "expires_at"},
-        "JWKS": {"jwks_json", "sequence"},
+        "JWKS": {"jwks_json", "sequence", "max_ttl_seconds", "clock_skew_seconds"},
         "WatchKeysRequest": {"after_sequence"},
         "RotateResponse": {"prepared_kid", "active_kid"},
     }

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from svidgate.signer.errors import UnknownKidError
+from svidgate.pki.jwt_svid import UnknownKidError
 from svidgate.signer.keyring import KeyRing, KeyState, SigningKey, Timing
 from svidgate.signer.rotation import Action, plan_rotation
 

@@ -26,7 +26,7 @@ from signer_harness import (
     unix_stub,
     write_config,
 )
-from svidgate.signer.jwt import ALGORITHMS
+from svidgate.pki.jose import ALGORITHMS
 from svidgate.signer.server import SignerServer
 
 from svidgate.config import ConfigError

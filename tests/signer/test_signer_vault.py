@@ -27,9 +27,9 @@ from signer_harness import (
 )
 from svidgate.pki.bundle import marshal_pem
 from svidgate.pki.ca import CertificateAuthority
+from svidgate.pki.jose import ALGORITHMS
 from svidgate.signer.config import VaultConfig
 from svidgate.signer.errors import KeySourceError, SourceConflictError
-from svidgate.signer.jwt import ALGORITHMS
 from svidgate.signer.rotation import Action, NewKeyPlan
 from svidgate.signer.server import SignerServer
 from svidgate.signer.sources.vault_kv import VaultKvKeySource

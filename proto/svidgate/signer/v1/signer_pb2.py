@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsvidgate/signer/v1/signer.proto\x12\x12svidgate.signer.v1\"\x94\x01\n\x0bSignRequest\x12\x10\n\x08\x61udience\x18\x01 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\x12\x13\n\x0b\x63laims_json\x18\x03 \x01(\t\x12\x18\n\x10\x62ind_certificate\x18\x04 \x01(\x08\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x1e\n\x16\x63\x65rtificate_thumbprint\x18\x06 \x01(\t\">\n\x0cSignResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03kid\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x83\x01\n\rVerifyRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\x18\n\x10\x65xpected_subject\x18\x03 \x01(\t\x12\x1e\n\x16\x63\x65rtificate_thumbprint\x18\x04 \x01(\t\x12\x17\n\x0frequire_binding\x18\x05 \x01(\x08\"p\n\x0eVerifyResponse\x12\x13\n\x0b\x63laims_json\x18\x01 \x01(\t\x12\x0b\n\x03kid\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x17\n\x0fkey_valid_until\x18\x05 \x01(\x03\"\x10\n\x0eGetJWKSRequest\"*\n\x10WatchKeysRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"+\n\x04JWKS\x12\x11\n\tjwks_json\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"\x0f\n\rRotateRequest\":\n\x0eRotateResponse\x12\x14\n\x0cprepared_kid\x18\x01 \x01(\t\x12\x12\n\nactive_kid\x18\x02 \x01(\t2\x8d\x03\n\x06Signer\x12I\n\x04Sign\x12\x1f.svidgate.signer.v1.SignRequest\x1a .svidgate.signer.v1.SignResponse\x12O\n\x06Verify\x12!.svidgate.signer.v1.VerifyRequest\x1a\".svidgate.signer.v1.VerifyResponse\x12G\n\x07GetJWKS\x12\".svidgate.signer.v1.GetJWKSRequest\x1a\x18.svidgate.signer.v1.JWKS\x12M\n\tWatchKeys\x12$.svidgate.signer.v1.WatchKeysRequest\x1a\x18.svidgate.signer.v1.JWKS0\x01\x12O\n\x06Rotate\x12!.svidgate.signer.v1.RotateRequest\x1a\".svidgate.signer.v1.RotateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsvidgate/signer/v1/signer.proto\x12\x12svidgate.signer.v1\"\x94\x01\n\x0bSignRequest\x12\x10\n\x08\x61udience\x18\x01 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\x12\x13\n\x0b\x63laims_json\x18\x03 \x01(\t\x12\x18\n\x10\x62ind_certificate\x18\x04 \x01(\x08\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x1e\n\x16\x63\x65rtificate_thumbprint\x18\x06 \x01(\t\">\n\x0cSignResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03kid\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x83\x01\n\rVerifyRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x03(\t\x12\x18\n\x10\x65xpected_subject\x18\x03 \x01(\t\x12\x1e\n\x16\x63\x65rtificate_thumbprint\x18\x04 \x01(\t\x12\x17\n\x0frequire_binding\x18\x05 \x01(\x08\"p\n\x0eVerifyResponse\x12\x13\n\x0b\x63laims_json\x18\x01 \x01(\t\x12\x0b\n\x03kid\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x17\n\x0fkey_valid_until\x18\x05 \x01(\x03\"\x10\n\x0eGetJWKSRequest\"*\n\x10WatchKeysRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\"`\n\x04JWKS\x12\x11\n\tjwks_json\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x17\n\x0fmax_ttl_seconds\x18\x03 \x01(\x03\x12\x1a\n\x12\x63lock_skew_seconds\x18\x04 \x01(\x03\"\x0f\n\rRotateRequest\":\n\x0eRotateResponse\x12\x14\n\x0cprepared_kid\x18\x01 \x01(\t\x12\x12\n\nactive_kid\x18\x02 \x01(\t2\x8d\x03\n\x06Signer\x12I\n\x04Sign\x12\x1f.svidgate.signer.v1.SignRequest\x1a .svidgate.signer.v1.SignResponse\x12O\n\x06Verify\x12!.svidgate.signer.v1.VerifyRequest\x1a\".svidgate.signer.v1.VerifyResponse\x12G\n\x07GetJWKS\x12\".svidgate.signer.v1.GetJWKSRequest\x1a\x18.svidgate.signer.v1.JWKS\x12M\n\tWatchKeys\x12$.svidgate.signer.v1.WatchKeysRequest\x1a\x18.svidgate.signer.v1.JWKS0\x01\x12O\n\x06Rotate\x12!.svidgate.signer.v1.RotateRequest\x1a\".svidgate.signer.v1.RotateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,11 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHKEYSREQUEST']._serialized_start=536
   _globals['_WATCHKEYSREQUEST']._serialized_end=578
   _globals['_JWKS']._serialized_start=580
-  _globals['_JWKS']._serialized_end=623
-  _globals['_ROTATEREQUEST']._serialized_start=625
-  _globals['_ROTATEREQUEST']._serialized_end=640
-  _globals['_ROTATERESPONSE']._serialized_start=642
-  _globals['_ROTATERESPONSE']._serialized_end=700
-  _globals['_SIGNER']._serialized_start=703
-  _globals['_SIGNER']._serialized_end=1100
+  _globals['_JWKS']._serialized_end=676
+  _globals['_ROTATEREQUEST']._serialized_start=678
+  _globals['_ROTATEREQUEST']._serialized_end=693
+  _globals['_ROTATERESPONSE']._serialized_start=695
+  _globals['_ROTATERESPONSE']._serialized_end=753
+  _globals['_SIGNER']._serialized_start=756
+  _globals['_SIGNER']._serialized_end=1153
 # @@protoc_insertion_point(module_scope)

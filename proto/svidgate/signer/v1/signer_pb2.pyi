@@ -71,12 +71,16 @@ class WatchKeysRequest(_message.Message):
     def __init__(self, after_sequence: _Optional[int] = ...) -> None: ...
 
 class JWKS(_message.Message):
-    __slots__ = ("jwks_json", "sequence")
+    __slots__ = ("jwks_json", "sequence", "max_ttl_seconds", "clock_skew_seconds")
     JWKS_JSON_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SKEW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     jwks_json: str
     sequence: int
-    def __init__(self, jwks_json: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+    max_ttl_seconds: int
+    clock_skew_seconds: int
+    def __init__(self, jwks_json: _Optional[str] = ..., sequence: _Optional[int] = ..., max_ttl_seconds: _Optional[int] = ..., clock_skew_seconds: _Optional[int] = ...) -> None: ...
 
 class RotateRequest(_message.Message):
     __slots__ = ()
