@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROTO   := proto/svidgate/signer/v1/signer.proto
 
-.PHONY: install up test lint format proto bench clean
+.PHONY: install up test lint format proto docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: lint
 # Regenerates the gRPC contract stubs; tests/signer/test_proto_fresh.py fails when they are stale.
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO)
+
+# Regenerates docs/schema/*.schema.json from the config models; tests/test_docs.py fails when
+# they are stale.
+docs: install
+	$(PY) docs/generate.py
 
 bench: install
 	bench/run
