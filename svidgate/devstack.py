@@ -8,14 +8,24 @@ keeps its keys in KV v2 with a least-privilege token), the signer, a demo echo u
 gateway on free loopback ports, waits until each is ready, prints copy-paste ``curl`` commands,
 and on Ctrl-C / SIGTERM stops every child (each in its own process group) and exits 0. A child
 that dies is reported in one line and ``up`` exits non-zero.
+
+Secrets: OpenBao's root token is random per run and reaches ``bao`` only through its
+environment (``BAO_DEV_ROOT_TOKEN_ID``, readable by its owner alone, unlike the command line);
+it is never written to a file, and ``bao``'s output reaches its log through a filter that
+redacts it and the dev banner's unseal key. Only the signer's least-privilege token is written
+(``vault-token``, 0600). ``logs/`` is 0700 and every log 0600. One ``up`` per state directory:
+it holds an exclusive lock on ``STATE/.lock`` (with its pid inside) for its whole life, and a
+second one is refused before it touches anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -65,6 +75,10 @@ IDENTITIES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 
 class DevstackError(Exception):
     """`svidgate up` cannot go on; the message is one line for the user."""
+
+
+class StateDirBusyError(DevstackError):
+    """Another `svidgate up` holds the state directory's lock (a usage error: exit 2)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +132,10 @@ class Layout:
     @property
     def vault_token(self) -> Path:
         return self.root / "vault-token"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
 
     @property
     def logs(self) -> Path:
@@ -310,6 +328,73 @@ def write_yaml(path: Path, data: dict[str, Any], header: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# State directory: one `up` at a time, private logs
+
+
+def lock_state_dir(layout: Layout) -> int:
+    """Take the exclusive lock on ``STATE/.lock`` and write our pid into it; returns the file
+    descriptor (the lock lives as long as it is open). When another process holds it, raise
+    StateDirBusyError naming that process, having changed nothing."""
+    try:
+        fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DevstackError(f"{layout.lock}: cannot open the lock file ({exc.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        pid = holder if holder.isdigit() else "unknown"
+        raise StateDirBusyError(f"already running (pid {pid}); use --state-dir") from None
+    except OSError as exc:
+        os.close(fd)
+        raise DevstackError(f"{layout.lock}: cannot lock ({exc.strerror})") from None
+    os.fchmod(fd, 0o600)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def prepare_logs(layout: Layout) -> None:
+    """``logs/`` 0700 and every log in it 0600 (also when an older run left them readable)."""
+    logs = layout.logs
+    if logs.is_symlink():
+        raise DevstackError(f"{logs}: is a symlink; remove it")
+    logs.mkdir(mode=0o700, exist_ok=True)
+    logs.chmod(0o700)
+    for entry in logs.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            entry.chmod(0o600)
+
+
+def open_private_log(path: Path) -> IO[bytes]:
+    """``path`` opened for appending, mode 0600 (a symlink is refused)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise DevstackError(f"{path}: cannot open the log ({exc.strerror})") from None
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
+# What `bao server -dev` prints a secret after ("Unseal Key: …", "Root Token: …").
+_BANNER_SECRET = re.compile(rb"^(\s*(?:Unseal Key|Root Token)[^:]*:).*$")
+REDACTED = b"[redacted]"
+
+
+def redact_line(line: bytes, hidden: Sequence[bytes]) -> bytes:
+    """One output line without the dev banner's unseal key / root token or any of ``hidden``."""
+    banner = _BANNER_SECRET.match(line)
+    if banner:
+        return banner.group(1) + b" " + REDACTED
+    for secret in hidden:
+        if secret:
+            line = line.replace(secret, REDACTED)
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
 # OpenBao: least-privilege policy and token for the signer
 
 
@@ -393,28 +478,60 @@ def _set_parent_death_signal() -> None:
 
 @dataclass
 class Child:
+    """One child process; its output goes to its log, through redact_line when ``hidden`` is
+    set (then `up` copies it from a non-blocking pipe on every check, never on a thread)."""
+
     name: str
     argv: list[str]
     log_path: Path
+    hidden: tuple[bytes, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     log_file: IO[bytes] | None = field(default=None, repr=False)
+    _pending: bytes = field(default=b"", repr=False)
 
     def start(self, env: dict[str, str]) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file = self.log_path.open("ab")
+        self.log_file = open_private_log(self.log_path)
         self.log_file.write(
             f"--- {datetime.now(UTC).isoformat()} {shlex.join(self.argv)}\n".encode()
         )
         self.log_file.flush()
+        filtered = bool(self.hidden)
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
-            stdout=self.log_file,
+            stdout=subprocess.PIPE if filtered else self.log_file,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # own process group: Ctrl-C reaches `up` only
             preexec_fn=_set_parent_death_signal,  # noqa: PLW1509 - no threads yet
         )
+        if self.proc.stdout is not None:
+            os.set_blocking(self.proc.stdout.fileno(), False)
+
+    def pump(self) -> None:
+        """Copy what a filtered child wrote so far into its log, redacted line by line."""
+        proc, log_file = self.proc, self.log_file
+        if proc is None or proc.stdout is None or proc.stdout.closed or log_file is None:
+            return
+        eof = False
+        while True:
+            try:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                eof = True
+                break
+            self._pending += chunk
+        *lines, self._pending = self._pending.split(b"\n")
+        if (eof and self._pending) or len(self._pending) > 65536:  # the end, or an endless line
+            lines.append(self._pending)
+            self._pending = b""
+        for line in lines:
+            log_file.write(redact_line(line, self.hidden) + b"\n")
+        log_file.flush()
+        if eof:
+            proc.stdout.close()
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -435,9 +552,11 @@ class Child:
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                self.pump()  # a filtered child must not block on a full pipe while stopping
+                time.sleep(0.05)
+            if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
@@ -445,6 +564,9 @@ class Child:
         if proc is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            self.pump()
+            if proc.stdout is not None:
+                proc.stdout.close()
         if self.log_file is not None:
             self.log_file.close()
             self.log_file = None
@@ -460,14 +582,27 @@ class Stack:
         self.env = dict(os.environ)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
 
-    def spawn(self, name: str, argv: list[str]) -> Child:
-        child = Child(name, argv, self.layout.log(name))
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        secret_env: dict[str, str] | None = None,
+    ) -> Child:
+        """Start a child; ``secret_env`` goes to its environment only and its values are
+        redacted from its log."""
+        extra = secret_env or {}
+        hidden = tuple(value.encode() for value in extra.values())
+        child = Child(name, argv, self.layout.log(name), hidden=hidden)
         self.children.append(child)
-        child.start(self.env)
+        child.start({**self.env, **extra})
         return child
 
     def check(self) -> None:
-        """Raise DevstackError naming the first child that has exited."""
+        """Copy filtered output to the logs; raise DevstackError naming the first child that
+        has exited."""
+        for child in self.children:
+            child.pump()
         for child in self.children:
             code = child.exited()
             if code is not None:
@@ -584,11 +719,37 @@ def _svidgate_argv() -> list[str]:
     return [sys.executable, "-m", "svidgate.cli"]
 
 
+def start_openbao(stack: Stack, bao: str, port: int, token_file: Path) -> None:
+    """An OpenBao dev server with a fresh random root token, given in its environment only
+    (never its command line, a file or its log), then the signer's policy and token."""
+    listen = f"127.0.0.1:{port}"
+    address = f"http://{listen}"
+    root_token = secrets.token_urlsafe(32)
+    bao_child = stack.spawn(
+        "openbao",
+        # -dev-no-store-token: no ~/.vault-token (it would hold the root token and overwrite
+        # the user's own)
+        [bao, "server", "-dev", "-dev-no-store-token", f"-dev-listen-address={listen}"],
+        secret_env={"BAO_DEV_ROOT_TOKEN_ID": root_token},
+    )
+    stack.wait_until(bao_child, lambda: http_ok(f"{address}/v1/sys/health"), READY_TIMEOUT)
+    provision_vault(address, root_token, token_file)
+
+
 def run_up(state_dir: Path, *, no_vault: bool, out: IO[str]) -> int:
+    """Lock the state directory, run the stack until Ctrl-C / SIGTERM; returns the exit code."""
     layout = Layout(state_dir.absolute())
-    if not layout.root.exists():
-        layout.root.mkdir(mode=0o700, parents=True)  # an existing directory keeps its mode
+    layout.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing one keeps its mode
+    lock = lock_state_dir(layout)
+    try:
+        return _run_locked(layout, no_vault=no_vault, out=out)
+    finally:
+        os.close(lock)
+
+
+def _run_locked(layout: Layout, *, no_vault: bool, out: IO[str]) -> int:
     changed = prepare_pki(layout)
+    prepare_logs(layout)
     bao = None if no_vault else find_bao()
     ports = Ports(
         gateway=free_port(),
@@ -619,20 +780,7 @@ def run_up(state_dir: Path, *, no_vault: bool, out: IO[str]) -> int:
             flush=True,
         )
         if bao is not None and ports.vault is not None:
-            address = f"http://127.0.0.1:{ports.vault}"
-            root_token = secrets.token_urlsafe(24)
-            bao_child = stack.spawn(
-                "openbao",
-                [
-                    bao,
-                    "server",
-                    "-dev",
-                    f"-dev-root-token-id={root_token}",
-                    f"-dev-listen-address=127.0.0.1:{ports.vault}",
-                ],
-            )
-            stack.wait_until(bao_child, lambda: http_ok(f"{address}/v1/sys/health"), READY_TIMEOUT)
-            provision_vault(address, root_token, layout.vault_token)
+            start_openbao(stack, bao, ports.vault, layout.vault_token)
         else:
             layout.keys_dir.mkdir(mode=0o700, exist_ok=True)
         signer = stack.spawn(
@@ -704,6 +852,11 @@ def run_up(state_dir: Path, *, no_vault: bool, out: IO[str]) -> int:
 def _handle_up(args: argparse.Namespace) -> int:
     try:
         return run_up(Path(args.state_dir), no_vault=bool(args.no_vault), out=sys.stdout)
+    except StateDirBusyError as exc:
+        from svidgate.cli import EXIT_USAGE
+
+        print(f"svidgate up: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except DevstackError as exc:
         print(f"svidgate up: error: {exc}", file=sys.stderr)
         return 1

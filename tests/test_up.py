@@ -1,7 +1,9 @@
 """`svidgate up` end to end: start it as a subprocess, run the curl commands it prints (with
 curl, and again with Python's ssl), expect 200 / 200 / 403, then SIGINT (SIGTERM with OpenBao)
-and check that every child is gone. Plus the state directory's reuse / re-issue rules and a
-child that dies early."""
+and check that every child is gone. With OpenBao, while the stack runs: the root token is in no
+command line, no file and no log, only in the bao process's environment. A second `up` on the
+same state directory is refused at once and the first keeps serving. Plus the state directory's
+reuse / re-issue rules, the lock, the log filter and a child that dies early."""
 
 from __future__ import annotations
 
@@ -15,17 +17,29 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from svidgate.devstack import IDENTITIES, SVID_TTL, Layout, prepare_pki
+from svidgate.devstack import (
+    IDENTITIES,
+    SVID_TTL,
+    DevstackError,
+    Layout,
+    Stack,
+    StateDirBusyError,
+    lock_state_dir,
+    prepare_pki,
+    redact_line,
+)
 
 READY_LINE = "Ctrl-C stops everything."
 EXPECTED = [200, 200, 403]
@@ -34,7 +48,7 @@ EXPECTED = [200, 200, 403]
 class UpProcess:
     """`svidgate up` in its own session, its stdout read line by line on a thread."""
 
-    def __init__(self, state: Path, *args: str) -> None:
+    def __init__(self, state: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.state = state
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "svidgate.cli", "up", "--state-dir", str(state), *args],
@@ -42,6 +56,7 @@ class UpProcess:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            env=env,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.output: list[str] = []
@@ -170,11 +185,65 @@ def port_open(port: int) -> bool:
         return False
 
 
-def check_stack(tmp_path: Path, *args: str, stop_with: int = signal.SIGINT) -> list[str]:
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, …)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^PPid:\s+(\d+)$", status, re.MULTILINE)
+        if match:
+            parents[int(entry.name)] = int(match.group(1))
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def cmdline_of(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+
+
+def files_holding(root: Path, secret: str) -> list[Path]:
+    """Every regular file under ``root`` whose bytes contain ``secret`` (all files are read)."""
+    found = []
+    for path in root.rglob("*"):
+        if stat.S_ISREG(path.lstat().st_mode) and secret.encode() in path.read_bytes():
+            found.append(path)
+    return found
+
+
+WhileUp = Callable[["UpProcess", list[str]], None]
+
+
+def check_stack(
+    tmp_path: Path,
+    *args: str,
+    stop_with: int = signal.SIGINT,
+    while_up: WhileUp | None = None,
+    env: dict[str, str] | None = None,
+) -> list[str]:
+    """Start `up`, run ``while_up`` once it is ready, then the printed curl commands."""
     state = tmp_path / "state"
-    up = UpProcess(state, *args)
+    up = UpProcess(state, *args, env=env)
     try:
         output = up.wait_ready()
+        if while_up is not None:
+            while_up(up, output)
         commands = curl_commands(output)
         assert len(commands) == 3, output
         assert "Authorization: Bearer $(" in commands[0]
@@ -202,14 +271,157 @@ def test_up_without_vault(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "keys").is_dir()
 
 
+def assert_root_token_private(up: UpProcess, home: Path, seen: dict[str, str]) -> None:
+    """The running stack: the root token (read from bao's environment, as its owner can) is in
+    no command line, no other process's environment, no file under the state dir, no log."""
+    state = up.state
+    environs = {pid: environ_of(pid) for pid in [up.proc.pid, *descendants(up.proc.pid)]}
+    [bao_pid] = [pid for pid in environs if b"\0server\0-dev" in cmdline_of(pid)]
+    given = re.search(rb"-dev-root-token-id=([^\0]+)", cmdline_of(bao_pid))
+    root = seen["root"] = environs[bao_pid].get("BAO_DEV_ROOT_TOKEN_ID") or (
+        given.group(1).decode() if given else ""
+    )
+    assert len(root) >= 32  # random per run
+    assert processes_mentioning(root) == []  # every /proc/*/cmdline on the machine
+    assert [pid for pid, env in environs.items() if root in "\0".join(env.values())] == [bao_pid]
+    assert files_holding(state, root) == []
+    assert not (home / ".vault-token").exists()  # bao's token helper was not used
+    bao_log = (state / "logs" / "openbao.log").read_text()
+    assert "Root Token: [redacted]" in bao_log
+    assert "Unseal Key: [redacted]" in bao_log
+    # the signer's own token: its 0600 file only, never a command line
+    signer_token = seen["signer"] = (state / "vault-token").read_text().strip()
+    assert signer_token and signer_token != root
+    assert processes_mentioning(signer_token) == []
+    assert files_holding(state, signer_token) == [state / "vault-token"]
+
+
+def assert_logs_private(state: Path) -> None:
+    logs = state / "logs"
+    assert logs.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in logs.iterdir()} == {
+        name: 0o600 for name in ("openbao.log", "signer.log", "upstream.log", "gateway.log")
+    }
+
+
 @pytest.mark.timeout(240)
 def test_up_with_openbao(tmp_path: Path) -> None:
-    output = check_stack(tmp_path, stop_with=signal.SIGTERM)
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True, mode=0o755)  # an older run's readable logs
+    (state / "logs" / "openbao.log").write_text("an older run\n")
+    (state / "logs" / "openbao.log").chmod(0o644)
+    home = tmp_path / "home"
+    home.mkdir()
+    seen: dict[str, str] = {}
+    output = check_stack(
+        tmp_path,
+        stop_with=signal.SIGTERM,
+        while_up=lambda up, _: assert_root_token_private(up, home, seen),
+        env={**os.environ, "HOME": str(home)},
+    )
     assert any("keys: vault-kv on OpenBao" in line for line in output), output
     token_file = tmp_path / "state" / "vault-token"
     assert token_file.stat().st_mode & 0o777 == 0o600
     # the signer ran with a least-privilege token, not the root token
     assert "vault-token" in (tmp_path / "state" / "signer.yaml").read_text()
+    # still nowhere after the stack stopped (bao's shutdown output went through the filter)
+    assert files_holding(state, seen["root"]) == []
+    assert files_holding(state, seen["signer"]) == [token_file]
+    assert_logs_private(state)
+
+
+def snapshot(state: Path) -> dict[str, tuple[int, ...]]:
+    """Every path under ``state`` with its inode, mode, size and mtime (logs: name only, the
+    running stack may append to them)."""
+    shot: dict[str, tuple[int, ...]] = {}
+    for path in sorted(state.rglob("*")):
+        rel = str(path.relative_to(state))
+        st = path.lstat()
+        log = rel.startswith("logs/")
+        shot[rel] = () if log else (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns)
+    return shot
+
+
+def assert_second_up_refused(up: UpProcess, output: list[str]) -> None:
+    state = up.state
+    [signer_line] = [line for line in output if line.lstrip().startswith("signer ")]
+    socket_path = Path(signer_line.split()[1].removeprefix("unix:"))
+    assert socket_path.exists()
+    before = snapshot(state)
+    started = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "svidgate.cli", "up", "--no-vault", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        start_new_session=True,
+    )
+    assert time.monotonic() - started < 20  # at once, not after starting anything
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.splitlines() == [
+        f"svidgate up: error: already running (pid {up.proc.pid}); use --state-dir"
+    ]
+    assert second.stdout == ""
+    assert snapshot(state) == before  # nothing in the state dir was touched
+    assert socket_path.exists()
+    assert up.proc.poll() is None
+    assert (state / ".lock").read_text() == f"{up.proc.pid}\n"
+
+
+@pytest.mark.timeout(240)
+def test_second_up_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
+    # check_stack runs the three curl commands after the refused second start: still served
+    check_stack(tmp_path, "--no-vault", while_up=assert_second_up_refused)
+
+
+def test_state_dir_lock_names_its_holder(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    held = lock_state_dir(layout)
+    try:
+        assert layout.lock.read_text() == f"{os.getpid()}\n"
+        assert layout.lock.stat().st_mode & 0o777 == 0o600
+        with pytest.raises(StateDirBusyError, match=rf"^already running \(pid {os.getpid()}\)"):
+            lock_state_dir(layout)  # flock: another open file description conflicts
+    finally:
+        os.close(held)
+    os.close(lock_state_dir(layout))  # released with the descriptor
+
+
+def test_redact_line() -> None:
+    hidden = (b"s3cret-token",)
+    assert redact_line(b"Root Token: s3cret-token", hidden) == b"Root Token: [redacted]"
+    assert redact_line(b"Unseal Key: abc/def=", hidden) == b"Unseal Key: [redacted]"
+    assert redact_line(b"Unseal Key 1: abc", ()) == b"Unseal Key 1: [redacted]"
+    assert redact_line(b"x=s3cret-token y", hidden) == b"x=[redacted] y"
+    assert redact_line(b"core: root token generated", hidden) == b"core: root token generated"
+
+
+def test_filtered_child_log_is_redacted_and_private(tmp_path: Path) -> None:
+    """A real child given a secret in its environment: its log (stdout and stderr, a last line
+    without newline) never shows the secret, and is 0600."""
+    stack = Stack(Layout(tmp_path))
+    (tmp_path / "logs").mkdir(mode=0o700)
+    script = (
+        'echo "Root Token: $TOKEN"; echo "said $TOKEN" >&2; echo "Unseal Key: k3y"; echo; '
+        'printf "last $TOKEN"'
+    )
+    child = stack.spawn("demo", ["sh", "-c", script], secret_env={"TOKEN": "s3cret-token"})
+    assert child.proc is not None
+    child.proc.wait(10)
+    with pytest.raises(DevstackError, match=r"^demo exited with status 0: last \[redacted\] \(log"):
+        stack.check()  # a filtered child that died is reported with its (redacted) last line
+    stack.stop()
+    log = (tmp_path / "logs" / "demo.log").read_text().splitlines()
+    assert log[0].startswith("--- ") and "s3cret-token" not in log[0]
+    assert log[1:] == [
+        "Root Token: [redacted]",
+        "said [redacted]",
+        "Unseal Key: [redacted]",
+        "",
+        "last [redacted]",
+    ]
+    assert (tmp_path / "logs" / "demo.log").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.timeout(120)
