@@ -36,7 +36,6 @@ from gateway_harness import (
     raw_exchange,
     write_config,
 )
-from svidgate.gateway.credentials import trust_digest
 from svidgate.pki.bundle import BundleSet, marshal_pem
 from svidgate.pki.ca import CertificateAuthority
 
@@ -200,6 +199,8 @@ async def test_reload_that_keeps_trust_closes_nothing(
 
 
 def test_trust_digest_tells_trust_changes_apart() -> None:
+    from svidgate.gateway.credentials import trust_digest  # new: keeps the attacks above red
+
     ca_a, ca_b, ca_b2 = (CertificateAuthority.create(td) for td in ("a.org", "b.org", "b.org"))
     # order does not matter; a removed trust domain or a replaced authority does
     both = BundleSet.from_bundles([ca_a.bundle(), ca_b.bundle()])
