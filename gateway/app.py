@@ -5,7 +5,8 @@ Per connection (:class:`PeerGate`): re-verify the client's SVID against its own 
 once, and close the connection at the certificate's notAfter. A reload that changes trust
 (bundles, trust domains) re-checks every open connection's stored chain: a background sweep
 closes idle ones that no longer verify, a request on one not yet swept is checked first, and a
-refused connection answers 403 ``trust_revoked`` and closes (in-flight requests finish).
+refused connection answers 403 ``trust_revoked`` and closes (in-flight requests get up to
+``drain_timeout`` to finish).
 Per request (:meth:`GatewayApp.handle`): method → Host / target form → canonical path →
 policy (:meth:`Policy.authorize`: default deny, every decision audited) → JWT (when the route
 requires it) → header hygiene → forward. Every :class:`GatewayError` becomes a response through
@@ -399,7 +400,7 @@ class GatewayApp:
     ) -> None:
         """Verify the connection's stored chain against ``state``'s bundles at ``now``; on
         failure mark it revoked (and, from the sweep, close it: at once when idle, after its
-        in-flight request when busy)."""
+        in-flight request, or ``drain_timeout``, when busy)."""
         try:
             peer.identity = self.chains.identify(
                 peer.chain,
@@ -421,7 +422,8 @@ class GatewayApp:
                 spiffe_id=peer.identity.id_text,
             )
             if close_now:
-                _close_connection(transport, busy=peer.busy > 0)
+                grace = state.config.drain_timeout.total_seconds()
+                _close_connection(transport, busy=peer.busy > 0, grace=grace)
             return
         peer.checked = state.generation
 
@@ -630,14 +632,16 @@ class GatewayApp:
         return resp
 
 
-def _close_connection(transport: asyncio.BaseTransport, *, busy: bool) -> None:
+def _close_connection(transport: asyncio.BaseTransport, *, busy: bool, grace: float) -> None:
     """Close a refused connection: an idle one at once; a busy one once its in-flight request
-    has finished (aiohttp stops reading further requests and closes after the response)."""
+    has finished (aiohttp reads no further request and closes after the response), or after
+    ``grace`` seconds (``drain_timeout``) if it has not."""
     protocol = transport.get_protocol()
     if not isinstance(protocol, RequestHandler):
         transport.close()
     elif busy:
         protocol.close()
+        asyncio.get_running_loop().call_later(grace, protocol.force_close)  # no-op once closed
     else:
         protocol.force_close()
 

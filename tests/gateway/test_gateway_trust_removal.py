@@ -182,6 +182,23 @@ async def test_in_flight_request_finishes_then_the_connection_closes(
     assert echo.targets == ["/public/1", "/public/2"]
 
 
+async def test_in_flight_request_gets_drain_timeout_at_most(
+    test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any], conns: Callable[..., Any]
+) -> None:
+    gw: Harness = await start_gateway(gateway_config(test_pki, echo.port, drain_timeout="300ms"))
+    removed: KeepAlive = await conns(gw.port, gw.ctx("b-web"))
+    echo.delay = 1.5
+    in_flight = asyncio.create_task(removed.get("/public/slow"))
+    for _ in range(100):
+        if echo.seen:
+            break
+        await asyncio.sleep(0.02)
+    assert echo.seen, "the request reached the upstream"
+    write_config(test_pki, _without_b(test_pki, echo, drain_timeout="300ms"))
+    assert gw.server.reload()
+    assert await in_flight is None, "a slow in-flight request outlived drain_timeout"
+
+
 async def test_reload_that_keeps_trust_closes_nothing(
     test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any], conns: Callable[..., Any]
 ) -> None:
