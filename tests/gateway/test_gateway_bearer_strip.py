@@ -7,6 +7,8 @@ by a client on a route without `jwt`; the recording upstream must not see it. Ot
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from gateway_harness import (
     Harness,
     LabPki,
     gateway_config,
+    write_config,
 )
 from multidict import CIMultiDict
 from svidgate.gateway.config import parse_config
@@ -191,3 +194,24 @@ def test_forward_authorization_is_refused_on_a_jwt_route(tmp_path: Path) -> None
         parse_config(doc, base_dir=tmp_path)
     doc["routes"][0]["jwt"]["required"] = False  # type: ignore[index]
     assert parse_config(doc, base_dir=tmp_path).routes[0].forward_authorization
+
+
+def test_check_and_explain_show_the_opt_in(test_pki: LabPki) -> None:
+    doc = gateway_config(test_pki, 9)
+    doc["routes"][3]["forward_authorization"] = True  # public
+    path = write_config(test_pki, doc)
+    cli = [sys.executable, "-m", "svidgate.cli", "gateway"]
+    check = subprocess.run(
+        [*cli, "check", "--offline", "--config", str(path)],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    lines = check.stdout.splitlines()
+    at = lines.index("  public: * /public -> echo (https://127.0.0.1:9)")
+    assert "      authorization: Bearer tokens forwarded unverified" in lines[at:]
+    explain = subprocess.run(
+        [*cli, "explain", "--config", str(path), "--spiffe-id", WEB_ID, "--path", "/public/1"],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert explain.returncode == 0, explain.stdout + explain.stderr
+    assert "then:     Authorization: Bearer forwarded unverified" in explain.stdout
