@@ -2,7 +2,11 @@
 
 Per connection (:class:`PeerGate`): re-verify the client's SVID against its own trust domain
 (or find the same presented chain already verified in this generation), compute its identity
-once, and close the connection at the certificate's notAfter.
+once, and close the connection at the certificate's notAfter. A reload that changes trust
+(bundles, trust domains) re-checks every open connection's stored chain: a background sweep
+closes idle ones that no longer verify, a request on one not yet swept is checked first, and a
+refused connection answers 403 ``trust_revoked`` and closes (in-flight requests get up to
+``drain_timeout`` to finish).
 Per request (:meth:`GatewayApp.handle`): method → Host / target form → canonical path →
 policy (:meth:`Policy.authorize`: default deny, every decision audited) → JWT (when the route
 requires it) → header hygiene → forward. Every :class:`GatewayError` becomes a response through
@@ -37,7 +41,7 @@ from svidgate.gateway.errors import (
     TokenRejected,
     response_spec,
 )
-from svidgate.gateway.headers import identity_header_names, upstream_request_headers
+from svidgate.gateway.headers import identity_header_names, strip_bearer, upstream_request_headers
 from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
 from svidgate.gateway.policy import Decision, PolicyDenial
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
@@ -54,6 +58,7 @@ audit_log = logging.getLogger("svidgate.audit")
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *$")
 _NEVER_PROXIED = frozenset({"CONNECT", "TRACE"})
+_SWEEP_BATCH = 64  # connections re-checked between two yields to the event loop
 SERVER_HEADER = "svidgate"  # the gateway's own responses name no software version
 
 
@@ -152,7 +157,9 @@ class PeerGate(asyncio.Protocol):
             return
         lifetime = max((identity.not_after - now).total_seconds(), 0.0)
         expiry = asyncio.get_running_loop().call_later(lifetime, transport.close)
-        self._app.peers[transport] = identity
+        # A resumed session has no presented chain: its leaf alone is what was verified.
+        chain = tuple(ders) if ders else (identity.leaf_der,)
+        self._app.peers[transport] = Peer(identity, chain, state.generation)
         self._app.expiries[transport] = expiry
         # Verified: from here on the transport talks to aiohttp's protocol directly. Its
         # connection_lost reaches GatewayApp.connection_lost through GatewayWebServer.
@@ -168,6 +175,21 @@ class PeerGate(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         return None
+
+
+class Peer:
+    """One verified client connection: its identity, the chain it presented (kept for the
+    re-check after a trust change), the state generation it was last verified against, how
+    many of its requests are in the pipeline, and whether a re-check refused it."""
+
+    __slots__ = ("busy", "chain", "checked", "identity", "revoked")
+
+    def __init__(self, identity: PeerIdentity, chain: tuple[bytes, ...], checked: int) -> None:
+        self.identity = identity
+        self.chain = chain
+        self.checked = checked
+        self.busy = 0
+        self.revoked = False
 
 
 class GatewayWebServer(web.Server):
@@ -208,9 +230,13 @@ class GatewayApp:
         self.holder = holder
         self.metrics = metrics
         self.signer = signer
-        self.peers: dict[asyncio.BaseTransport, PeerIdentity] = {}
+        self.peers: dict[asyncio.BaseTransport, Peer] = {}
         self.expiries: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
         self.chains = VerifiedChainCache()
+        # Generation of the last state that changed trust: a connection verified before it is
+        # re-checked (by the sweep, or first thing on its next request).
+        self.trust_generation = holder.current.generation
+        self.trust_sweep: asyncio.Task[None] | None = None  # the re-check of the last change
         self.upstreams: dict[str, Upstream] = {}
         self.draining = False
         self._retired: set[asyncio.Task[None]] = set()
@@ -230,6 +256,8 @@ class GatewayApp:
         self.upstreams = {}
         for task in list(self._retired):
             task.cancel()
+        if self.trust_sweep is not None:
+            self.trust_sweep.cancel()
         if self.signer is not None:
             await self.signer.close()
 
@@ -246,6 +274,11 @@ class GatewayApp:
         previous = self.upstreams
         self.chains.clear()  # bundles may have changed: every chain is verified again
         self._install(new)
+        if new.trust != old.trust:
+            self.trust_generation = new.generation
+            if self.trust_sweep is not None:
+                self.trust_sweep.cancel()
+            self.trust_sweep = asyncio.get_running_loop().create_task(self._trust_sweep())
         if new.config.signer != old.config.signer:
             log.warning("signer settings changed: they take effect after a restart")
         grace = max((u.cfg.timeouts.read.total_seconds() for u in previous.values()), default=0.0)
@@ -293,21 +326,21 @@ class GatewayApp:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = _Exchange()
         state = self.holder.current
-        identity = self.peers.get(request.transport) if request.transport else None
+        transport = request.transport
+        peer = self.peers.get(transport) if transport is not None else None
         try:
-            if identity is None:  # cannot happen: PeerGate refuses such connections
-                raise Forbidden("no_identity")
-            outcome = await self._pipeline(request, state, identity, exchange)
+            outcome = await self._checked_pipeline(request, state, peer, exchange)
             response = outcome.response
             exchange.outcome = outcome
             exchange.error = outcome.error
         except GatewayError as err:
             response = self._error_response(err, exchange.route)
             exchange.error = err.reason
+            if peer is None or peer.revoked:
+                response.force_close()  # answer, then close: this connection is done
         except asyncio.CancelledError:
             raise
         except ConnectionError as exc:
-            transport = request.transport
             if transport is not None and not transport.is_closing():
                 raise  # not the client going away: let aiohttp handle it as before
             # The client went away mid-request (often "Cannot write to closing transport"):
@@ -327,8 +360,97 @@ class GatewayApp:
             response = self._error_response(GatewayError("internal"), exchange.route)
             exchange.error = "internal"
         status = exchange.outcome.status if exchange.outcome is not None else response.status
+        identity = peer.identity if peer is not None else None
         self._record(request, exchange, status, identity, state.config.access_log)
         return response
+
+    async def _checked_pipeline(
+        self,
+        request: web.BaseRequest,
+        state: GatewayState,
+        peer: Peer | None,
+        exchange: _Exchange,
+    ) -> ForwardOutcome:
+        """The pipeline for a connection whose chain verifies under the current trust: one
+        verified before the last trust change is re-checked here first (fail closed)."""
+        if peer is None:  # cannot happen: PeerGate refuses such connections
+            raise Forbidden("no_identity")
+        if peer.checked < self.trust_generation and not peer.revoked:
+            transport = request.transport
+            assert transport is not None  # a peer is only ever found by its transport
+            self._recheck(transport, peer, state, datetime.now(UTC), close_now=False)
+        if peer.revoked:
+            raise Forbidden("trust_revoked", "the certificate no longer verifies after a reload")
+        peer.busy += 1
+        try:
+            return await self._pipeline(request, state, peer.identity, exchange)
+        finally:
+            peer.busy -= 1
+
+    # -- trust changes reach open connections -----------------------------------------------
+
+    def _recheck(
+        self,
+        transport: asyncio.BaseTransport,
+        peer: Peer,
+        state: GatewayState,
+        now: datetime,
+        *,
+        close_now: bool,
+    ) -> None:
+        """Verify the connection's stored chain against ``state``'s bundles at ``now``; on
+        failure mark it revoked (and, from the sweep, close it: at once when idle, after its
+        in-flight request, or ``drain_timeout``, when busy)."""
+        try:
+            peer.identity = self.chains.identify(
+                peer.chain,
+                generation=state.generation,
+                bundles=state.bundles,
+                gateway_id=state.gateway_id,
+                now=now,
+            )
+        except PkiError as exc:
+            peer.revoked = True
+            self.metrics.connections_rejected.inc()
+            emit(
+                audit_log,
+                durable=True,
+                event="connection",
+                decision="deny",
+                reason=f"trust re-check after reload: {exc}",
+                peer=transport.get_extra_info("peername"),
+                spiffe_id=peer.identity.id_text,
+            )
+            if close_now:
+                grace = state.config.drain_timeout.total_seconds()
+                _close_connection(transport, busy=peer.busy > 0, grace=grace)
+            return
+        peer.checked = state.generation
+
+    async def _trust_sweep(self) -> None:
+        """Re-check every open connection verified before the last trust change; off the hot
+        path: in batches, yielding to the event loop between them. O(open connections), and
+        identical chains are verified once (the chain cache)."""
+        state = self.holder.current
+        closed = checked = 0
+        now = datetime.now(UTC)
+        for index, (transport, peer) in enumerate(list(self.peers.items())):
+            if index and index % _SWEEP_BATCH == 0:
+                await asyncio.sleep(0)
+                state, now = self.holder.current, datetime.now(UTC)
+            if peer.revoked or peer.checked >= self.trust_generation:
+                continue  # already refused, or checked by its own request meanwhile
+            if transport not in self.peers or transport.is_closing():
+                continue
+            checked += 1
+            self._recheck(transport, peer, state, now, close_now=True)
+            closed += peer.revoked
+        log.info(
+            "trust changed (generation %d): re-checked %d open connections, closed %d",
+            state.generation,
+            checked,
+            closed,
+        )
 
     def _record(
         self,
@@ -402,10 +524,15 @@ class GatewayApp:
             claim_headers=ih.claims,
             claims=claims,
         )
-        if route.jwt is not None and not route.jwt.forward:
-            # The bearer token was verified here; like Envoy's jwt_authn it is not passed on
-            # unless the route says so (`jwt.forward: true`).
-            headers.popall("Authorization", None)
+        if route.jwt is not None:
+            if not route.jwt.forward:
+                # The bearer token was verified here; like Envoy's jwt_authn it is not passed
+                # on unless the route says so (`jwt.forward: true`).
+                headers.popall("Authorization", None)
+        elif not route.forward_authorization:
+            # No JWT route: a bearer token was not verified here (it may be bound to another
+            # client's certificate), so it is not passed on; other schemes (Basic, …) are.
+            strip_bearer(headers)
         return await self.upstreams[route.upstream].forward(request, target.forward(), headers)
 
     def _authorize(
@@ -458,7 +585,7 @@ class GatewayApp:
                 mode=jwt.verify,
                 expected_subject=identity.id_text if jwt.bind == "subject" else None,
                 # Always given: a certificate-bound token (cnf.x5t#S256) must match this
-                # connection on every route; only `bind: certificate` refuses unbound tokens.
+                # connection on every JWT route; only `bind: certificate` refuses unbound ones.
                 certificate_thumbprint=identity.x5t_s256,
                 require_binding=jwt.bind == "certificate",
             )
@@ -503,6 +630,20 @@ class GatewayApp:
             resp.headers[name] = value
         resp.headers["Server"] = SERVER_HEADER  # not aiohttp's "Python/x.y aiohttp/x.y.z"
         return resp
+
+
+def _close_connection(transport: asyncio.BaseTransport, *, busy: bool, grace: float) -> None:
+    """Close a refused connection: an idle one at once; a busy one once its in-flight request
+    has finished (aiohttp reads no further request and closes after the response), or after
+    ``grace`` seconds (``drain_timeout``) if it has not."""
+    protocol = transport.get_protocol()
+    if not isinstance(protocol, RequestHandler):
+        transport.close()
+    elif busy:
+        protocol.close()
+        asyncio.get_running_loop().call_later(grace, protocol.force_close)  # no-op once closed
+    else:
+        protocol.force_close()
 
 
 def _origin_form(raw: str, host: str) -> str:

@@ -93,10 +93,11 @@ def _print_routes(cfg: GatewayConfig) -> None:
     for route in cfg.routes:
         methods = ",".join(route.match.methods) if route.match.methods else "*"
         upstream = cfg.upstreams[route.upstream]
-        print(
-            f"  {route.name}: {methods} {route.match.path_prefix} -> {route.upstream} "
-            f"({upstream.url})"
-        )
+        ci = route.match.case_insensitive_prefix
+        if ci is None:
+            ci = cfg.routing.case_insensitive_prefix
+        prefix = route.match.path_prefix + (" (any case)" if ci else "")
+        print(f"  {route.name}: {methods} {prefix} -> {route.upstream} ({upstream.url})")
         if route.allow:
             for pattern in route.allow:
                 print(f"      allow {pattern}")
@@ -107,6 +108,8 @@ def _print_routes(cfg: GatewayConfig) -> None:
                 f"      jwt audience={route.jwt.audience} bind={route.jwt.bind} "
                 f"verify={route.jwt.verify}"
             )
+        elif route.forward_authorization:
+            print("      authorization: Bearer tokens forwarded unverified")
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -136,8 +139,9 @@ def _explain(args: argparse.Namespace) -> int:
         return EXIT_DENIED
     rc = cfg.routes[route.index]
     methods = ",".join(rc.match.methods) if rc.match.methods else "*"
+    case = " in any case" if route.case_insensitive else ""
     print(
-        f"route:    {route.name} (path_prefix {route.prefix}, methods {methods}, "
+        f"route:    {route.name} (path_prefix {route.prefix}{case}, methods {methods}, "
         f"upstream {route.upstream})"
     )
     if decision.allowed:
@@ -147,6 +151,8 @@ def _explain(args: argparse.Namespace) -> int:
                 f"then:     JWT required (audience {route.jwt.audience}, bind "
                 f"{route.jwt.bind}, verify {route.jwt.verify})"
             )
+        elif route.forward_authorization:
+            print("then:     Authorization: Bearer forwarded unverified (forward_authorization)")
         return 0
     if decision.reason == "method_not_allowed":
         print(f"decision: DENY (403 method_not_allowed: {method} is not in {methods})")

@@ -130,6 +130,8 @@ class UpstreamConfig(ConfigModel):
 class RouteMatch(ConfigModel):
     path_prefix: str
     methods: ListOf[str] | None = None
+    # ASCII case-insensitive prefix match; None: ``routing.case_insensitive_prefix`` decides
+    case_insensitive_prefix: bool | None = None
 
     @field_validator("path_prefix")
     @classmethod
@@ -172,6 +174,13 @@ class RouteConfig(ConfigModel):
     upstream: str
     allow: ListOf[SpiffePatternField] = ()
     jwt: JwtConfig | None = None
+    # routes without jwt.required: pass the client's `Authorization: Bearer` upstream unverified
+    # (default: strip it; other schemes always pass)
+    forward_authorization: bool = False
+
+    @property
+    def requires_jwt(self) -> bool:
+        return self.jwt is not None and self.jwt.required
 
 
 class IdentityHeaders(ConfigModel):
@@ -186,6 +195,12 @@ class IdentityHeaders(ConfigModel):
             if not _HEADER_NAME.fullmatch(header):
                 raise ValueError(f"claim {claim!r}: not a valid header name: {header!r}")
         return value
+
+
+class RoutingConfig(ConfigModel):
+    """Defaults for how every route matches; a route's own ``match`` keys override them."""
+
+    case_insensitive_prefix: bool = False
 
 
 class AuditConfig(ConfigModel):
@@ -205,6 +220,7 @@ class GatewayConfig(ConfigModel):
     signer: SignerClientConfig | None = None
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     routes: ListOf[RouteConfig] = ()
+    routing: RoutingConfig = RoutingConfig()
     identity_headers: IdentityHeaders = IdentityHeaders()
     # Additions beyond the documented keys (all optional):
     drain_timeout: Duration = timedelta(seconds=10)
@@ -214,7 +230,7 @@ class GatewayConfig(ConfigModel):
 
     @property
     def needs_signer(self) -> bool:
-        return any(r.jwt is not None and r.jwt.required for r in self.routes)
+        return any(r.requires_jwt for r in self.routes)
 
 
 def _cross_check(cfg: GatewayConfig) -> list[Problem]:
@@ -227,8 +243,15 @@ def _cross_check(cfg: GatewayConfig) -> list[Problem]:
         seen.add(route.name)
         if route.upstream not in cfg.upstreams:
             problems.append((f"routes.{i}.upstream", f"unknown upstream {route.upstream!r}"))
-        if route.jwt is not None and route.jwt.required and cfg.signer is None:
+        if route.requires_jwt and cfg.signer is None:
             problems.append((f"routes.{i}.jwt", "the route requires a JWT but 'signer' is not set"))
+        if route.requires_jwt and route.forward_authorization:
+            problems.append(
+                (
+                    f"routes.{i}.forward_authorization",
+                    "only for routes without a JWT; a JWT route passes its token with jwt.forward",
+                )
+            )
     if cfg.signer is not None and not cfg.signer.is_unix and cfg.signer.tls is None:
         problems.append(("signer.tls", "a TCP signer address needs tls (cert, key, bundle)"))
     return problems

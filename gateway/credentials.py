@@ -3,11 +3,13 @@
 :func:`build_state` reads every file and checks that the pieces fit; it raises on any problem
 and has no side effects, so :class:`StateHolder` can keep the old state when a reload fails.
 New TLS connections pick up the current server context through the SNI callback (it fires
-also when the client sends no SNI); open connections keep theirs.
+also when the client sends no SNI); open connections keep theirs. :func:`trust_digest` tells
+a reload that changed what is trusted (the gateway then re-checks its open connections).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from svidgate.gateway.config import GatewayConfig, load_config
 from svidgate.gateway.errors import CredentialsError, GatewayError
 from svidgate.gateway.policy import Policy
@@ -44,6 +47,21 @@ class GatewayState:
     policy: Policy
     upstream_contexts: dict[str, ssl.SSLContext | None]
     watched: dict[Path, tuple[int, int, int]] = field(default_factory=dict)  # stamps at build
+    trust: bytes = b""  # trust_digest(bundles): equal digests, equal trust
+
+
+def trust_digest(bundles: BundleSet) -> bytes:
+    """SHA-256 over every trust domain and its X.509 authorities (DER, sorted): two states with
+    the same digest accept exactly the same client chains."""
+    h = hashlib.sha256()
+    for bundle in sorted(bundles, key=lambda b: str(b.trust_domain)):
+        name = str(bundle.trust_domain).encode()
+        h.update(len(name).to_bytes(4, "big") + name)
+        ders = sorted(c.public_bytes(Encoding.DER) for c in bundle.x509_authorities)
+        h.update(len(ders).to_bytes(4, "big"))
+        for der in ders:
+            h.update(len(der).to_bytes(4, "big") + der)
+    return h.digest()
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int]:
@@ -140,6 +158,7 @@ def build_state(
         policy=policy,
         upstream_contexts=upstreams,
         watched=watched,
+        trust=trust_digest(bundles),
     )
 
 

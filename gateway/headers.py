@@ -2,6 +2,8 @@
 
 Towards the upstream: hop-by-hop headers (and every header named in ``Connection``) go first,
 then every client-supplied identity header in any spelling, then the gateway sets its own.
+A bearer token the gateway did not verify is removed by :func:`strip_bearer` (the pipeline
+decides when: routes without a JWT, unless ``forward_authorization``).
 From the upstream: hop-by-hop headers go, and a header with CR, LF or NUL is refused (502).
 """
 
@@ -85,6 +87,26 @@ def upstream_request_headers(
             if claim in claims:
                 out[header] = claim_value(claims[claim])
     return out
+
+
+def is_bearer(value: str) -> bool:
+    """True for an ``Authorization`` value that an upstream could read as a Bearer credential:
+    it starts with ``bearer`` in any case, whatever follows (``Bearer x``, ``bearer``,
+    ``Bearer,x``). Fail closed: a made-up scheme that merely starts so is removed too."""
+    return value.lstrip(" \t").lower().startswith("bearer")
+
+
+def strip_bearer(headers: CIMultiDict[str]) -> int:
+    """Remove every ``Authorization: Bearer …`` value, keep other schemes (Basic, …) in order;
+    returns how many were removed."""
+    values = headers.getall("Authorization", [])
+    kept = [v for v in values if not is_bearer(v)]
+    if len(kept) == len(values):
+        return 0
+    headers.popall("Authorization")
+    for value in kept:
+        headers.add("Authorization", value)
+    return len(values) - len(kept)
 
 
 def claim_value(value: Any) -> str:

@@ -5,6 +5,8 @@ of the others, removes dot segments and collapses empty segments (``//``). Targe
 mean different things to the gateway and to an upstream are refused (400): ``;``, ``\\``, NUL
 (raw or encoded), encoded ``/``, fragments, raw non-ASCII or control bytes, bad escapes, and
 escapes that do not decode to valid UTF-8. What was authorized is what gets forwarded.
+A route with ``case_insensitive_prefix`` matches its prefix in any ASCII letter case (for
+upstreams that read paths that way); every other comparison is byte for byte.
 """
 
 from __future__ import annotations
@@ -91,6 +93,15 @@ def parse_target(raw_target: str) -> Target:
     return Target(canonical_path(path), query if sep else None)
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_fold(text: str) -> str:
+    """ASCII case folding (``A``-``Z`` only): canonical paths and prefixes are ASCII, and no
+    Unicode rule may make two different byte strings match."""
+    return text.translate(_ASCII_LOWER)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """One configured route, ready for matching."""
@@ -101,19 +112,26 @@ class Route:
     methods: frozenset[str] | None
     upstream: str
     jwt: JwtConfig | None
+    case_insensitive: bool = False  # the prefix matches in any ASCII letter case
+    forward_authorization: bool = False  # no JWT: pass a client's Bearer token unverified
 
     def allows_method(self, method: str) -> bool:
         return self.methods is None or method in self.methods
 
     @classmethod
-    def from_config(cls, index: int, cfg: RouteConfig) -> Route:
+    def from_config(
+        cls, index: int, cfg: RouteConfig, *, case_insensitive_default: bool = False
+    ) -> Route:
+        ci = cfg.match.case_insensitive_prefix
         return cls(
             index=index,
             name=cfg.name,
             prefix=cfg.match.path_prefix,
             methods=frozenset(cfg.match.methods) if cfg.match.methods is not None else None,
             upstream=cfg.upstream,
-            jwt=cfg.jwt if cfg.jwt is not None and cfg.jwt.required else None,
+            jwt=cfg.jwt if cfg.requires_jwt else None,
+            case_insensitive=case_insensitive_default if ci is None else ci,
+            forward_authorization=cfg.forward_authorization,
         )
 
 
@@ -124,27 +142,52 @@ class RouteMatch:
 
 
 class RouteTable:
-    """Routes grouped by prefix; the longest matching prefix wins, then config order."""
+    """Routes grouped by prefix; the longest matching prefix wins, then config order.
 
-    __slots__ = ("_by_prefix", "routes")
+    Case-sensitive routes are looked up by their prefix as written, case-insensitive ones by
+    its ASCII-folded form; at each prefix length both groups count, in config order."""
+
+    __slots__ = ("_by_folded", "_by_prefix", "routes")
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.routes = routes
         by_prefix: dict[str, list[Route]] = {}
+        by_folded: dict[str, list[Route]] = {}
         for route in routes:
-            by_prefix.setdefault(route.prefix, []).append(route)
+            if route.case_insensitive:
+                by_folded.setdefault(ascii_fold(route.prefix), []).append(route)
+            else:
+                by_prefix.setdefault(route.prefix, []).append(route)
         self._by_prefix = {p: tuple(rs) for p, rs in by_prefix.items()}
+        self._by_folded = {p: tuple(rs) for p, rs in by_folded.items()}
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig) -> RouteTable:
-        return cls(tuple(Route.from_config(i, r) for i, r in enumerate(cfg.routes)))
+        default = cfg.routing.case_insensitive_prefix
+        return cls(
+            tuple(
+                Route.from_config(i, r, case_insensitive_default=default)
+                for i, r in enumerate(cfg.routes)
+            )
+        )
+
+    def _group(self, prefix: str) -> tuple[Route, ...] | None:
+        """The routes whose prefix is ``prefix``: as written, or ASCII-folded for the
+        case-insensitive ones; merged in config order when both exist."""
+        exact = self._by_prefix.get(prefix)
+        if not self._by_folded:
+            return exact
+        folded = self._by_folded.get(ascii_fold(prefix))
+        if folded is None or exact is None:
+            return exact if folded is None else folded
+        return tuple(sorted((*exact, *folded), key=lambda r: r.index))
 
     def match(self, path: str, method: str) -> RouteMatch | None:
         """The route for a canonical path: among the routes with the longest matching prefix,
         the first (in config order) that lists the method; else the first of them, flagged."""
         candidate = path
         while True:
-            group = self._by_prefix.get(candidate or "/")
+            group = self._group(candidate or "/")
             if group is not None:
                 for route in group:
                     if route.allows_method(method):
