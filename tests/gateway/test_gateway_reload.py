@@ -76,7 +76,7 @@ async def test_reload_with_broken_certificate_keeps_old(gw: Harness, echo: Echo)
 
 
 async def test_reload_with_mismatched_key_keeps_old(gw: Harness, echo: Echo) -> None:
-    other = gw.pki.ca_a.issue(GATEWAY_ID)
+    other = gw.pki.ca.issue(GATEWAY_ID)
     (gw.pki.dir / "gateway.key").write_bytes(other.key_pem())  # key of another cert
     assert not gw.server.reload()
     resp = await gw.request("GET", "/orders/1")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from gateway_harness import (
+    BUNDLE_A,
     GATEWAY_ID,
     WEB_ID,
     Echo,
@@ -251,7 +252,7 @@ async def test_upstream_read_timeout_504(
                 "tls": {
                     "cert": "gateway.crt",
                     "key": "gateway.key",
-                    "bundle": "bundle-a.pem",
+                    "bundle": BUNDLE_A,
                     "spiffe_id": "spiffe://example.org/slow",
                 },
                 "timeouts": {"connect": "1s", "read": "300ms"},
@@ -280,7 +281,7 @@ async def test_upstream_wrong_spiffe_id_502_never_reached(
                 "tls": {
                     "cert": "gateway.crt",
                     "key": "gateway.key",
-                    "bundle": "bundle-a.pem",
+                    "bundle": BUNDLE_A,
                     "spiffe_id": "spiffe://example.org/orders",
                 },
             },

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from gateway_harness import WEB_ID, WRITER_ID, Echo, Harness, LabPki, gateway_config
+from gateway_harness import (
+    BUNDLE_A,
+    WEB_ID,
+    WRITER_ID,
+    A,
+    Echo,
+    Harness,
+    LabPki,
+    gateway_config,
+)
 from multidict import CIMultiDict
 from svidgate.gateway.upstream_client import (
     ConnectFailed,
@@ -590,7 +599,7 @@ async def test_pinned_id_checked_before_any_request_byte(
     cert, key = test_pki.issue("spiffe://example.org/impostor", "impostor", ips=["127.0.0.1"])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert), str(key))
-    ctx.load_verify_locations(cafile=str(test_pki.dir / "bundle-a.pem"))
+    ctx.load_verify_locations(cafile=str(test_pki.bundle(A)))
     ctx.verify_mode = ssl.CERT_REQUIRED
     received: list[bytes] = []
     handshakes = 0
@@ -614,7 +623,7 @@ async def test_pinned_id_checked_before_any_request_byte(
             "tls": {
                 "cert": "gateway.crt",
                 "key": "gateway.key",
-                "bundle": "bundle-a.pem",
+                "bundle": BUNDLE_A,
                 "spiffe_id": "spiffe://example.org/orders",
             },
             "retries": 0,
