@@ -36,11 +36,12 @@ LabPki = Pki  # the gateway tests' name for the shared test PKI
 @dataclass
 class Echo:
     """A recording upstream: every request's method, raw target, raw headers, body and the
-    caller's SPIFFE ID (from its client certificate)."""
+    caller's SPIFFE ID (from its client certificate). With ``hold`` set to an Event, each
+    request is recorded and then answered only once the test sets that Event."""
 
     port: int
     seen: list[dict[str, Any]] = field(default_factory=list)
-    delay: float = 0.0
+    hold: asyncio.Event | None = None
 
     @property
     def targets(self) -> list[str]:
@@ -71,8 +72,8 @@ async def start_echo(pki: LabPki, *, server_id: str = UPSTREAM_ID) -> tuple[Echo
             "peer": peer,
         }
         echo.seen.append(record)
-        if echo.delay:
-            await asyncio.sleep(echo.delay)
+        if echo.hold is not None:
+            await echo.hold.wait()
         return web.json_response(record, headers={"X-Upstream": "echo"})
 
     runner = web.ServerRunner(web.Server(handler, access_log=None))

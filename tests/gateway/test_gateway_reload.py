@@ -20,6 +20,7 @@ from gateway_harness import (
     parse_response,
     raw_exchange,
 )
+from support.waiting import wait_for
 
 
 async def _served_serial(gw: Harness) -> int:
@@ -45,11 +46,7 @@ async def test_rotation_while_serving_zero_failures(gw: Harness, echo: Echo) -> 
         # Paced by completed requests, not wall-clock time, so a loaded machine cannot make the
         # rotations outrun the traffic; bounded so a stuck gateway fails instead of hanging.
         target = len(results) + count
-        for _ in range(400):
-            if len(results) >= target:
-                return
-            await asyncio.sleep(0.025)
-        raise AssertionError(f"only {len(results)} requests completed, expected {target}")
+        await wait_for(lambda: len(results) >= target, 10, f"{target} completed requests")
 
     tasks = [asyncio.create_task(client()) for _ in range(4)]
     for _ in range(5):
@@ -97,10 +94,7 @@ async def test_file_change_triggers_reload(
     gw: Harness = await start_gateway(gateway_config(test_pki, echo.port, reload_interval="100ms"))
     before = await _served_serial(gw)
     test_pki.issue(GATEWAY_ID, "gateway", dns=["localhost"], ips=["127.0.0.1"])
-    for _ in range(50):
-        await asyncio.sleep(0.1)
-        if gw.server.holder.current.generation > 1:
-            break
+    await wait_for(lambda: gw.server.holder.current.generation > 1, 5, "the watcher's reload")
     assert gw.server.holder.current.generation > 1
     assert await _served_serial(gw) != before
 
