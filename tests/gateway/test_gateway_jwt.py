@@ -1,5 +1,5 @@
 """Step 5 end to end: the gateway verifies JWTs through a REAL signer process
-(`svidgate signer serve`, file key source, Unix socket) started by a fixture."""
+(`svidgate signer serve`, file key source, Unix socket), one per module."""
 
 from __future__ import annotations
 
