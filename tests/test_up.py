@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from support.ports import accepts_connections as port_open
+from support.waiting import wait_until
 
 from svidgate.devstack import (
     IDENTITIES,
@@ -177,14 +178,6 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (children, grandchildren, …)."""
     parents: dict[int, int] = {}
@@ -256,9 +249,8 @@ def check_stack(
     finally:
         up.kill()
     # every child is gone: nothing mentions the state dir, no printed port still listens
-    deadline = time.monotonic() + 10
-    while processes_mentioning(str(state)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not processes_mentioning(str(state)), 10, "the children to exit", 0.1)
     assert processes_mentioning(str(state)) == []
     assert [p for p in ports if port_open(p)] == []
     return output

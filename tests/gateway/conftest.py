@@ -1,4 +1,5 @@
-"""Fixtures for gateway integration tests (helpers live in gateway_harness.py)."""
+"""Fixtures for gateway integration tests (helpers live in gateway_harness.py; the PKI is the
+session's ``pki`` from tests/conftest.py, copied per test because tests change its files)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from gateway_harness import (
     Harness,
     LabPki,
     gateway_config,
-    make_pki,
     start_echo,
     write_config,
 )
@@ -20,8 +20,8 @@ from svidgate.gateway.server import GatewayServer
 
 
 @pytest.fixture
-def test_pki(tmp_path: Path) -> LabPki:
-    return make_pki(tmp_path)
+def test_pki(pki: LabPki, tmp_path: Path) -> LabPki:
+    return pki.copy(tmp_path)
 
 
 @pytest.fixture

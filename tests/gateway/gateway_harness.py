@@ -1,6 +1,6 @@
-"""Helpers for gateway integration tests: a test PKI made with pki.ca, a recording echo upstream
-over real mTLS, the gateway in-process on 127.0.0.1, and a raw HTTP/1.1 client that sends
-exactly the bytes a test writes (no URL normalization on the client side)."""
+"""Helpers for gateway integration tests: a recording echo upstream over real mTLS, the gateway
+in-process on 127.0.0.1, and a raw HTTP/1.1 client that sends exactly the bytes a test writes
+(no URL normalization on the client side). The PKI and identities are tests/support/pki.py's."""
 
 from __future__ import annotations
 
@@ -14,51 +14,34 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from support.pki import (
+    B_ID,
+    BUNDLES,
+    GATEWAY_ID,
+    OPS_ID,
+    UPSTREAM_ID,
+    WEB_ID,
+    WRITER_ID,
+    A,
+    B,
+    Pki,
+)
 from svidgate.gateway.server import GatewayServer
-from svidgate.pki.bundle import marshal_pem
-from svidgate.pki.ca import CertificateAuthority
 
-A = "example.org"
-B = "other.org"
-GATEWAY_ID = f"spiffe://{A}/gateway"
-UPSTREAM_ID = f"spiffe://{A}/orders"
-WEB_ID = f"spiffe://{A}/ns/shop/sa/web"
-WRITER_ID = f"spiffe://{A}/ns/shop/sa/writer"
-OPS_ID = f"spiffe://{A}/ops/alice"
-B_ID = f"spiffe://{B}/ns/shop/sa/web"
-
-
-@dataclass
-class LabPki:
-    dir: Path
-    ca_a: CertificateAuthority
-    ca_b: CertificateAuthority
-
-    def issue(self, spiffe_id: str, name: str, **kwargs: Any) -> tuple[Path, Path]:
-        ca = self.ca_b if spiffe_id.startswith(f"spiffe://{B}/") else self.ca_a
-        return ca.issue(spiffe_id, **kwargs).write(self.dir / name)
-
-    def client_context(
-        self, cert: Path | None, key: Path | None, *, tls13: bool = True
-    ) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(cafile=str(self.dir / "bundle-a.pem"))
-        ctx.check_hostname = False
-        if not tls13:
-            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        if cert is not None and key is not None:
-            ctx.load_cert_chain(str(cert), str(key))
-        return ctx
+BUNDLE_A = BUNDLES[A]
+BUNDLE_B = BUNDLES[B]
+LabPki = Pki  # the gateway tests' name for the shared test PKI
 
 
 @dataclass
 class Echo:
     """A recording upstream: every request's method, raw target, raw headers, body and the
-    caller's SPIFFE ID (from its client certificate)."""
+    caller's SPIFFE ID (from its client certificate). With ``hold`` set to an Event, each
+    request is recorded and then answered only once the test sets that Event."""
 
     port: int
     seen: list[dict[str, Any]] = field(default_factory=list)
-    delay: float = 0.0
+    hold: asyncio.Event | None = None
 
     @property
     def targets(self) -> list[str]:
@@ -70,7 +53,7 @@ async def start_echo(pki: LabPki, *, server_id: str = UPSTREAM_ID) -> tuple[Echo
     cert, key = pki.issue(server_id, name, dns=["localhost"], ips=["127.0.0.1"])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert), str(key))
-    ctx.load_verify_locations(cafile=str(pki.dir / "bundle-a.pem"))
+    ctx.load_verify_locations(cafile=str(pki.bundle(A)))
     ctx.verify_mode = ssl.CERT_REQUIRED
     echo = Echo(0)
 
@@ -89,8 +72,8 @@ async def start_echo(pki: LabPki, *, server_id: str = UPSTREAM_ID) -> tuple[Echo
             "peer": peer,
         }
         echo.seen.append(record)
-        if echo.delay:
-            await asyncio.sleep(echo.delay)
+        if echo.hold is not None:
+            await echo.hold.wait()
         return web.json_response(record, headers={"X-Upstream": "echo"})
 
     runner = web.ServerRunner(web.Server(handler, access_log=None))
@@ -105,14 +88,14 @@ def gateway_config(pki: LabPki, echo_port: int, **overrides: Any) -> dict[str, A
     upstream_tls = {
         "cert": "gateway.crt",
         "key": "gateway.key",
-        "bundle": "bundle-a.pem",
+        "bundle": BUNDLE_A,
         "spiffe_id": UPSTREAM_ID,
     }
     doc: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "admin_listen": "127.0.0.1:0",
         "tls": {"cert": "gateway.crt", "key": "gateway.key"},
-        "trust_domains": {A: {"bundle": "bundle-a.pem"}, B: {"bundle": "bundle-b.pem"}},
+        "trust_domains": {A: {"bundle": BUNDLE_A}, B: {"bundle": BUNDLE_B}},
         "upstreams": {
             "echo": {
                 "url": f"https://127.0.0.1:{echo_port}",
@@ -273,15 +256,25 @@ class Harness:
         return await raw_exchange(self.port, self.ctx(client), data)
 
 
-def make_pki(directory: Path) -> LabPki:
-    """Two trust domains, the gateway's and upstream's SVIDs, and four client SVIDs."""
-    ca_a = CertificateAuthority.create(A)
-    ca_b = CertificateAuthority.create(B)
-    (directory / "bundle-a.pem").write_bytes(marshal_pem(ca_a.bundle()))
-    (directory / "bundle-b.pem").write_bytes(marshal_pem(ca_b.bundle()))
-    pki = LabPki(directory, ca_a, ca_b)
-    pki.issue(GATEWAY_ID, "gateway", dns=["localhost"], ips=["127.0.0.1"])
-    pki.issue(UPSTREAM_ID, "upstream", dns=["localhost"], ips=["127.0.0.1"])
-    for sid, name in [(WEB_ID, "web"), (WRITER_ID, "writer"), (OPS_ID, "ops"), (B_ID, "b-web")]:
-        pki.issue(sid, name)
-    return pki
+__all__ = [
+    "BUNDLE_A",
+    "BUNDLE_B",
+    "B_ID",
+    "GATEWAY_ID",
+    "OPS_ID",
+    "UPSTREAM_ID",
+    "WEB_ID",
+    "WRITER_ID",
+    "A",
+    "B",
+    "Echo",
+    "Harness",
+    "LabPki",
+    "Response",
+    "build_request",
+    "gateway_config",
+    "parse_response",
+    "raw_exchange",
+    "start_echo",
+    "write_config",
+]

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from gateway_harness import WEB_ID, Echo, Harness
+from support.waiting import wait_for
 from svidgate.gateway.identity import VerifiedChainCache
 from svidgate.pki.bundle import BundleSet
 from svidgate.pki.ca import CertificateAuthority, IssuedSvid
@@ -123,8 +124,5 @@ async def test_closed_connections_leave_no_identity_or_timer_behind(
     assert head.startswith(b"HTTP/1.1 200")
     assert len(app.peers) == 1 and len(app.expiries) == 1  # the open keep-alive connection
     writer.close()
-    for _ in range(100):
-        if not app.peers and not app.expiries:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: not app.peers and not app.expiries, 2, "the connection's cleanup")
     assert app.peers == {} and app.expiries == {}

@@ -1,15 +1,14 @@
 """Step 5 end to end: the gateway verifies JWTs through a REAL signer process
-(`svidgate signer serve`, file key source, Unix socket) started by a fixture."""
+(`svidgate signer serve`, file key source, Unix socket), one per module."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ from gateway_harness import (
     LabPki,
     gateway_config,
 )
+from support.signer_process import SignerProcess
+from support.waiting import wait_for
 from svidgate.pki.svid import load_certificates, x5t_s256
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
@@ -31,15 +32,15 @@ AUDIENCE = "orders"
 
 
 class Signer:
-    """A real signer process and a gRPC client for minting tokens over its Unix socket."""
+    """A real signer process (tests/support's SignerProcess) and a gRPC client for minting
+    tokens over its Unix socket."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.socket = directory / "run" / "signer.sock"
-        self.config = directory / "signer.yaml"
-        self.proc: subprocess.Popen[bytes] | None = None
+        config = directory / "signer.yaml"
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(
+        config.write_text(
             yaml.safe_dump(
                 {
                     "trust_domain": "example.org",
@@ -52,35 +53,14 @@ class Signer:
                 }
             )
         )
+        self.process = SignerProcess(config, directory / "signer.log", socket=self.socket)
 
     async def start(self) -> None:
-        self.socket.unlink(missing_ok=True)
-        log = (self.dir / "signer.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "svidgate.cli", "signer", "serve", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        for _ in range(100):
-            if self.socket.exists():
-                try:
-                    await self.sign(WEB_ID)
-                    return
-                except grpc.RpcError:
-                    pass
-            assert self.proc.poll() is None, (self.dir / "signer.log").read_text()
-            await asyncio.sleep(0.1)
-        raise AssertionError("signer did not start: " + (self.dir / "signer.log").read_text())
+        await self.process.start()
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self.proc.wait, 10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
+        if self.process.running:
+            await asyncio.to_thread(self.process.stop, 10)
 
     def _call(self, method: str, request: Any) -> Any:
         with grpc.insecure_channel(f"unix:{self.socket}") as channel:
@@ -104,12 +84,23 @@ class Signer:
         return await asyncio.to_thread(self._call, "Rotate", signer_pb2.RotateRequest())
 
 
-@pytest.fixture
-async def signer(tmp_path: Path) -> AsyncIterator[Signer]:
-    s = Signer(tmp_path / "signer")
-    await s.start()
+@pytest.fixture(scope="module")
+def module_signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
+    """One signer process for the module: starting one costs about a second."""
+    s = Signer(tmp_path_factory.mktemp("signer"))
+    s.process.start_sync()
     yield s
-    await s.stop()
+    if s.process.running:
+        s.process.stop(10)
+
+
+@pytest.fixture
+def signer(module_signer: Signer) -> Signer:
+    """The module's signer, running (started again if a test stopped it and failed before it
+    could start it again)."""
+    if not module_signer.process.running:
+        module_signer.process.start_sync()
+    return module_signer
 
 
 def _jwt_config(pki: LabPki, echo: Echo, signer: Signer) -> dict[str, Any]:
@@ -144,10 +135,11 @@ async def jgw(
     gw: Harness = await start_gateway(_jwt_config(test_pki, echo, signer))
     signer_client = gw.server.app.signer
     assert signer_client is not None
-    for _ in range(100):  # local mode needs the first key set
-        if signer_client.ready(mode="local") and signer_client.ready(mode="remote"):
-            break
-        await asyncio.sleep(0.05)
+    await wait_for(  # local mode needs the first key set (pushed over WatchKeys)
+        lambda: signer_client.ready(mode="local") and signer_client.ready(mode="remote"),
+        10,
+        "the gateway's signer client to be ready in both modes",
+    )
     return gw
 
 
@@ -276,28 +268,30 @@ async def test_signer_stopped_503_then_recovers(jgw: Harness, echo: Echo, signer
     assert resp is not None and resp.status == 503
     assert resp.header("Retry-After") is not None
     assert echo.seen == []
-    for _ in range(40):  # readiness follows the signer
-        ready, reason = jgw.server.app.readiness()
-        if not ready:
-            break
-        await asyncio.sleep(0.05)
+    readiness = jgw.server.app.readiness
+    await wait_for(lambda: not readiness()[0], 2, "readiness to follow the signer")
+    ready, reason = readiness()
     assert not ready and reason.startswith("signer_not_ready")
     await signer.start()
     status = None
-    for _ in range(60):  # bounded: the client reconnects with a backoff of at most 2 s
+    deadline = time.monotonic() + 15  # bounded: the client reconnects with a backoff of <= 2 s
+    while time.monotonic() < deadline:
         resp = await jgw.request("GET", "/jwt/subject/1", _bearer(token))
         status = resp.status if resp else None
         if status == 200:
             break
         assert status == 503
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.1)
     assert status == 200
     assert echo.targets == ["/jwt/subject/1"]
-    for _ in range(60):  # the key subscription reconnects with a bounded backoff
-        if jgw.server.app.readiness() == (True, "ok"):
-            break
-        await asyncio.sleep(0.1)
+    # the key subscription reconnects with a bounded backoff
+    await wait_for(lambda: readiness() == (True, "ok"), 6, "readiness after the restart")
     assert jgw.server.app.readiness() == (True, "ok")
+
+
+def _kid(token: str) -> str:
+    header = token.partition(".")[0]
+    return str(json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))["kid"])
 
 
 async def test_key_rotation_while_serving_zero_failures(
@@ -305,12 +299,17 @@ async def test_key_rotation_while_serving_zero_failures(
 ) -> None:
     results: list[tuple[str, int | None]] = []
     tokens = [await signer.sign(WEB_ID)]
+    new_kid: list[str] = []  # the prepared key's kid, once Rotate has answered
+    with_new_key: dict[str, int] = {"/jwt/subject/1": 0, "/jwt/local/1": 0}
     stop = asyncio.Event()
 
     async def client(path: str) -> None:
         while not stop.is_set():
-            resp = await jgw.request("GET", path, _bearer(tokens[-1]))
+            token = tokens[-1]
+            resp = await jgw.request("GET", path, _bearer(token))
             results.append((path, resp.status if resp else None))
+            if new_kid and _kid(token) == new_kid[0]:
+                with_new_key[path] += 1
 
     async def minter() -> None:
         while not stop.is_set():
@@ -325,7 +324,12 @@ async def test_key_rotation_while_serving_zero_failures(
     first_kid = tokens[0].split(".")[0]
     rotated = await signer.rotate()
     assert rotated.prepared_kid
-    await asyncio.sleep(2.5)  # prepare_ahead is 1 s: the prepared key becomes active
+    new_kid.append(rotated.prepared_kid)
+    # prepare_ahead is 1 s: the prepared key becomes active, the minter's tokens carry it and
+    # both routes (remote and local verification) serve requests with them
+    await wait_for(
+        lambda: min(with_new_key.values()) >= 3, 15, "requests with tokens of the new key"
+    )
     stop.set()
     await asyncio.gather(*tasks)
     assert tokens[-1].split(".")[0] != first_kid, "tokens are now signed with the new key"

@@ -8,10 +8,10 @@ import io
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
+from support.waiting import wait_until
 from svidgate.gateway.logs import BackgroundStreamHandler
 
 
@@ -42,22 +42,13 @@ def logger() -> Iterator[tuple[logging.Logger, BackgroundStreamHandler, Recorder
     handler.close()
 
 
-def _wait_for(predicate: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError("condition not met in time")
-
-
 def test_lines_are_written_in_order_by_the_writer_thread(
     logger: tuple[logging.Logger, BackgroundStreamHandler, Recorder],
 ) -> None:
     log, _handler, stream = logger
     for i in range(200):
         log.info("line %d", i)
-    _wait_for(lambda: stream.getvalue().count("\n") == 200)
+    wait_until(lambda: stream.getvalue().count("\n") == 200, 5, "200 lines", interval=0.005)
     assert stream.getvalue().splitlines() == [f"line {i}" for i in range(200)]
     assert stream.threads == {"log-writer"}
     assert stream.writes < 200  # batched

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -26,12 +25,8 @@ from gateway_harness import (
     raw_exchange,
     write_config,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from support.ports import free_port
+from support.waiting import wait_for
 
 
 class Proc:
@@ -39,11 +34,12 @@ class Proc:
         self.proc, self.port, self.admin, self.log = proc, port, admin, log
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
+        """The JSON log lines written so far (a line still being written is left out)."""
+        complete = self.log.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+
+    def logged(self, event: str) -> bool:
+        return any(e.get("event") == event for e in self.events())
 
     async def readyz(self) -> int | None:
         try:
@@ -61,7 +57,7 @@ async def serve(test_pki: LabPki) -> AsyncIterator[Callable[..., Any]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     async def start(doc: dict[str, Any]) -> Proc:
-        port, admin = _free_port(), _free_port()
+        port, admin = free_port(), free_port()
         doc = {**doc, "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}"}
         path = write_config(test_pki, doc)
         log = test_pki.dir / f"gateway-{len(procs)}.log"
@@ -73,12 +69,13 @@ async def serve(test_pki: LabPki) -> AsyncIterator[Callable[..., Any]]:
             )
         procs.append(proc)
         p = Proc(proc, port, admin, log)
-        for _ in range(100):
-            if await p.readyz() == 200:
-                return p
+
+        async def ready() -> bool:
             assert proc.poll() is None, log.read_text()
-            await asyncio.sleep(0.1)
-        raise AssertionError("gateway did not become ready: " + log.read_text())
+            return await p.readyz() == 200
+
+        await wait_for(ready, 10, "the gateway's /readyz")
+        return p
 
     yield start
     for proc in procs:
@@ -91,19 +88,18 @@ async def test_sigterm_drains_in_flight_requests(
     test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
 ) -> None:
     gw: Proc = await serve(gateway_config(test_pki, echo.port))
-    echo.delay = 1.5
+    echo.hold = asyncio.Event()  # the upstream answers once the test has seen the drain
     ctx = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")
     in_flight = asyncio.create_task(raw_exchange(gw.port, ctx, build_request("GET", "/orders/1")))
-    for _ in range(50):
-        if echo.seen:
-            break
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: bool(echo.seen), 5, "the request to reach the upstream")
     assert echo.seen, "the request reached the upstream before SIGTERM"
     gw.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: gw.logged("draining"), 5, "the draining log line")
     assert await gw.readyz() in (503, None)  # not ready while draining
     late = await raw_exchange(gw.port, ctx, build_request("GET", "/orders/2"), timeout=3)
     assert late is None  # no longer accepting
+    assert not in_flight.done()
+    echo.hold.set()
     resp = await in_flight
     assert resp is not None and resp.status == 200
     assert await asyncio.to_thread(gw.proc.wait, 10) == 0
@@ -127,10 +123,11 @@ async def test_sighup_reloads_certificate(
     before = await serial()
     test_pki.issue(GATEWAY_ID, "gateway", dns=["localhost"], ips=["127.0.0.1"])
     gw.proc.send_signal(signal.SIGHUP)
-    for _ in range(50):
-        await asyncio.sleep(0.1)
-        if await serial() != before:
-            break
+
+    async def reloaded() -> bool:
+        return await serial() != before
+
+    await wait_for(reloaded, 5, "the new certificate", interval=0.05)
     assert await serial() != before
     resp = await raw_exchange(gw.port, ctx, build_request("GET", "/orders/1"))
     assert resp is not None and resp.status == 200
@@ -142,11 +139,12 @@ async def test_workers_share_the_port(
     test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
 ) -> None:
     gw: Proc = await serve(gateway_config(test_pki, echo.port, workers=2))
-    for _ in range(50):
-        pids = {e["pid"] for e in gw.events() if e.get("event") == "listening"}
-        if len(pids) == 2:
-            break
-        await asyncio.sleep(0.1)
+
+    def listening() -> set[int]:
+        return {e["pid"] for e in gw.events() if e.get("event") == "listening"}
+
+    await wait_for(lambda: len(listening()) == 2, 5, "two workers listening")
+    pids = listening()
     assert len(pids) == 2 and gw.proc.pid not in pids
     assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
     ctx = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")
@@ -175,16 +173,10 @@ async def test_crashed_worker_is_restarted(
     def worker_pids() -> list[int]:
         return [e["pid"] for e in gw.events() if e.get("event") == "listening"]
 
-    for _ in range(50):
-        if len(worker_pids()) == 2:
-            break
-        await asyncio.sleep(0.1)
+    await wait_for(lambda: len(worker_pids()) == 2, 5, "two workers listening")
     victim = worker_pids()[-1]
     os.kill(victim, signal.SIGKILL)
-    for _ in range(60):
-        if len(worker_pids()) == 3:
-            break
-        await asyncio.sleep(0.1)
+    await wait_for(lambda: len(worker_pids()) == 3, 6, "a replacement worker listening")
     pids = worker_pids()
     assert len(pids) == 3 and pids[2] not in pids[:2]
     ctx = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")

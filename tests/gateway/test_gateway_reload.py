@@ -22,6 +22,7 @@ from gateway_harness import (
     parse_response,
     raw_exchange,
 )
+from support.waiting import wait_for
 
 
 async def _served_serial(gw: Harness) -> int:
@@ -47,11 +48,7 @@ async def test_rotation_while_serving_zero_failures(gw: Harness, echo: Echo) -> 
         # Paced by completed requests, not wall-clock time, so a loaded machine cannot make the
         # rotations outrun the traffic; bounded so a stuck gateway fails instead of hanging.
         target = len(results) + count
-        for _ in range(400):
-            if len(results) >= target:
-                return
-            await asyncio.sleep(0.025)
-        raise AssertionError(f"only {len(results)} requests completed, expected {target}")
+        await wait_for(lambda: len(results) >= target, 10, f"{target} completed requests")
 
     tasks = [asyncio.create_task(client()) for _ in range(4)]
     for _ in range(5):
@@ -88,7 +85,7 @@ async def test_reload_with_broken_certificate_keeps_old(
 
 
 async def test_reload_with_mismatched_key_keeps_old(gw: Harness, echo: Echo) -> None:
-    other = gw.pki.ca_a.issue(GATEWAY_ID)
+    other = gw.pki.ca.issue(GATEWAY_ID)
     (gw.pki.dir / "gateway.key").write_bytes(other.key_pem())  # key of another cert
     assert not gw.server.reload()
     resp = await gw.request("GET", "/orders/1")
@@ -112,10 +109,7 @@ async def test_file_change_triggers_reload(
     gw: Harness = await start_gateway(gateway_config(test_pki, echo.port, reload_interval="100ms"))
     before = await _served_serial(gw)
     test_pki.issue(GATEWAY_ID, "gateway", dns=["localhost"], ips=["127.0.0.1"])
-    for _ in range(50):
-        await asyncio.sleep(0.1)
-        if gw.server.holder.current.generation > 1:
-            break
+    await wait_for(lambda: gw.server.holder.current.generation > 1, 5, "the watcher's reload")
     assert gw.server.holder.current.generation > 1
     assert await _served_serial(gw) != before
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from gateway_harness import (
+    BUNDLE_A,
     GATEWAY_ID,
     WEB_ID,
     Echo,
@@ -17,6 +18,7 @@ from gateway_harness import (
     gateway_config,
     start_echo,
 )
+from support.ports import free_port
 
 
 def _xfcc_values(record: dict[str, Any]) -> list[str]:
@@ -225,11 +227,7 @@ async def test_upstream_crlf_header_502(
 async def test_upstream_down_502(
     test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]
 ) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     doc = _with_upstream(test_pki, echo, "down", {"url": f"http://127.0.0.1:{port}"})
     gw: Harness = await start_gateway(doc)
     resp = await gw.request("GET", "/down/x")
@@ -240,7 +238,7 @@ async def test_upstream_read_timeout_504(
     test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]
 ) -> None:
     slow, runner = await start_echo(test_pki, server_id="spiffe://example.org/slow")
-    slow.delay = 1.0
+    slow.hold = asyncio.Event()  # the upstream never answers while the gateway waits
     try:
         doc = _with_upstream(
             test_pki,
@@ -251,7 +249,7 @@ async def test_upstream_read_timeout_504(
                 "tls": {
                     "cert": "gateway.crt",
                     "key": "gateway.key",
-                    "bundle": "bundle-a.pem",
+                    "bundle": BUNDLE_A,
                     "spiffe_id": "spiffe://example.org/slow",
                 },
                 "timeouts": {"connect": "1s", "read": "300ms"},
@@ -262,6 +260,7 @@ async def test_upstream_read_timeout_504(
         resp = await gw.request("GET", "/slow/x")
         assert resp is not None and resp.status == 504
     finally:
+        slow.hold.set()
         with contextlib.suppress(Exception):
             await runner.cleanup()
 
@@ -280,7 +279,7 @@ async def test_upstream_wrong_spiffe_id_502_never_reached(
                 "tls": {
                     "cert": "gateway.crt",
                     "key": "gateway.key",
-                    "bundle": "bundle-a.pem",
+                    "bundle": BUNDLE_A,
                     "spiffe_id": "spiffe://example.org/orders",
                 },
             },
@@ -296,11 +295,7 @@ async def test_upstream_wrong_spiffe_id_502_never_reached(
 async def test_circuit_breaker_opens(
     test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]
 ) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     doc = _with_upstream(
         test_pki,
         echo,

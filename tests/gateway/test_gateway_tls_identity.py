@@ -15,6 +15,7 @@ from gateway_harness import (
     GATEWAY_ID,
     WEB_ID,
     A,
+    B,
     Echo,
     Harness,
     LabPki,
@@ -53,7 +54,7 @@ async def test_unknown_ca_refused(gw: Harness, echo: Echo, tmp_path: Path) -> No
 
 
 async def test_ca_certificate_as_client_cert_refused(gw: Harness, echo: Echo) -> None:
-    ca = gw.pki.ca_a
+    ca = gw.pki.ca
     (gw.pki.dir / "ca-as-leaf.crt").write_bytes(
         ca.root_cert.public_bytes(serialization.Encoding.PEM)
     )
@@ -125,7 +126,7 @@ def _broken_leaf(ca: CertificateAuthority, out: Path, uris: list[str], *, expire
 
 async def test_two_uri_sans_refused(gw: Harness, echo: Echo) -> None:
     _broken_leaf(
-        gw.pki.ca_a,
+        gw.pki.ca,
         gw.pki.dir / "two-uris",
         [WEB_ID, "spiffe://example.org/ops/alice"],
         expired=False,
@@ -135,7 +136,7 @@ async def test_two_uri_sans_refused(gw: Harness, echo: Echo) -> None:
 
 
 async def test_expired_svid_refused(gw: Harness, echo: Echo) -> None:
-    _broken_leaf(gw.pki.ca_a, gw.pki.dir / "expired", [WEB_ID], expired=True)
+    _broken_leaf(gw.pki.ca, gw.pki.dir / "expired", [WEB_ID], expired=True)
     assert await gw.request("GET", "/public", client="expired") is None
     assert echo.seen == []
 
@@ -143,7 +144,7 @@ async def test_expired_svid_refused(gw: Harness, echo: Echo) -> None:
 async def test_trust_domain_a_signed_by_b_refused(gw: Harness, echo: Echo) -> None:
     # An example.org ID signed by other.org's CA: the merged ssl store accepts the handshake,
     # the per-trust-domain re-verification must not.
-    _broken_leaf(gw.pki.ca_b, gw.pki.dir / "a-by-b", [WEB_ID], expired=False)
+    _broken_leaf(gw.pki.cas[B], gw.pki.dir / "a-by-b", [WEB_ID], expired=False)
     assert await gw.request("GET", "/public", client="a-by-b") is None
     assert echo.seen == []
     # ... while other.org's own workloads are fine.

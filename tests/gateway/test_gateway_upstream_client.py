@@ -13,8 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from gateway_harness import WEB_ID, WRITER_ID, Echo, Harness, LabPki, gateway_config
+from gateway_harness import (
+    BUNDLE_A,
+    WEB_ID,
+    WRITER_ID,
+    A,
+    Echo,
+    Harness,
+    LabPki,
+    gateway_config,
+)
 from multidict import CIMultiDict
+from support.waiting import wait_for
 from svidgate.gateway.upstream_client import (
     ConnectFailed,
     Disconnected,
@@ -90,6 +100,11 @@ async def scripted(script: Script) -> AsyncIterator[Scripted]:
         for task in list(tasks):
             task.cancel()
         await server.wait_closed()
+
+
+async def stall_forever() -> None:
+    """Answer nothing more until the scripted upstream is shut down (which cancels this)."""
+    await asyncio.Event().wait()
 
 
 def respond(*responses: bytes) -> Script:
@@ -412,7 +427,7 @@ async def test_read_timeout_while_reading_a_small_body_504(
         await read_request(reader, up)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
         await writer.drain()
-        await asyncio.sleep(5)
+        await stall_forever()
 
     async with scripted(stall) as up:
         gw = await _gateway(
@@ -492,7 +507,7 @@ async def test_pool_read_timeout_and_refused_connect() -> None:
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: Scripted
     ) -> None:
         await read_request(reader, up)
-        await asyncio.sleep(5)
+        await stall_forever()
 
     async with scripted(silent) as up:
         pool = UpstreamPool(
@@ -590,7 +605,7 @@ async def test_pinned_id_checked_before_any_request_byte(
     cert, key = test_pki.issue("spiffe://example.org/impostor", "impostor", ips=["127.0.0.1"])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert), str(key))
-    ctx.load_verify_locations(cafile=str(test_pki.dir / "bundle-a.pem"))
+    ctx.load_verify_locations(cafile=str(test_pki.bundle(A)))
     ctx.verify_mode = ssl.CERT_REQUIRED
     received: list[bytes] = []
     handshakes = 0
@@ -614,7 +629,7 @@ async def test_pinned_id_checked_before_any_request_byte(
             "tls": {
                 "cert": "gateway.crt",
                 "key": "gateway.key",
-                "bundle": "bundle-a.pem",
+                "bundle": BUNDLE_A,
                 "spiffe_id": "spiffe://example.org/orders",
             },
             "retries": 0,
@@ -631,10 +646,7 @@ async def test_pinned_id_checked_before_any_request_byte(
         resp = await gw.request("GET", "/pinned/x")
         assert resp is not None and resp.status == 502
         assert resp.json()["reason"] == "upstream_identity"
-        for _ in range(100):
-            if received:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: bool(received), 5, "the upstream to see the connection end")
         assert handshakes == 1
         assert received == [b""]
     finally:
@@ -658,10 +670,8 @@ async def test_client_abandoning_its_upload_does_not_trip_the_breaker(
             b"POST /raw/upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789"
         )
         await writer.drain()
-        for _ in range(100):  # until the upstream has the head and the first bytes
-            if up.heads:
-                break
-            await asyncio.sleep(0.02)
+        # until the upstream has the head and the first bytes
+        await wait_for(lambda: bool(up.heads), 2, "the request at the upstream")
         assert up.heads, "the request reached the upstream"
         writer.close()
         with contextlib.suppress(Exception):

@@ -1,57 +1,36 @@
-"""Signer test harness: test identities, config files, an in-process grpc.aio signer and gRPC
-clients over the Unix socket and mTLS."""
+"""Signer test harness: config files, an in-process grpc.aio signer and gRPC clients over the
+Unix socket and mTLS. Identities, the PKI, the signer child process and waiting come from the
+shared tests/support/ modules and are re-exported here for the signer tests."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from svidgate.pki.ca import CertificateAuthority
+from support.bao import BaoServer
+from support.pki import (
+    ADMIN_ID,
+    CLIENT_ID,
+    GATEWAY_ID,
+    MINTER_ID,
+    SIGNER_ID,
+    STRANGER_ID,
+    TD,
+    Pki,
+)
+from support.signer_process import SignerProcess
+from support.waiting import wait_for
 from svidgate.signer.config import SignerConfig, load_config
+from svidgate.signer.keystore import Clock
 from svidgate.signer.server import SignerServer
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bao_server import BaoServer, bao_server
-
-SERVICE = "svidgate.signer.v1.Signer"
-TD = "example.org"
-ISSUER = f"spiffe://{TD}/signer"
-SIGNER_ID = f"spiffe://{TD}/signer"
-GATEWAY_ID = f"spiffe://{TD}/gateway"
-CLIENT_ID = f"spiffe://{TD}/ns/shop/sa/web"
-ADMIN_ID = f"spiffe://{TD}/admin"
-MINTER_ID = f"spiffe://{TD}/minter"
-STRANGER_ID = f"spiffe://{TD}/stranger"
-
-
-@dataclass
-class Pki:
-    dir: Path
-    ca: CertificateAuthority
-
-    def files(self, name: str) -> tuple[Path, Path]:
-        return self.dir / f"{name}.crt", self.dir / f"{name}.key"
-
-    def client_credentials(self, name: str) -> grpc.ChannelCredentials:
-        crt, key = self.files(name)
-        return grpc.ssl_channel_credentials(
-            root_certificates=(self.dir / "bundle.pem").read_bytes(),
-            private_key=key.read_bytes(),
-            certificate_chain=crt.read_bytes(),
-        )
+ISSUER = SIGNER_ID
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -104,18 +83,15 @@ def write_config(directory: Path, data: dict[str, Any]) -> SignerConfig:
     return load_config(path)
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @contextlib.asynccontextmanager
-async def running_signer(cfg: SignerConfig) -> AsyncIterator[SignerServer]:
+async def running_signer(
+    cfg: SignerConfig, *, clock: Clock | None = None
+) -> AsyncIterator[SignerServer]:
+    """An in-process signer, yielded once it can sign. ``clock`` replaces the key store's clock
+    (KeyStore's injectable clock; SignerServer does not take one itself)."""
     server = SignerServer(cfg)
+    if clock is not None:
+        server.store.clock = clock
     await server.start()
     try:
         await wait_for(lambda: server.store.can_sign, what="the signer's first key")
@@ -165,7 +141,6 @@ __all__ = [
     "BaoServer",
     "Pki",
     "SignerProcess",
-    "bao_server",
     "base_config",
     "deep_merge",
     "reason_of",
@@ -178,56 +153,3 @@ __all__ = [
     "wait_for",
     "write_config",
 ]
-
-
-class SignerProcess:
-    """``svidgate signer serve --config PATH`` as a real child process."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self, socket: Path, timeout: float = 20.0) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "svidgate.cli",
-                    "signer",
-                    "serve",
-                    "--config",
-                    str(self.config),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            if socket.exists():
-                async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
-                    health = health_pb2_grpc.HealthStub(channel)
-                    try:
-                        reply = await health.Check(
-                            health_pb2.HealthCheckRequest(service=f"{SERVICE}.Sign"), timeout=1
-                        )
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            return
-                    except grpc.aio.AioRpcError:
-                        pass
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"signer did not become ready: {self.log.read_text()[-3000:]}")
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, wait, return the exit code (a graceful shutdown returns 0)."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return int(self.proc.returncode)

@@ -4,7 +4,6 @@ own leaf; the server certificate reloads without a restart."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -12,6 +11,7 @@ import os
 from pathlib import Path
 
 import grpc
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from signer_harness import (
@@ -172,7 +172,9 @@ async def test_client_without_trusted_certificate_is_refused(pki: Pki, short_dir
             assert err.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_server_certificate_reloads(pki: Pki, short_dir: Path) -> None:
+async def test_server_certificate_reloads(
+    pki: Pki, short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     crt = short_dir / "server.crt"
     key = short_dir / "server.key"
     src_crt, src_key = pki.files("signer")
@@ -186,7 +188,11 @@ async def test_server_certificate_reloads(pki: Pki, short_dir: Path) -> None:
             await gateway.GetJWKS(signer_pb2.GetJWKSRequest())
         # a broken file keeps the old state
         key.write_bytes(b"garbage")
-        await asyncio.sleep(1.3)
+
+        def refused() -> bool:
+            return any("TLS reload failed" in r.getMessage() for r in caplog.records)
+
+        await wait_for(refused, 5, "the TLS poll to refuse the broken key")
         assert server.tls.reloads == 0
         fresh = pki.ca.issue(SIGNER_ID, dns=["localhost"])
         fresh.write(short_dir / "server")

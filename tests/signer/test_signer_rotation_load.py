@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from signer_harness import (
     signer_pb2,
     unix_stub,
     vault_keys,
+    wait_for,
 )
 
 # max_ttl 2s + clock_skew 1s + poll_interval 200ms = retain 3.2s; prepare_ahead 500ms
@@ -35,7 +37,9 @@ MIN_OPS = 3000
 WORKERS = 16
 
 
-async def test_rotation_under_load(bao: BaoServer, short_dir: Path) -> None:
+async def test_rotation_under_load(
+    bao: BaoServer, short_dir: Path, signer_process: Callable[..., SignerProcess]
+) -> None:
     token_file = short_dir / "vault-token"
     token_file.write_text(bao.signer_token())
     sock = short_dir / "s.sock"
@@ -45,7 +49,7 @@ async def test_rotation_under_load(bao: BaoServer, short_dir: Path) -> None:
     config.write_text(
         yaml.safe_dump(deep_merge(base_config(sock, short_dir), {"keys": keys, **TIMING}))
     )
-    proc = SignerProcess(config, short_dir / "signer.log")
+    proc = signer_process(config, short_dir / "signer.log")
     await proc.start(sock)
     try:
         async with unix_stub(sock) as stub:
@@ -102,16 +106,17 @@ async def run_scenario(s: Any) -> None:
     tasks.append(asyncio.create_task(check_saved()))
     rotated: list[str] = []
     try:
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: ops > 0 or bool(failures), 10, "the workers' first operations")
         for _ in range(ROTATIONS):
             before = await s.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["orders"]))
             saved.append(before)
             reply = await s.Rotate(signer_pb2.RotateRequest())
             rotated.append(reply.prepared_kid)
-            await asyncio.sleep(0.8)
-        deadline = time.monotonic() + 60
-        while ops < MIN_OPS and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+            # the prepared key activates prepare_ahead (500 ms) later: rotate again once the
+            # workers' tokens carry it
+            kid = reply.prepared_kid
+            await wait_for(lambda kid=kid: kid in kids_seen, 10, f"{kid} to sign")
+        await wait_for(lambda: ops >= MIN_OPS, 60, f"{MIN_OPS} operations", interval=0.1)
     finally:
         stop.set()
         await asyncio.gather(*tasks)
@@ -122,10 +127,10 @@ async def run_scenario(s: Any) -> None:
     # every key took its turn: the bootstrap key and the 5 rotated ones all signed
     assert set(rotated) <= kids_seen and len(kids_seen) == ROTATIONS + 1
     assert len({t.kid for t in saved}) == ROTATIONS
-    # the last old key retires when the 5th prepared key activates (+0.5 s) and is removed
-    # retain (3.2 s) later; then every saved token fails with unknown_kid (not expired: the
-    # key lookup comes first and the key is gone)
-    await asyncio.sleep(0.5 + 3.2 + 0.6)
+    # the last old key retires when the 5th prepared key activates and is removed retain
+    # (3.2 s) later, which the key set pushed over WatchKeys shows; then every saved token fails
+    # with unknown_kid (not expired: the key lookup comes first and the key is gone)
+    await until_only_key(s, rotated[-1])
     for token in saved:
         err = await rpc_error(
             s.Verify(signer_pb2.VerifyRequest(token=token.token, audience=["orders"]))
@@ -134,3 +139,15 @@ async def run_scenario(s: Any) -> None:
         assert await reason_of(err) == "unknown_kid", err.details()
     jwks = await s.GetJWKS(signer_pb2.GetJWKSRequest())
     assert [k["kid"] for k in json.loads(jwks.jwks_json)["keys"]] == [rotated[-1]]
+
+
+async def until_only_key(s: Any, kid: str, timeout: float = 15.0) -> None:
+    """Follow WatchKeys until the published key set is exactly ``kid``."""
+    stream = s.WatchKeys(signer_pb2.WatchKeysRequest(after_sequence=0), timeout=timeout)
+    try:
+        async for update in stream:
+            if [k["kid"] for k in json.loads(update.jwks_json)["keys"]] == [kid]:
+                return
+    finally:
+        stream.cancel()
+    raise AssertionError(f"the key set never came down to {kid}")

@@ -26,6 +26,7 @@ from signer_harness import (
     unix_stub,
     write_config,
 )
+from support.waiting import wait_for
 from svidgate.pki.jose import ALGORITHMS
 from svidgate.signer.server import SignerServer
 
@@ -221,11 +222,15 @@ async def test_health_and_reflection(short_dir: Path) -> None:
             "svidgate.signer.v1.Signer.Sign",
             "svidgate.signer.v1.Signer.KeySource",
         ):
-            for _ in range(100):  # health follows the key store within ~0.1 s
-                reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-                await asyncio.sleep(0.05)
+            request = health_pb2.HealthCheckRequest(service=name)
+
+            async def serving(request: health_pb2.HealthCheckRequest = request) -> bool:
+                reply = await health.Check(request)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            # health follows the key store within ~0.1 s
+            await wait_for(serving, 5, f"{name or 'the server'} to be SERVING", interval=0.05)
+            reply = await health.Check(request)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
         call = refl.ServerReflectionInfo()
@@ -267,16 +272,21 @@ async def test_scheduled_rotation(short_dir: Path) -> None:
         published: dict[str, float] = {}
         signing: dict[str, float] = {}
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5.0
-        while loop.time() < deadline:
+        deadline = loop.time() + 10.0
+        first_removed = False
+        # sample until the evidence is in: three keys signed and the first one left the JWKS
+        while loop.time() < deadline and not (len(signing) >= 3 and first_removed):
             now = loop.time()
-            for key in json.loads(store.jwks_json)["keys"]:
-                published.setdefault(key["kid"], now)
+            kids = [key["kid"] for key in json.loads(store.jwks_json)["keys"]]
+            for kid in kids:
+                published.setdefault(kid, now)
             signed = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
             signing.setdefault(signed.kid, now)
             await stub.Verify(signer_pb2.VerifyRequest(token=signed.token, audience=["a"]))
+            first_removed = bool(signing) and next(iter(signing)) not in kids
             await asyncio.sleep(0.05)
-        assert len(signing) >= 3  # bootstrap + at least two scheduled rotations in 5 s
+        assert len(signing) >= 3  # bootstrap + at least two scheduled rotations
+        assert first_removed, "the bootstrap key left the JWKS retain_retired after retiring"
         for kid, first_signed in signing.items():
             assert published[kid] <= first_signed
         later = [kid for kid in signing if published[kid] > min(published.values())]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from signer_harness import (
     wait_for,
     write_config,
 )
+from support.waiting import sleep_until
 from svidgate.pki.bundle import marshal_pem
 from svidgate.pki.ca import CertificateAuthority
 from svidgate.pki.jose import ALGORITHMS
@@ -34,6 +36,15 @@ from svidgate.signer.rotation import Action, NewKeyPlan
 from svidgate.signer.server import SignerServer
 from svidgate.signer.sources.vault_kv import VaultKvKeySource
 from svidgate.signer.vault import VaultClient
+
+
+def token_dead(bao: BaoServer, accessor: str) -> bool:
+    """True once OpenBao no longer knows the token (expired at its max TTL and revoked)."""
+    try:
+        bao.api("POST", "auth/token/lookup-accessor", {"accessor": accessor})
+    except RuntimeError:
+        return True
+    return False
 
 
 def token_file(bao: BaoServer, directory: Path) -> Path:
@@ -131,13 +142,21 @@ async def test_approle_login_and_token_renewal(bao: BaoServer, short_dir: Path) 
     )
     client = VaultClient(cfg)
     await client.login()
+    logged_in = time.monotonic()  # the first token was issued before this
     first = (await client.token_info())["accessor"]
     task = asyncio.create_task(client.renew_forever(retry_after=0.2))
     try:
-        await asyncio.sleep(3.0)  # past the 2 s TTL: only renewal keeps the token alive
+        await sleep_until(logged_in + 2.5)  # past the 2 s TTL: only renewal keeps it alive
         info = await client.token_info()
         assert info["accessor"] == first and client.renewals >= 1
-        await asyncio.sleep(4.0)  # past the 5 s max TTL: renewal cannot extend, re-login
+        # past the 5 s max TTL (OpenBao counts leases in whole seconds: it says when) renewal
+        # cannot extend: the client logs in again
+        await wait_for(
+            lambda: asyncio.to_thread(token_dead, bao, first),
+            10,
+            "the first token's max TTL",
+            interval=0.1,
+        )
         info = await client.token_info()
         assert info["accessor"] != first and client.logins >= 2
         assert info["policies"] == ["svidgate-signer"]
@@ -199,7 +218,13 @@ async def test_signer_keeps_working_past_token_max_ttl(bao: BaoServer, short_dir
     async with running_signer(cfg) as server, unix_stub(sock) as stub:
         client = server.store.source.client  # type: ignore[attr-defined]
         first = (await client.token_info())["accessor"]
-        await asyncio.sleep(5.5)  # beyond the 4 s max TTL of the first token
+        # beyond the 4 s max TTL of the first token
+        await wait_for(
+            lambda: asyncio.to_thread(token_dead, bao, first),
+            10,
+            "the first token's max TTL",
+            interval=0.1,
+        )
         assert (await client.token_info())["accessor"] != first
         assert client.renewals >= 1
         assert server.store.source_healthy

@@ -4,8 +4,8 @@ lost, setup re-run): signing and rotation resume by themselves."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -24,8 +24,10 @@ from signer_harness import (
     wait_for,
     write_config,
 )
+from support.clock import JumpClock
 
 # retain = 2s + 1s + 200ms = 3.2s; a stale ring may sign until synced_at + 0.5 + 3.2 - 1 s
+STALE_SIGNING = timedelta(seconds=0.5 + 3.2)  # more than that window: the clock jumps past it
 TIMING = {
     "tokens": {"default_ttl": "2s", "max_ttl": "2s", "clock_skew": "1s"},
     "rotation": {"period": "1h", "prepare_ahead": "500ms", "poll_interval": "200ms"},
@@ -41,6 +43,15 @@ async def health_of(channel: grpc.aio.Channel, name: str) -> int:
     return int(reply.status)
 
 
+async def until_health(channel: grpc.aio.Channel, name: str, status: int) -> None:
+    """Wait until the signer's health loop (0.1 s period) reports ``status`` for ``name``."""
+
+    async def reached() -> bool:
+        return await health_of(channel, name) == status
+
+    await wait_for(reached, 5, f"health of {name or 'the server'} to be {status}")
+
+
 async def test_vault_outage_and_recovery(short_dir: Path) -> None:
     token_id = f"signer-{uuid.uuid4().hex}"
     with BaoServer() as bao:
@@ -51,8 +62,9 @@ async def test_vault_outage_and_recovery(short_dir: Path) -> None:
         sock = short_dir / "s.sock"
         data = deep_merge(base_config(sock, short_dir), {"keys": keys, **TIMING})
         cfg = write_config(short_dir, data)
+        clock = JumpClock()
         async with (
-            running_signer(cfg) as server,
+            running_signer(cfg, clock=clock) as server,
             unix_stub(sock) as stub,
             grpc.aio.insecure_channel(f"unix:{sock}") as channel,
         ):
@@ -63,7 +75,7 @@ async def test_vault_outage_and_recovery(short_dir: Path) -> None:
             await wait_for(lambda: not store.source_healthy, 5, "outage noticed")
             # verification goes on from the cache; readiness shows what is degraded
             await stub.Verify(signer_pb2.VerifyRequest(token=before.token, audience=["a"]))
-            await asyncio.sleep(0.3)
+            await until_health(channel, "svidgate.signer.v1.Signer.KeySource", NOT_SERVING)
             assert await health_of(channel, "") == SERVING
             assert await health_of(channel, "svidgate.signer.v1.Signer.KeySource") == NOT_SERVING
             err = await rpc_error(stub.Rotate(signer_pb2.RotateRequest()))
@@ -73,14 +85,17 @@ async def test_vault_outage_and_recovery(short_dir: Path) -> None:
             during = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
             assert during.kid == before.kid
             await stub.Verify(signer_pb2.VerifyRequest(token=during.token, audience=["a"]))
-            # … and stops when a token could outlive the key (stale ring, no Vault)
+            # … and stops when a token could outlive the key (stale ring, no Vault): the store's
+            # clock jumps past the window instead of the test waiting it out
+            clock.jump(STALE_SIGNING)
+            store.wake()
             await wait_for(lambda: not store.can_sign, 5, "signing window to run out")
             err = await rpc_error(
                 stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["a"]))
             )
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             assert await reason_of(err) == "signing_unavailable"
-            await asyncio.sleep(0.3)
+            await until_health(channel, "svidgate.signer.v1.Signer.Sign", NOT_SERVING)
             assert await health_of(channel, "svidgate.signer.v1.Signer.Sign") == NOT_SERVING
             assert await health_of(channel, "") == SERVING
             assert store.ring is not None and store.ring.keys  # nothing was dropped
@@ -103,6 +118,7 @@ async def test_vault_outage_and_recovery(short_dir: Path) -> None:
             await stub.Verify(signer_pb2.VerifyRequest(token=after.token, audience=["a"]))
             rotated = await stub.Rotate(signer_pb2.RotateRequest())
             assert rotated.active_kid == after.kid and rotated.prepared_kid
-            await asyncio.sleep(0.3)
+            await until_health(channel, "svidgate.signer.v1.Signer.KeySource", SERVING)
+            await until_health(channel, "svidgate.signer.v1.Signer.Sign", SERVING)
             assert await health_of(channel, "svidgate.signer.v1.Signer.KeySource") == SERVING
             assert await health_of(channel, "svidgate.signer.v1.Signer.Sign") == SERVING

@@ -1,0 +1,62 @@
+"""The suite-wide fixtures, built on the helpers in tests/support/ (importable as ``support.*``
+through pyproject's pytest ``pythonpath``):
+
+- ``bao`` — one real OpenBao dev server for the session, set up for signers
+  (:class:`support.bao.BaoServer`; a test that stops OpenBao starts its own instance).
+- ``pki`` — the session's test PKI: CAs for example.org and other.org and every suite's SVIDs
+  (:class:`support.pki.Pki`; tests that change files use ``pki.copy(...)``).
+- ``signer_process`` — starts ``svidgate signer serve`` child processes
+  (:class:`support.signer_process.SignerProcess`) and stops whatever is left at teardown.
+- ``short_dir`` — a short directory for Unix sockets.
+
+Free ports come from :func:`support.ports.free_port`; waits use :mod:`support.waiting`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support.bao import BaoServer
+from support.pki import Pki
+from support.signer_process import SignerProcess
+
+
+@pytest.fixture(scope="session")
+def bao() -> Iterator[BaoServer]:
+    with BaoServer() as server:
+        server.setup_signer()
+        yield server
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def signer_process() -> Iterator[Callable[..., SignerProcess]]:
+    """``signer_process(config, log)`` → an unstarted :class:`SignerProcess`; any still running
+    at teardown is stopped."""
+    made: list[SignerProcess] = []
+
+    def make(config: Path, log: Path | None = None, *, socket: Path | None = None) -> SignerProcess:
+        proc = SignerProcess(config, log or config.with_suffix(".log"), socket=socket)
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        if proc.running:
+            proc.stop()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory for Unix sockets (sun_path is limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
