@@ -4,8 +4,9 @@ session-wide one is the ``bao`` fixture of tests/conftest.py.
 ``BaoServer`` picks a free loopback port (PORT+1, the cluster port, must be free too), starts
 ``bao server -dev -dev-listen-address=127.0.0.1:PORT`` (root token in ``BAO_DEV_ROOT_TOKEN_ID``),
 waits for ``/v1/sys/health`` and can stop and restart on the same port. Dev mode keeps
-everything in memory: a restart loses all data (mounts other than ``secret/``, policies, AppRoles, tokens
-other than the root token id, every KV version and transit key) — callers re-run their setup.
+everything in memory: a restart loses all data (mounts other than ``secret/``, policies,
+AppRoles, tokens other than the root token id, every KV version and transit key) — callers
+re-run their setup.
 
 Setup helpers: transit mount, a least-privilege signer policy, tokens, AppRole.
 """
