@@ -432,8 +432,8 @@ async def test_transit_revoke_and_operator_trim(bao: BaoServer, short_dir: Path)
 async def test_transit_revoke_under_the_least_privilege_policy(
     bao: BaoServer, short_dir: Path
 ) -> None:
-    """The default policy may not trim: Revoke says what the operator must run; nothing
-    changes in Vault (no stray version)."""
+    """The default policy may not trim: Revoke says what the operator must run and changes
+    nothing in Vault (no stray version); with the optional policy paths it does the job."""
     unique = uuid.uuid4().hex[:8]
     name = f"svidgate-{unique}"
     hcl = vault_policy.signer_policy_hcl(
@@ -461,3 +461,16 @@ async def test_transit_revoke_under_the_least_privilege_policy(
         assert f"bao write transit/keys/{name}/trim min_available_version=2" in err.details()
         assert transit_data(bao, name)["latest_version"] == 1
         assert await verify_reason(stub, signed.token) == ""
+        # the optional policy paths are enough to let the signer do it itself
+        hcl = vault_policy.signer_policy_hcl(
+            kv_mount="secret",
+            kv_path=f"svidgate/lp-{unique}",
+            transit_mount="transit",
+            transit_key=name,
+            transit_revoke=True,
+        )
+        bao.api("PUT", f"sys/policies/acl/lp-{unique}", {"policy": hcl})
+        reply = await stub.Revoke(signer_pb2.RevokeRequest(kid=signed.kid))
+        assert reply.active_kid not in ("", signed.kid)
+        assert await verify_reason(stub, signed.token) == "unknown_kid"
+        assert set(transit_data(bao, name)["keys"]) == {"2"}
