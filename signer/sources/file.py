@@ -50,7 +50,10 @@ class FileKeySource:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         elif not self.directory.is_dir():
             raise KeySourceError(f"{self.directory}: the key directory is gone")
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise KeySourceError(f"{self.directory}: cannot lock ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
