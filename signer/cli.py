@@ -1,11 +1,11 @@
-"""`svidgate signer serve|check|sign|rotate --config signer.yaml`.
+"""`svidgate signer serve|check|sign|rotate|revoke --config signer.yaml`.
 
 ``check`` validates signer.yaml (the rotation safety rule included) and prints the key source
 and the rotation plan without contacting Vault or reading a key file.
 
-``sign`` and ``rotate`` talk to the running signer over its configured Unix socket (or, without
-one, over TCP with the config's TLS material as the client certificate) and fail with one clear
-line when it is not running. ``sign`` prints only the JWT on stdout.
+``sign``, ``rotate`` and ``revoke`` talk to the running signer over its configured Unix socket
+(or, without one, over TCP with the config's TLS material as the client certificate) and fail
+with one clear line when it is not running. ``sign`` prints only the JWT on stdout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ RPC_TIMEOUT = 10.0
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``signer`` with its ``serve``, ``check``, ``sign`` and ``rotate`` subcommands."""
+    """Add ``signer`` with its ``serve``, ``check``, ``sign``, ``rotate`` and ``revoke``
+    subcommands."""
     parser = sub.add_parser("signer", help="the JWT signer sidecar (gRPC)")
     commands = parser.add_subparsers(dest="signer_command", metavar="COMMAND")
     commands.required = True
@@ -48,6 +49,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     rotate = commands.add_parser("rotate", help="start a rotation now (prepared → active)")
     rotate.add_argument("--config", required=True, help="signer.yaml")
     rotate.set_defaults(handler=_rotate)
+
+    revoke = commands.add_parser(
+        "revoke", help="drop a key now (compromise): gone from the key source, the JWKS, gateways"
+    )
+    revoke.add_argument("--config", required=True, help="signer.yaml")
+    revoke.add_argument("--kid", required=True, help="the key id to revoke")
+    revoke.set_defaults(handler=_revoke)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -169,4 +177,13 @@ def _rotate(args: argparse.Namespace) -> int:
 
     reply = _call(load_config(args.config), "Rotate", signer_pb2.RotateRequest())
     print(f"prepared {reply.prepared_kid} (active {reply.active_kid})")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from svidgate.signer.config import load_config
+    from svidgate.signer.v1 import signer_pb2
+
+    reply = _call(load_config(args.config), "Revoke", signer_pb2.RevokeRequest(kid=args.kid))
+    print(f"revoked {reply.revoked_kid} (active {reply.active_kid or '-'})")
     return 0

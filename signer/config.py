@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from svidgate.pki.durations import format_duration
 from svidgate.pki.spiffe_id import TrustDomain, parse_trust_domain
+from svidgate.signer.jwt import REGISTERED_CLAIMS
 
 from svidgate.config import (
     ConfigFile,
@@ -57,13 +58,33 @@ class TlsConfig(ConfigModel):
     bundle: ConfigPath
 
 
+def _extra_claim_name(value: str) -> str:
+    if not value:
+        raise ValueError("a claim name must not be empty")
+    if value in REGISTERED_CLAIMS:
+        raise ValueError(
+            f"{value} is a registered claim: the signer sets it, claims_json never can"
+        )
+    return value
+
+
+ExtraClaimName = Annotated[str, AfterValidator(_extra_claim_name)]
+Audience = Annotated[str, Field(min_length=1)]
+
+
 class AuthorizationConfig(ConfigModel):
     verify: ListOf[SpiffePatternField] = ()
     sign: ListOf[SpiffePatternField] = ()
-    rotate: ListOf[SpiffePatternField] = ()
+    rotate: ListOf[SpiffePatternField] = ()  # Rotate and Revoke
     # Callers (over TCP) that may mint tokens for a subject other than themselves; the subject
     # must still match `sign`.
     sign_for_others: ListOf[SpiffePatternField] = ()
+    # Extra claim name -> who may put it in claims_json (over TCP the caller, over the Unix
+    # socket the token's subject). A claim named nowhere is refused: none by default.
+    claims: dict[ExtraClaimName, ListOf[SpiffePatternField]] = Field(default_factory=dict)
+    # Caller pattern -> the audiences it may mint for (same principal as `claims`). Empty: no
+    # restriction; once set, a principal matching no pattern may mint for no audience.
+    audiences: dict[SpiffePatternField, ListOf[Audience]] = Field(default_factory=dict)
 
 
 class VaultAuthConfig(ConfigModel):

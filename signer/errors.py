@@ -17,6 +17,22 @@ class PermissionDeniedError(SignerError):
     """The caller's SPIFFE ID is not allowed to make this call (or mint this subject)."""
 
 
+class ClaimNotAllowedError(PermissionDeniedError):
+    """``Sign`` asked for an extra claim that ``authorization.claims`` does not grant."""
+
+
+class AudienceNotAllowedError(PermissionDeniedError):
+    """``Sign`` asked for an audience that ``authorization.audiences`` does not grant."""
+
+
+class KeyNotFoundError(SignerError):
+    """``Revoke`` named a kid that the key source does not hold."""
+
+
+class RevokeRefusedError(SignerError):
+    """The key source cannot delete this key now (Transit: only the oldest versions can go)."""
+
+
 class SigningUnavailableError(SignerError):
     """No key may sign right now (no active key, or the cached key's window has run out)."""
 
@@ -31,6 +47,10 @@ class KeySourceError(SignerError):
 
 class SourceUnavailableError(KeySourceError):
     """The key source cannot be reached (Vault down, network error)."""
+
+
+class SourceDeniedError(KeySourceError):
+    """The key source refused the operation (Vault 403 after a fresh login: the policy)."""
 
 
 class SourceConflictError(KeySourceError):

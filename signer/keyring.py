@@ -8,6 +8,10 @@ ring and ``now`` only, so replicas that see the same keys agree on it:
 - retired: a newer key has activated (``retired_at`` = that key's ``activate_at``); verifies;
 - removed: ``now >= retired_at + retain`` where ``retain >= max_ttl + clock_skew + poll_interval``.
 
+The source is the truth: a ring built from a successful read (:meth:`KeyRing.from_source`)
+holds exactly the keys the source holds, so a key deleted there (revoked) is gone from the ring
+at the next read. A failed read builds no ring: the last one stays in use.
+
 A replica that cannot reach its source does not know whether a newer key exists; the earliest a
 key it has not seen could activate is ``synced_at + prepare_ahead``. :meth:`KeyRing.sign_deadline`
 uses that bound, so a token signed from a stale ring never outlives its key's window.
@@ -83,18 +87,24 @@ class KeyRing:
         self.synced_at = synced_at
         self._by_kid = {k.kid: i for i, k in enumerate(self.keys)}
 
-    def with_keys(self, fresh: Iterable[SigningKey], synced_at: datetime) -> KeyRing:
-        """A ring from a successful source read. Keys missing from the source are kept (a
-        source error or data loss never empties the cache) until their normal removal."""
-        merged = {k.kid: k for k in self.keys}
-        for key in fresh:
-            merged[key.kid] = key
-        ring = KeyRing(merged.values(), self.timing, synced_at)
-        return KeyRing(
-            [s.key for s in ring.statuses(synced_at) if s.state != "removed"],
-            self.timing,
-            synced_at,
-        )
+    @classmethod
+    def from_source(
+        cls, keys: Iterable[SigningKey], timing: Timing, synced_at: datetime
+    ) -> KeyRing:
+        """The ring a successful source read describes: the source's keys and nothing else (a
+        key the source no longer holds is gone), without those already removed at
+        ``synced_at``."""
+        ring = cls(keys, timing, synced_at)
+        kept = [s.key for s in ring.statuses(synced_at) if s.state != KeyState.REMOVED]
+        return cls(kept, timing, synced_at)
+
+    def without(self, kid: str) -> KeyRing:
+        """This ring without ``kid`` (a revoked key, dropped before the next source read)."""
+        return KeyRing([k for k in self.keys if k.kid != kid], self.timing, self.synced_at)
+
+    def superseded(self, now: datetime) -> frozenset[str]:
+        """The kids a newer key has replaced (retired at ``now``): they never sign again."""
+        return frozenset(s.key.kid for s in self.statuses(now) if s.state == KeyState.RETIRED)
 
     def status(self, index: int, now: datetime) -> KeyStatus:
         key = self.keys[index]

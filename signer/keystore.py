@@ -1,8 +1,13 @@
-"""The live key store: the current :class:`KeyRing`, its source, polling, scheduled rotation and
-key-set change notifications (WatchKeys). Sign and Verify read one immutable ring reference.
+"""The live key store: the current :class:`KeyRing`, its source, polling, scheduled rotation,
+revocation and key-set change notifications (WatchKeys). Sign and Verify read one immutable ring
+reference.
 
-Source errors never empty the cache: the ring keeps serving verification, the store reports
-itself degraded, and signing goes on until the cached active key's window runs out.
+The source is the truth: every successful read replaces the ring with exactly the keys the
+source holds, so a key deleted there (revoked) stops signing and verifying at the next poll,
+and :meth:`KeyStore.revoke` deletes one from the source and the ring at once. Every kid that
+appears or disappears is logged (INFO, the kid only). Source errors never empty the cache: a
+failed read changes nothing, the ring keeps serving verification, the store reports itself
+degraded, and signing goes on until the cached active key's window runs out.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from svidgate.signer import jwt as sjwt
 from svidgate.signer.config import SignerConfig
 from svidgate.signer.errors import (
     InvalidRequestError,
+    KeyNotFoundError,
     KeySourceError,
     NotReadyError,
     SigningUnavailableError,
@@ -90,6 +96,12 @@ class KeyStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._write_lock = asyncio.Lock()
         self._source_kids: frozenset[str] = frozenset()
+        # kids revoked by this process: a read that started before the deletion cannot
+        # bring one back
+        self._revoked: set[str] = set()
+        # while the active key is gone from the source: the kids it had superseded (they never
+        # sign again; a fresh key replaces it), else None
+        self._lost_active: frozenset[str] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -157,14 +169,14 @@ class KeyStore:
     # -- source synchronisation ---------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Read the source and swap in the merged ring; removed keys are deleted from it."""
+        """Read the source and swap in the ring it describes; removed keys are deleted from it."""
         # the read's start time is what the ring is fresh as of: a key another replica creates
         # while the read is in flight is unseen, and activates prepare_ahead after it at least
         started = self.clock()
-        keys = await self.source.load()
+        keys = [k for k in await self.source.load() if k.kid not in self._revoked]
         self._source_kids = frozenset(k.kid for k in keys)
-        base = self.ring or KeyRing([], self.timing, started)
-        ring = base.with_keys(keys, started)
+        ring = KeyRing.from_source(keys, self.timing, started)
+        self._note_changes(self.ring or KeyRing([], self.timing, started), ring, started)
         self.ring = ring
         self.source_healthy = True
         self.last_error = None
@@ -177,32 +189,57 @@ class KeyStore:
                 log.warning("could not delete removed keys from the source: %s", exc)
         self.publish()
 
+    def _note_changes(self, old: KeyRing, new: KeyRing, now: datetime) -> None:
+        """Log every kid that appeared or disappeared; notice a lost active key."""
+        before, after = {k.kid for k in old.keys}, {k.kid for k in new.keys}
+        for kid in sorted(after - before):
+            log.info("key %s appeared in the key source", kid)
+        for kid in sorted(before - after):
+            if kid in self._source_kids:
+                log.info("key %s removed (its retention is over)", kid)
+            else:
+                log.info("key %s is gone from the key source (revoked)", kid)
+        active = old.active(now)
+        if active is not None and active.kid not in self._source_kids:
+            self._lose_active(old, now)
+
+    def _lose_active(self, ring: KeyRing, now: datetime) -> None:
+        self._lost_active = (self._lost_active or frozenset()) | ring.superseded(now)
+
     async def maintain(self) -> None:
-        """Bootstrap an empty source and run the scheduled rotation."""
+        """Bootstrap an empty source, replace a lost active key, run the scheduled rotation."""
         if self.ring is None:
             return
-        plan = plan_rotation(self.ring, self.clock(), source_kids=self._source_kids)
-        if plan.action != Action.NONE:
-            await self._create(forced=False)
+        plan = plan_rotation(self.ring, self.clock(), lost_active=self._lost_active)
+        if plan.action == Action.NONE:
+            self._lost_active = None  # a key that was never superseded is active (or none was lost)
+            return
+        await self._create(forced=False)
 
     async def _create(self, *, forced: bool) -> SigningKey | None:
         async with self._write_lock:
-            for _ in range(5):
-                assert self.ring is not None
-                plan = plan_rotation(
-                    self.ring, self.clock(), forced=forced, source_kids=self._source_kids
-                )
-                if plan.action == Action.NONE:
-                    return None
-                try:
-                    key = await self.source.create(plan)
-                except SourceConflictError:
-                    await self.refresh()
-                    continue
-                log.info("created %s key %s (activates %s)", plan.action, key.kid, key.activate_at)
+            return await self._create_locked(forced=forced)
+
+    async def _create_locked(self, *, forced: bool) -> SigningKey | None:
+        for _ in range(5):
+            assert self.ring is not None
+            plan = plan_rotation(
+                self.ring, self.clock(), forced=forced, lost_active=self._lost_active
+            )
+            if plan.action == Action.NONE:
+                self._lost_active = None
+                return None
+            try:
+                key = await self.source.create(plan)
+            except SourceConflictError:
                 await self.refresh()
-                return key
-            raise SourceConflictError("gave up after repeated check-and-set conflicts")
+                continue
+            log.info("created %s key %s (activates %s)", plan.action, key.kid, key.activate_at)
+            if plan.action in (Action.BOOTSTRAP, Action.REPLACE):
+                self._lost_active = None
+            await self.refresh()
+            return key
+        raise SourceConflictError("gave up after repeated check-and-set conflicts")
 
     async def rotate(self) -> tuple[str, str]:
         """Start a rotation now: a prepared key that activates ``prepare_ahead`` later."""
@@ -212,6 +249,33 @@ class KeyStore:
         active = self.ring.active(self.clock())
         self.wake()
         return key.kid, active.kid if active is not None else ""
+
+    async def revoke(self, kid: str) -> tuple[str, str]:
+        """Delete ``kid`` from the source and the ring now and publish the new key set; a
+        revoked active key is replaced by a fresh key at once. Returns (revoked, active kid)."""
+        async with self._write_lock:
+            await self.refresh()
+            ring = self.ring
+            assert ring is not None
+            if kid not in self._source_kids:
+                raise KeyNotFoundError(f"{kid} is not in {self.source.description}")
+            now = self.clock()
+            others = [s.key.kid for s in ring.published(now) if s.key.kid != kid]
+            await self.source.revoke(kid, keep=others)
+            self._revoked.add(kid)
+            log.info("key %s revoked", kid)
+            active = ring.active(now)
+            if active is not None and active.kid == kid:
+                self._lose_active(ring, now)
+            self.ring = ring.without(kid)
+            self.publish()
+            try:
+                await self.refresh()
+                await self._create_locked(forced=False)
+            except KeySourceError as exc:  # the key is gone: the loop retries the rest
+                log.warning("key %s revoked; then the key source failed: %s", kid, exc)
+        self.wake()
+        return kid, self.signing_kid()
 
     # -- publication --------------------------------------------------------------------------
 
@@ -262,11 +326,20 @@ class KeyStore:
 
     @property
     def can_sign(self) -> bool:
+        return bool(self.signing_kid())
+
+    def signing_kid(self) -> str:
+        """The kid that signs now, or "" when none can."""
         if self.ring is None:
-            return False
+            return ""
         now = self.clock()
         found = self.ring.sign_deadline(now)
-        return found is not None and found[1] - now >= MIN_TOKEN_LIFETIME
+        if found is None or found[1] - now < MIN_TOKEN_LIFETIME or self._superseded(found[0]):
+            return ""
+        return found[0].kid
+
+    def _superseded(self, key: SigningKey) -> bool:
+        return self._lost_active is not None and key.kid in self._lost_active
 
     # -- tokens -------------------------------------------------------------------------------
 
@@ -287,6 +360,8 @@ class KeyStore:
         if found is None:
             raise SigningUnavailableError("no active key")
         key, deadline = found
+        if self._superseded(key):
+            raise SigningUnavailableError("the active key was revoked; a fresh key is on its way")
         if key.private_key is None and key.remote_sign is None:
             raise SigningUnavailableError("the active key cannot sign here")
         wanted = self.cfg.tokens.default_ttl if ttl is None else ttl

@@ -4,6 +4,11 @@ A rotation creates a prepared key at once with ``activate_at = now + prepare_ahe
 key of an empty ring (bootstrap) activates at once because nobody can hold a token yet.
 Scheduled rotation prepares the next key ``prepare_ahead`` before the newest key has been
 active for ``period``.
+
+When the active key is revoked (gone from the source), nothing that has been superseded may
+sign in its place: if no key is active then, or the active one is a key the revoked one had
+replaced, a fresh key is created active at once (replace). That is the price of revocation:
+other replicas and verifiers may not know the fresh key for up to ``poll_interval``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class Action(StrEnum):
     NONE = "none"
     BOOTSTRAP = "bootstrap"
     PREPARE = "prepare"
+    REPLACE = "replace"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,18 +48,20 @@ def plan_rotation(
     now: datetime,
     *,
     forced: bool = False,
-    source_kids: Collection[str] | None = None,
+    lost_active: Collection[str] | None = None,
 ) -> NewKeyPlan:
     """What the rotation loop (``forced=False``) or a Rotate call (``forced=True``) must do.
 
-    ``source_kids`` are the kids the source holds now: when the newest cached key is missing
-    from it (the source lost data), a new key is prepared; the cached key keeps signing until
-    the new one activates, so verifiers still see every key before it signs."""
+    ``lost_active`` is set while the key that was active is gone from the source (revoked): the
+    kids that key had superseded, which never sign again."""
     timing = ring.timing
     if not ring.published(now):
         return NewKeyPlan(Action.BOOTSTRAP, now, now)
+    if lost_active is not None:
+        active = ring.active(now)
+        if active is None or active.kid in lost_active:
+            return NewKeyPlan(Action.REPLACE, now, now)
     due = next_rotation_at(ring)
-    lost = source_kids is not None and ring.keys[-1].kid not in source_kids
-    if forced or lost or (due is not None and now >= due):
+    if forced or (due is not None and now >= due):
         return NewKeyPlan(Action.PREPARE, now, now + timing.prepare_ahead)
     return NewKeyPlan(Action.NONE, now, now)

@@ -27,16 +27,21 @@ from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
 from svidgate.pki.svid import check_svid_profile
 from svidgate.signer.config import SignerConfig
 from svidgate.signer.errors import (
+    AudienceNotAllowedError,
+    ClaimNotAllowedError,
     InvalidRequestError,
+    KeyNotFoundError,
     KeySourceError,
     NotReadyError,
     PermissionDeniedError,
+    RevokeRefusedError,
     SignerError,
     SigningUnavailableError,
     SourceConflictError,
 )
 from svidgate.signer.jwt import parse_extra_claims
 from svidgate.signer.keystore import KeyStore
+from svidgate.signer.mint_policy import MintPolicy
 from svidgate.signer.v1 import REASON_METADATA_KEY, signer_pb2, signer_pb2_grpc
 
 if TYPE_CHECKING:
@@ -49,9 +54,13 @@ _THUMBPRINT = re.compile(r"^[A-Za-z0-9_-]{43}$")
 STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (JwtSvidError, grpc.StatusCode.UNAUTHENTICATED, ""),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+    (ClaimNotAllowedError, grpc.StatusCode.PERMISSION_DENIED, "claim_not_allowed"),
+    (AudienceNotAllowedError, grpc.StatusCode.PERMISSION_DENIED, "audience_not_allowed"),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED, "permission_denied"),
     (SigningUnavailableError, grpc.StatusCode.UNAVAILABLE, "signing_unavailable"),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE, "not_ready"),
+    (KeyNotFoundError, grpc.StatusCode.NOT_FOUND, "not_found"),
+    (RevokeRefusedError, grpc.StatusCode.FAILED_PRECONDITION, "failed_precondition"),
     (SourceConflictError, grpc.StatusCode.ABORTED, "conflict"),
     (KeySourceError, grpc.StatusCode.UNAVAILABLE, "source_unavailable"),
 )
@@ -108,6 +117,7 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         self.may_sign = IdMatcher.parse(auth.sign)
         self.may_rotate = IdMatcher.parse(auth.rotate)
         self.may_sign_for_others = IdMatcher.parse(auth.sign_for_others)
+        self.mint_policy = MintPolicy.from_config(auth)
         self._peers = _PeerCache()
         self.trust_domain = cfg.td
 
@@ -159,12 +169,17 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         try:
             caller = self._caller(context)
             subject, thumbprint = self._sign_subject(caller, request)
+            extra = parse_extra_claims(request.claims_json)
+            # over TCP the caller vouches for what it asks; over the Unix socket the caller is
+            # the local workload, so the token's subject is what the policy is checked against
+            principal = caller.spiffe_id if caller.spiffe_id is not None else subject
+            self.mint_policy.check(principal, extra.keys(), request.audience)
             ttl = None if request.ttl_seconds == 0 else timedelta(seconds=request.ttl_seconds)
             signed = await self.store.sign(
-                subject=subject,
+                subject=str(subject),
                 audience=list(request.audience),
                 ttl=ttl,
-                extra=parse_extra_claims(request.claims_json),
+                extra=extra,
                 thumbprint=thumbprint,
             )
         except Exception as exc:
@@ -175,7 +190,7 @@ class SignerService(signer_pb2_grpc.SignerServicer):
 
     def _sign_subject(
         self, caller: Caller, request: signer_pb2.SignRequest
-    ) -> tuple[str, str | None]:
+    ) -> tuple[SpiffeId, str | None]:
         """Who the token is for, and the thumbprint to bind (or None)."""
         wanted = request.subject
         given = request.certificate_thumbprint
@@ -189,7 +204,7 @@ class SignerService(signer_pb2_grpc.SignerServicer):
                 raise PermissionDeniedError(f"subject {subject} is not in authorization.sign")
             if request.bind_certificate and not given:
                 raise InvalidRequestError("bind_certificate needs certificate_thumbprint here")
-            return str(subject), (given or None) if request.bind_certificate else None
+            return subject, (given or None) if request.bind_certificate else None
         assert caller.spiffe_id is not None
         self._authorize(caller, self.may_sign, "Sign")
         subject = self._parse_subject(wanted) if wanted else caller.spiffe_id
@@ -202,8 +217,8 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         if given and not for_others:
             raise PermissionDeniedError("only sign_for_others callers may bind other certificates")
         if not request.bind_certificate:
-            return str(subject), None
-        return str(subject), given or caller.thumbprint
+            return subject, None
+        return subject, given or caller.thumbprint
 
     @staticmethod
     def _parse_subject(text: str) -> SpiffeId:
@@ -281,3 +296,17 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         except Exception as exc:
             await self._fail(context, exc)
         return signer_pb2.RotateResponse(prepared_kid=prepared, active_kid=active)
+
+    async def Revoke(
+        self, request: signer_pb2.RevokeRequest, context: Context
+    ) -> signer_pb2.RevokeResponse:
+        try:
+            caller = self._caller(context)
+            self._authorize(caller, self.may_rotate, "Revoke")
+            if not _THUMBPRINT.match(request.kid):
+                raise InvalidRequestError("kid is not a key id (RFC 7638 thumbprint)")
+            revoked, active = await self.store.revoke(request.kid)
+            log.info("revocation requested by %s: revoked %s", caller.spiffe_id or "unix", revoked)
+        except Exception as exc:
+            await self._fail(context, exc)
+        return signer_pb2.RevokeResponse(revoked_kid=revoked, active_kid=active)

@@ -2,9 +2,13 @@
 
 hvac is synchronous (requests), so every call runs in a worker thread. Foreign exceptions are
 translated here, where they enter: unreachable → SourceUnavailableError, check-and-set mismatch →
-SourceConflictError, anything else → KeySourceError. A 403 (token expired or revoked) triggers
-one re-login and a retry. A background task renews the token before it expires and logs in
-again when renewal fails or the token reached its max TTL. Tokens never appear in messages.
+SourceConflictError, a 403 that a fresh login does not cure → SourceDeniedError, anything else →
+KeySourceError. A 404 means "does not exist" only when Vault says nothing more (``errors: []``,
+e.g. KV metadata or a Transit key that was never written or was deleted); a 404 with an error
+("no handler for route": a missing mount, a wrong path) is an error, never an empty source.
+A 403 (token expired or revoked) triggers one re-login and a retry. A background task renews
+the token before it expires and logs in again when renewal fails or the token reached its max
+TTL. Tokens never appear in messages.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import asyncio
 import base64
 import contextlib
 import logging
+import re
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,10 +27,17 @@ import hvac
 import hvac.exceptions
 import requests
 from svidgate.signer.config import VaultConfig
-from svidgate.signer.errors import KeySourceError, SourceConflictError, SourceUnavailableError
+from svidgate.signer.errors import (
+    KeySourceError,
+    SourceConflictError,
+    SourceDeniedError,
+    SourceUnavailableError,
+)
 
 log = logging.getLogger("svidgate.signer.vault")
 T = TypeVar("T")
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
 
 TRANSIT_KEY_TYPES = {
     "EdDSA": "ed25519",
@@ -32,6 +45,11 @@ TRANSIT_KEY_TYPES = {
     "RS256": "rsa-2048",
     "PS256": "rsa-2048",
 }
+
+
+def parse_vault_time(text: str) -> datetime:
+    """Vault's RFC 3339 times carry nanoseconds; Python takes microseconds."""
+    return datetime.fromisoformat(_FRACTION.sub(r"\1", text).replace("Z", "+00:00"))
 
 
 def _read_secret_file(path: Path, what: str) -> str:
@@ -88,7 +106,7 @@ class VaultClient:
             try:
                 return await self._run(lambda: fn(self._client), what)
             except hvac.exceptions.Forbidden:
-                raise KeySourceError(f"vault denied {what} (check the policy)") from None
+                raise SourceDeniedError(f"vault denied {what} (check the policy)") from None
 
     # -- authentication -----------------------------------------------------------------------
 
@@ -182,7 +200,8 @@ class VaultClient:
         def read(c: hvac.Client) -> dict[str, Any] | None:
             try:
                 result = c.secrets.kv.v2.read_secret_metadata(cfg.kv_path, mount_point=cfg.kv_mount)
-            except hvac.exceptions.InvalidPath:
+            except hvac.exceptions.InvalidPath as exc:
+                _only_absent(exc)
                 return None
             data: dict[str, Any] = result["data"]
             return data
@@ -201,7 +220,8 @@ class VaultClient:
                     mount_point=cfg.kv_mount,
                     raise_on_deleted_version=True,
                 )
-            except hvac.exceptions.InvalidPath:
+            except hvac.exceptions.InvalidPath as exc:
+                _only_absent(exc)
                 return None
             data: dict[str, Any] = result["data"]["data"]
             return data
@@ -238,7 +258,8 @@ class VaultClient:
         def read(c: hvac.Client) -> dict[str, Any] | None:
             try:
                 result = c.secrets.transit.read_key(cfg.transit_key, mount_point=cfg.transit_mount)
-            except hvac.exceptions.InvalidPath:
+            except hvac.exceptions.InvalidPath as exc:
+                _only_absent(exc)
                 return None
             data: dict[str, Any] = result["data"]
             return data
@@ -262,6 +283,40 @@ class VaultClient:
             lambda c: c.secrets.transit.rotate_key(cfg.transit_key, mount_point=cfg.transit_mount),
             "transit rotate",
         )
+
+    async def transit_config_probe(self, min_decryption_version: int) -> None:
+        """Write ``min_decryption_version`` unchanged: SourceDeniedError unless the policy
+        lets this token configure the key (checked before anything is changed)."""
+        cfg = self.cfg
+        await self.call(
+            lambda c: c.secrets.transit.update_key_configuration(
+                cfg.transit_key,
+                min_decryption_version=min_decryption_version,
+                mount_point=cfg.transit_mount,
+            ),
+            "transit key config",
+        )
+
+    async def transit_trim(self, version: int) -> None:
+        """Delete every version below ``version`` for good: raise min_decryption_version and
+        min_encryption_version to it (the versions below leave ``transit/keys/NAME`` and can no
+        longer sign), then trim them (needs ``keys/NAME/config`` and ``keys/NAME/trim``)."""
+        cfg = self.cfg
+        transit = cfg.transit_key, cfg.transit_mount
+
+        def trim(c: hvac.Client) -> None:
+            name, mount = transit
+            # two calls (hvac refuses min_encryption_version == min_decryption_version in one),
+            # encryption first: Vault keeps min_encryption_version >= min_decryption_version
+            c.secrets.transit.update_key_configuration(
+                name, min_encryption_version=version, mount_point=mount
+            )
+            c.secrets.transit.update_key_configuration(
+                name, min_decryption_version=version, mount_point=mount
+            )
+            c.secrets.transit.trim_key(name, min_version=version, mount_point=mount)
+
+        await self.call(trim, f"transit trim below version {version}")
 
     async def transit_sign(self, algorithm: str, version: int, data: bytes) -> bytes:
         """A raw JWS signature of ``data`` by one key version (the key never leaves Vault)."""
@@ -293,6 +348,14 @@ class VaultClient:
         encoded = text.split(":", 2)[-1]  # "vault:v3:<signature>"
         normalized = encoded.replace("+", "-").replace("/", "_").rstrip("=")
         return base64.urlsafe_b64decode(normalized + "=" * (-len(normalized) % 4))
+
+
+def _only_absent(exc: hvac.exceptions.InvalidPath) -> None:
+    """A 404 with no error text means the thing does not exist; with one (``no handler for
+    route``: a missing mount or a wrong path) it is a failure, and raising keeps it from ever
+    reading as an empty source."""
+    if getattr(exc, "errors", None):
+        raise KeySourceError(f"vault: {_first_error(exc)}") from None
 
 
 def _first_error(exc: Exception) -> str:

@@ -4,15 +4,39 @@ The one source of that text: ``svidgate up`` writes it to its dev server, the te
 writes it, and ``deploy/vault/signer-policy.hcl`` is it for the default settings (a test
 checks). KV v2 data, metadata and destroy of the one secret; Transit create/read/sign/rotate of
 the one key; the token's own lookup and renewal. No wildcard unless a caller passes one.
+
+``transit_revoke=True`` adds ``keys/NAME/config`` and ``keys/NAME/trim``, which ``Revoke`` needs
+to drop a Transit version. It is off by default: config also governs exportability and
+deletion of the key, so the least-privilege policy leaves trimming to an operator.
 """
 
 from __future__ import annotations
 
 
-def signer_policy_hcl(*, kv_mount: str, kv_path: str, transit_mount: str, transit_key: str) -> str:
+def signer_policy_hcl(
+    *,
+    kv_mount: str,
+    kv_path: str,
+    transit_mount: str,
+    transit_key: str,
+    transit_revoke: bool = False,
+) -> str:
     """The least-privilege policy for a signer whose keys live at ``kv_mount``/``kv_path``
     (vault-kv) or in the Transit key ``transit_mount``/``transit_key`` (vault-transit): the
     fields of the same names in signer.yaml's ``keys.vault``."""
+    revoke = (
+        f"""
+# Revoke on vault-transit (optional): drop versions from the oldest end.
+path "{transit_mount}/keys/{transit_key}/config" {{
+  capabilities = ["update"]
+}}
+path "{transit_mount}/keys/{transit_key}/trim" {{
+  capabilities = ["update"]
+}}
+"""
+        if transit_revoke
+        else ""
+    )
     return f"""\
 # svidgate signer: least privilege (svidgate.signer.vault_policy.signer_policy_hcl).
 
@@ -38,7 +62,7 @@ path "{transit_mount}/keys/{transit_key}" {{
 path "{transit_mount}/keys/{transit_key}/rotate" {{
   capabilities = ["update"]
 }}
-
+{revoke}
 # Its own token: look up and renew before expiry.
 path "auth/token/lookup-self" {{
   capabilities = ["read"]

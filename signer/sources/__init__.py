@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from svidgate.signer.keyring import SigningKey
@@ -10,7 +10,9 @@ from svidgate.signer.rotation import NewKeyPlan
 
 
 class KeySource(Protocol):
-    """Where keys live. ``create`` is check-and-set against the last ``load``: it raises
+    """Where keys live, and the truth about which keys exist. ``load`` returns exactly the keys
+    the source holds, ``[]`` only when it really holds none, and raises KeySourceError when it
+    cannot tell. ``create`` is check-and-set against the last ``load``: it raises
     SourceConflictError when another replica wrote first (reload, then plan again)."""
 
     description: str
@@ -20,6 +22,12 @@ class KeySource(Protocol):
     async def create(self, plan: NewKeyPlan) -> SigningKey: ...
 
     async def remove(self, kids: Sequence[str]) -> None: ...
+
+    async def revoke(self, kid: str, *, keep: Collection[str]) -> None:
+        """Delete ``kid`` from the source now, for every replica; never a key in ``keep`` (the
+        other published keys). KeyNotFoundError when the source does not hold it (as of the
+        last ``load``), RevokeRefusedError when the source cannot delete it alone."""
+        ...
 
     async def background(self) -> None:
         """Long-running upkeep (Vault: log in, renew the token); returns at once if none."""

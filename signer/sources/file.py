@@ -3,6 +3,11 @@
 ``state.json`` holds a generation counter and, per key, its kid, algorithm, creation and
 activation times. Writers take an exclusive ``flock`` on ``.lock`` and compare the generation,
 so replicas sharing the directory get check-and-set semantics like Vault KV.
+
+The directory is the truth: a key whose entry or PEM file is gone is not a key (an operator
+revokes one by deleting its file), and no ``state.json`` means no keys. The directory is
+created by the first read; once read, a directory that disappears is an error (an unmounted
+volume is not an empty source), as is any file that exists but cannot be read.
 """
 
 from __future__ import annotations
@@ -11,14 +16,14 @@ import asyncio
 import fcntl
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from svidgate.pki.ca import write_private_file
-from svidgate.signer.errors import KeySourceError, SourceConflictError
+from svidgate.signer.errors import KeyNotFoundError, KeySourceError, SourceConflictError
 from svidgate.signer.keygen import (
     generate_signing_key,
     local_signing_key,
@@ -37,11 +42,18 @@ class FileKeySource:
         self.algorithm = algorithm
         self.description = f"file:{directory}"
         self._generation = 0
+        self._loaded = False
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        if not self._loaded:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        elif not self.directory.is_dir():
+            raise KeySourceError(f"{self.directory}: the key directory is gone")
+        try:
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise KeySourceError(f"{self.directory}: cannot lock ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -68,6 +80,7 @@ class FileKeySource:
     def _load_sync(self) -> list[SigningKey]:
         with self._locked():
             state = self._read_state()
+        self._loaded = True
         self._generation = int(state.get("generation", 0))
         keys = []
         for entry in state["keys"]:
@@ -80,6 +93,8 @@ class FileKeySource:
             path = self.directory / f"{kid}.pem"
             try:
                 pem = path.read_bytes()
+            except FileNotFoundError:
+                continue  # deleted (revoked, or removed by another replica since the read)
             except OSError as exc:
                 raise KeySourceError(f"{path}: cannot read ({exc.strerror})") from None
             key = local_signing_key(parse_private_key(pem, alg, str(path)), alg, created, activate)
@@ -109,14 +124,28 @@ class FileKeySource:
             self._write_state(state)
         return key
 
+    def _drop(self, state: dict[str, Any], kids: Collection[str]) -> None:
+        """Delete ``kids`` from ``state`` and their PEM files (the lock is held)."""
+        state["keys"] = [k for k in state["keys"] if k.get("kid") not in kids]
+        state["generation"] = int(state.get("generation", 0)) + 1
+        self._write_state(state)
+        for kid in kids:
+            (self.directory / f"{kid}.pem").unlink(missing_ok=True)
+
     def _remove_sync(self, kids: Sequence[str]) -> None:
         with self._locked():
+            self._drop(self._read_state(), kids)
+
+    def _revoke_sync(self, kid: str) -> None:
+        with self._locked():
             state = self._read_state()
-            state["keys"] = [k for k in state["keys"] if k.get("kid") not in kids]
-            state["generation"] = int(state.get("generation", 0)) + 1
-            self._write_state(state)
-            for kid in kids:
-                (self.directory / f"{kid}.pem").unlink(missing_ok=True)
+            if kid not in {str(k.get("kid")) for k in state["keys"]}:
+                raise KeyNotFoundError(f"{kid} is not in {self.description}")
+            self._drop(state, [kid])
+
+    async def revoke(self, kid: str, *, keep: Collection[str]) -> None:
+        """Delete ``kid``'s entry and PEM file; nothing else."""
+        await asyncio.to_thread(self._revoke_sync, kid)
 
     async def load(self) -> list[SigningKey]:
         return await asyncio.to_thread(self._load_sync)

@@ -3,14 +3,20 @@
 A version holds ``{kid, alg, private_key (PEM), created_at, activate_at}``. New keys are written
 with check-and-set on the current version, so concurrent replicas cannot both rotate; the loser
 reloads and plans again. Versions are immutable, so each is read once and cached.
+
+What the metadata says is the truth: a version that is destroyed, or deleted (its
+``deletion_time`` has passed), is not a key, and metadata that does not exist (never written,
+or deleted with ``kv metadata delete``) holds no key. Removed and revoked keys are destroyed, so
+every replica sees them gone at its next read. Anything Vault cannot answer is an error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Collection, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
-from svidgate.signer.errors import KeySourceError
+from svidgate.signer.errors import KeyNotFoundError, KeySourceError
 from svidgate.signer.keygen import (
     generate_signing_key,
     local_signing_key,
@@ -19,7 +25,16 @@ from svidgate.signer.keygen import (
 )
 from svidgate.signer.keyring import SigningKey
 from svidgate.signer.rotation import NewKeyPlan
-from svidgate.signer.vault import VaultClient
+from svidgate.signer.vault import VaultClient, parse_vault_time
+
+
+def version_is_gone(info: dict[str, Any], now: datetime) -> bool:
+    """A KV v2 version's metadata says it is destroyed or deleted (a deletion time may lie in
+    the future with ``delete_version_after``: the version is there until then)."""
+    if info.get("destroyed"):
+        return True
+    deletion = info.get("deletion_time")
+    return bool(deletion) and parse_vault_time(str(deletion)) <= now
 
 
 class VaultKvKeySource:
@@ -29,19 +44,21 @@ class VaultKvKeySource:
         self.description = f"vault-kv:{client.cfg.kv_mount}/{client.cfg.kv_path}"
         self._current_version = 0
         self._cache: dict[tuple[int, str], SigningKey] = {}
-        self._versions: dict[str, int] = {}
+        self._versions: dict[str, list[int]] = {}
 
     async def load(self) -> list[SigningKey]:
         meta = await self.client.kv_metadata()
-        if meta is None:
+        if meta is None:  # the metadata does not exist (vault.py tells that from an error)
             self._current_version = 0
+            self._cache, self._versions = {}, {}
             return []
         self._current_version = int(meta.get("current_version") or 0)
+        now = datetime.now(UTC)
         keys: list[SigningKey] = []
-        versions: dict[str, int] = {}
+        versions: dict[str, list[int]] = {}
         cache: dict[tuple[int, str], SigningKey] = {}
         for number, info in sorted((meta.get("versions") or {}).items(), key=lambda i: int(i[0])):
-            if info.get("deletion_time") or info.get("destroyed"):
+            if version_is_gone(info, now):
                 continue
             version = int(number)
             cache_key = (version, str(info.get("created_time")))
@@ -52,8 +69,9 @@ class VaultKvKeySource:
                     continue
                 key = self._parse(data, version)
             cache[cache_key] = key
-            versions[key.kid] = version
-            keys.append(key)
+            if key.kid not in versions:
+                keys.append(key)
+            versions.setdefault(key.kid, []).append(version)
         self._cache, self._versions = cache, versions
         return keys
 
@@ -88,9 +106,15 @@ class VaultKvKeySource:
         return key
 
     async def remove(self, kids: Sequence[str]) -> None:
-        versions = [self._versions[kid] for kid in kids if kid in self._versions]
+        versions = [v for kid in kids for v in self._versions.get(kid, ())]
         if versions:
             await self.client.kv_destroy(versions)
+
+    async def revoke(self, kid: str, *, keep: Collection[str]) -> None:
+        """Destroy every version holding ``kid`` (as of the last load); nothing else."""
+        if kid not in self._versions:
+            raise KeyNotFoundError(f"{kid} is not in {self.description}")
+        await self.client.kv_destroy(list(self._versions[kid]))
 
     async def background(self) -> None:
         await self.client.maintain_token()

@@ -2,34 +2,42 @@
 
 Each version of the transit key is one signing key; ``transit/sign`` signs a given version,
 public keys come from ``transit/keys/NAME`` (PEM for EC/RSA, raw base64 for ed25519).
-Transit stores no activation time, so it is derived: version 1 (bootstrap) activates at its
-creation, later versions ``rotation.prepare_ahead`` after theirs; every replica computes the same.
-Old versions stay in Vault; the ring stops publishing them once they are removed.
+Transit stores no activation time, so it is derived: the oldest version the key lists (version 1
+at bootstrap) activates at its creation, later versions ``rotation.prepare_ahead`` after theirs;
+every replica computes the same. Old versions stay in Vault; the ring stops publishing them once
+they are removed.
+
+The listing is the truth: a version below ``min_decryption_version`` (archived) or trimmed is
+not listed and is not a key; a key that does not exist (deleted) holds none. Vault cannot delete
+one version alone, only every version below one (``min_decryption_version``, then ``trim``), so
+:meth:`VaultTransitKeySource.revoke` drops a version only when every older version is already
+unpublished; revoking the newest version first rotates, so a fresh version takes over (it is
+then the oldest listed and active at once). The signer's default policy may not trim: revoke
+then answers with the operator's commands.
 """
 
 from __future__ import annotations
 
 import base64
-import re
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from collections.abc import Collection, Sequence
+from datetime import timedelta
 from functools import partial
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from svidgate.pki.jwt_svid import PublicKey
-from svidgate.signer.errors import KeySourceError, SourceConflictError
+from svidgate.signer.errors import (
+    KeyNotFoundError,
+    KeySourceError,
+    RevokeRefusedError,
+    SourceConflictError,
+    SourceDeniedError,
+)
 from svidgate.signer.jwt import check_key_algorithm, jwk_thumbprint
 from svidgate.signer.keyring import SigningKey
 from svidgate.signer.rotation import NewKeyPlan
-from svidgate.signer.vault import TRANSIT_KEY_TYPES, VaultClient
-
-_FRACTION = re.compile(r"(\.\d{6})\d+")
-
-
-def parse_vault_time(text: str) -> datetime:
-    """Vault's RFC 3339 times carry nanoseconds; Python takes microseconds."""
-    return datetime.fromisoformat(_FRACTION.sub(r"\1", text).replace("Z", "+00:00"))
+from svidgate.signer.vault import TRANSIT_KEY_TYPES, VaultClient, parse_vault_time
 
 
 def parse_transit_public_key(text: str, algorithm: str) -> PublicKey:
@@ -59,31 +67,35 @@ class VaultTransitKeySource:
 
     async def load(self) -> list[SigningKey]:
         data = await self.client.transit_key()
-        if data is None:
+        if data is None:  # the key does not exist (vault.py tells that from an error)
             self._latest = 0
             return []
+        self._latest = int(data.get("latest_version") or 0)
+        return [key for _, key in self._listed(data)]
+
+    def _listed(self, data: dict[str, Any]) -> list[tuple[int, SigningKey]]:
+        """(version, key) for every version ``transit/keys/NAME`` lists, oldest first."""
         if data.get("type") != TRANSIT_KEY_TYPES[self.algorithm]:
             raise KeySourceError(
                 f"{self.description}: key type {data.get('type')!r} does not fit {self.algorithm}"
             )
-        self._latest = int(data.get("latest_version") or 0)
-        keys = []
-        for number, info in (data.get("keys") or {}).items():
-            version = int(number)
+        listed = sorted((int(n), info) for n, info in (data.get("keys") or {}).items())
+        out = []
+        for version, info in listed:
             public = parse_transit_public_key(str(info["public_key"]), self.algorithm)
             created = parse_vault_time(str(info["creation_time"]))
-            activate = created if version == 1 else created + self.prepare_ahead
-            keys.append(
-                SigningKey(
-                    kid=jwk_thumbprint(public, self.algorithm),
-                    algorithm=self.algorithm,
-                    public_key=public,
-                    created_at=created,
-                    activate_at=activate,
-                    remote_sign=partial(self.client.transit_sign, self.algorithm, version),
-                )
+            oldest = version == listed[0][0]
+            activate = created if oldest else created + self.prepare_ahead
+            key = SigningKey(
+                kid=jwk_thumbprint(public, self.algorithm),
+                algorithm=self.algorithm,
+                public_key=public,
+                created_at=created,
+                activate_at=activate,
+                remote_sign=partial(self.client.transit_sign, self.algorithm, version),
             )
-        return keys
+            out.append((version, key))
+        return out
 
     async def create(self, plan: NewKeyPlan) -> SigningKey:
         before = self._latest
@@ -102,6 +114,40 @@ class VaultTransitKeySource:
 
     async def remove(self, kids: Sequence[str]) -> None:
         return None
+
+    async def revoke(self, kid: str, *, keep: Collection[str]) -> None:
+        """Delete ``kid``'s version and every older one (all of them unpublished, else refused)."""
+        data = await self.client.transit_key()
+        listed = self._listed(data) if data is not None else []
+        version = next((v for v, key in listed if key.kid == kid), None)
+        if data is None or version is None:
+            raise KeyNotFoundError(f"{kid} is not in {self.description}")
+        older = [key.kid for v, key in listed if v < version and key.kid in keep]
+        if older:
+            raise RevokeRefusedError(
+                f"{self.description} can only drop versions from the oldest end: version "
+                f"{version} ({kid}) has older versions that still verify ({', '.join(older)}); "
+                "revoke those first"
+            )
+        try:
+            await self.client.transit_config_probe(int(data.get("min_decryption_version") or 1))
+        except SourceDeniedError:
+            steps = self._operator_steps(version, int(data["latest_version"]))
+            raise RevokeRefusedError(steps) from None
+        if version == int(data["latest_version"]):
+            await self.client.transit_rotate()  # a fresh version takes over
+        await self.client.transit_trim(version + 1)
+
+    def _operator_steps(self, version: int, latest: int) -> str:
+        mount, name = self.client.cfg.transit_mount, self.client.cfg.transit_key
+        rotate = f"bao write -f {mount}/keys/{name}/rotate; " if version == latest else ""
+        return (
+            f"the signer's Vault policy may not trim {mount}/keys/{name} (it needs "
+            f"{mount}/keys/{name}/config and /trim): as an operator run {rotate}"
+            f"bao write {mount}/keys/{name}/config min_decryption_version={version + 1} "
+            f"min_encryption_version={version + 1}; bao write {mount}/keys/{name}/trim "
+            f"min_available_version={version + 1} (every signer drops the key at its next poll)"
+        )
 
     async def background(self) -> None:
         await self.client.maintain_token()

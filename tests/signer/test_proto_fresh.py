@@ -48,10 +48,22 @@ def test_contract_field_names() -> None:
         "JWKS": {"jwks_json", "sequence", "max_ttl_seconds", "clock_skew_seconds"},
         "WatchKeysRequest": {"after_sequence"},
         "RotateResponse": {"prepared_kid", "active_kid"},
+        "RevokeRequest": {"kid"},
+        "RevokeResponse": {"revoked_kid", "active_kid"},
     }
     for message, fields in expected.items():
         descriptor = signer_pb2.DESCRIPTOR.message_types_by_name[message]
         assert fields <= set(descriptor.fields_by_name), message
     service = signer_pb2.DESCRIPTOR.services_by_name["Signer"]
-    assert {m.name for m in service.methods} == {"Sign", "Verify", "GetJWKS", "WatchKeys", "Rotate"}
+    assert {m.name for m in service.methods} == {
+        "Sign",
+        "Verify",
+        "GetJWKS",
+        "WatchKeys",
+        "Rotate",
+        "Revoke",
+    }
+    revoke = service.methods_by_name["Revoke"]
+    assert (revoke.input_type.name, revoke.output_type.name) == ("RevokeRequest", "RevokeResponse")
+    assert not revoke.client_streaming and not revoke.server_streaming
     assert signer_pb2.DESCRIPTOR.package == "svidgate.signer.v1"

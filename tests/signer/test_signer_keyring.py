@@ -79,14 +79,25 @@ def test_sign_deadline_never_outlives_the_key() -> None:
     assert deadline[1] - (T0 + 200 * S) >= TIMING.max_ttl
 
 
-def test_missing_keys_are_kept_until_their_removal() -> None:
-    # the source lost everything and bootstrapped c at 200: a and b stay until due
-    ring = KeyRing([key("a", 0), key("b", 100)], TIMING, T0 + 150 * S)
-    after = ring.with_keys([key("c", 200)], T0 + 200 * S)
-    assert [k.kid for k in after.keys] == ["b", "c"]  # a was removed at 120
-    assert after.lookup("b", T0 + 210 * S).state == KeyState.RETIRED
+def test_the_source_is_the_truth() -> None:
+    # issue 9: a key the source no longer holds is gone at once (it used to be kept until its
+    # normal removal); keys already past their retention are not taken back either
+    ring = KeyRing.from_source([key("a", 0), key("b", 100), key("c", 200)], TIMING, T0 + 210 * S)
+    assert [k.kid for k in ring.keys] == ["b", "c"]  # a was removed at 120
+    assert ring.lookup("b", T0 + 210 * S).state == KeyState.RETIRED
+    after = KeyRing.from_source([key("c", 200)], TIMING, T0 + 211 * S)
+    assert [k.kid for k in after.keys] == ["c"]
     with pytest.raises(UnknownKidError):
-        after.lookup("b", T0 + 220 * S)
+        after.lookup("b", T0 + 211 * S)
+    assert {k["kid"] for k in after.jwks(T0 + 211 * S)["keys"]} == {"c"}
+    assert KeyRing.from_source([], TIMING, T0).keys == ()
+
+
+def test_without_and_superseded() -> None:
+    assert [k.kid for k in RING.without("b").keys] == ["a"]
+    assert RING.without("zzz").keys == RING.keys
+    assert RING.superseded(T0 + 50 * S) == frozenset()
+    assert RING.superseded(T0 + 110 * S) == {"a"}
 
 
 @pytest.mark.parametrize(
@@ -112,14 +123,22 @@ def test_plan_rotation(
         assert plan.activate_at == T0 + activate * S
 
 
-def test_plan_prepares_when_the_source_lost_the_newest_key() -> None:
-    ring = KeyRing([key("a", 0)], TIMING, T0 + 20 * S)
-    assert plan_rotation(ring, T0 + 20 * S, source_kids={"a"}).action == Action.NONE
-    plan = plan_rotation(ring, T0 + 20 * S, source_kids=set())
-    assert plan.action == Action.PREPARE and plan.activate_at == T0 + 30 * S
-    # once the new key is in the source (and the ring), nothing more is planned
-    after = KeyRing([key("a", 0), key("n", 30, 20)], TIMING, T0 + 21 * S)
-    assert plan_rotation(after, T0 + 21 * S, source_kids={"n"}).action == Action.NONE
+def test_plan_replaces_a_lost_active_key() -> None:
+    # b (active) was revoked: a, which b had superseded, is active again by the ring's rules
+    # but may not sign: a fresh key activates at once
+    revived = KeyRing([key("a", 0)], TIMING, T0 + 110 * S)
+    plan = plan_rotation(revived, T0 + 110 * S, lost_active={"a"})
+    assert plan.action == Action.REPLACE and plan.activate_at == T0 + 110 * S
+    # only a prepared key is left: nobody could sign until it activates
+    prepared = KeyRing([key("p", 130, 105)], TIMING, T0 + 110 * S)
+    plan = plan_rotation(prepared, T0 + 110 * S, lost_active=set())
+    assert plan.action == Action.REPLACE and plan.activate_at == T0 + 110 * S
+    # a key that was never superseded took over (another replica's fresh key, or a Transit
+    # version that is now the oldest): nothing to do
+    fresh = KeyRing([key("a", 0), key("f", 110)], TIMING, T0 + 111 * S)
+    assert plan_rotation(fresh, T0 + 111 * S, lost_active={"a"}).action == Action.NONE
+    # without a loss, a revived ring plans as usual (scheduled rotation only)
+    assert plan_rotation(revived, T0 + 50 * S).action == Action.NONE
 
 
 def test_next_change() -> None:

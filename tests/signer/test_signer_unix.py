@@ -40,8 +40,11 @@ def b64(data: bytes) -> str:
 @pytest.mark.parametrize("alg", ALGORITHMS)
 async def test_sign_then_verify_each_algorithm(short_dir: Path, alg: str) -> None:
     sock = short_dir / "s.sock"
+    # extra claims need authorization.claims (issue 9): `scope` is granted to the subject
+    grant = {"authorization": {"claims": {"scope": [CLIENT_ID]}}}
     cfg = write_config(
-        short_dir, deep_merge(base_config(sock, short_dir / "keys"), {"keys": {"algorithm": alg}})
+        short_dir,
+        deep_merge(base_config(sock, short_dir / "keys"), {"keys": {"algorithm": alg}, **grant}),
     )
     async with running_signer(cfg), unix_stub(sock) as stub:
         signed = await stub.Sign(
@@ -68,7 +71,8 @@ async def test_sign_then_verify_each_algorithm(short_dir: Path, alg: str) -> Non
 
 async def test_failures_carry_reason_code_and_metadata(short_dir: Path) -> None:
     sock = short_dir / "s.sock"
-    cfg = write_config(short_dir, base_config(sock, short_dir / "keys"))
+    grant = {"authorization": {"claims": {"blob": [CLIENT_ID]}}}  # to reach the size limit
+    cfg = write_config(short_dir, deep_merge(base_config(sock, short_dir / "keys"), grant))
     async with running_signer(cfg), unix_stub(sock) as stub:
         signed = await stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["orders"]))
         cases = [

@@ -93,3 +93,17 @@ class RotateResponse(_message.Message):
     prepared_kid: str
     active_kid: str
     def __init__(self, prepared_kid: _Optional[str] = ..., active_kid: _Optional[str] = ...) -> None: ...
+
+class RevokeRequest(_message.Message):
+    __slots__ = ("kid",)
+    KID_FIELD_NUMBER: _ClassVar[int]
+    kid: str
+    def __init__(self, kid: _Optional[str] = ...) -> None: ...
+
+class RevokeResponse(_message.Message):
+    __slots__ = ("revoked_kid", "active_kid")
+    REVOKED_KID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_KID_FIELD_NUMBER: _ClassVar[int]
+    revoked_kid: str
+    active_kid: str
+    def __init__(self, revoked_kid: _Optional[str] = ..., active_kid: _Optional[str] = ...) -> None: ...

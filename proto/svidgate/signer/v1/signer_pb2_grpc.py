@@ -59,6 +59,11 @@ class SignerStub:
                 request_serializer=svidgate_dot_signer_dot_v1_dot_signer__pb2.RotateRequest.SerializeToString,
                 response_deserializer=svidgate_dot_signer_dot_v1_dot_signer__pb2.RotateResponse.FromString,
                 _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/svidgate.signer.v1.Signer/Revoke',
+                request_serializer=svidgate_dot_signer_dot_v1_dot_signer__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=svidgate_dot_signer_dot_v1_dot_signer__pb2.RevokeResponse.FromString,
+                _registered_method=True)
 
 
 class SignerServicer:
@@ -99,6 +104,15 @@ class SignerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """Drop a key now (admin only): it is deleted from the key source and the ring, the new key
+        set is pushed to WatchKeys at once, and its tokens fail with unknown_kid. Revoking the
+        active key activates a fresh key at once. Unknown kid: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SignerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +140,11 @@ def add_SignerServicer_to_server(servicer, server):
                     servicer.Rotate,
                     request_deserializer=svidgate_dot_signer_dot_v1_dot_signer__pb2.RotateRequest.FromString,
                     response_serializer=svidgate_dot_signer_dot_v1_dot_signer__pb2.RotateResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=svidgate_dot_signer_dot_v1_dot_signer__pb2.RevokeRequest.FromString,
+                    response_serializer=svidgate_dot_signer_dot_v1_dot_signer__pb2.RevokeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +282,33 @@ class Signer:
             '/svidgate.signer.v1.Signer/Rotate',
             svidgate_dot_signer_dot_v1_dot_signer__pb2.RotateRequest.SerializeToString,
             svidgate_dot_signer_dot_v1_dot_signer__pb2.RotateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/svidgate.signer.v1.Signer/Revoke',
+            svidgate_dot_signer_dot_v1_dot_signer__pb2.RevokeRequest.SerializeToString,
+            svidgate_dot_signer_dot_v1_dot_signer__pb2.RevokeResponse.FromString,
             options,
             channel_credentials,
             insecure,

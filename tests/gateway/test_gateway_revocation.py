@@ -1,0 +1,256 @@
+"""Issue 9, item 3 end to end: a revoked key stops working at a real gateway.
+
+A real `svidgate signer serve` on vault-kv (a real OpenBao dev server), a real `svidgate gateway
+serve` process with one `verify: remote` and one `verify: local` route. A token verifies on
+both (and is cached); then its key is deleted the way an operator would (`bao kv destroy`), or
+with `svidgate signer revoke --kid`, and within poll_interval + a few seconds both routes answer
+401 `unknown_kid` for it: the signer drops the key, pushes the new key set over WatchKeys, and
+the gateway drops the cached verifications of that kid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+import yaml
+from gateway_harness import WEB_ID, Echo, LabPki, build_request, gateway_config, raw_exchange
+from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bao_server import BaoServer, bao_binary, bao_server
+
+AUDIENCE = "orders"
+POLL = 0.5  # the signer's rotation.poll_interval
+DEADLINE = POLL + 5.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def bao() -> Iterator[BaoServer]:
+    with bao_server() as server:
+        yield server
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))  # sun_path is short
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Stack:
+    def __init__(self, directory: Path, bao: BaoServer) -> None:
+        self.dir = directory
+        self.bao = bao
+        self.socket = directory / "signer.sock"
+        self.signer_config = directory / "signer.yaml"
+        self.kv_path = f"svidgate/revocation-{uuid.uuid4().hex[:8]}"
+        self.gateway_port = _free_port()
+        self.admin_port = _free_port()
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def write_signer_config(self) -> None:
+        token = self.dir / "vault-token"
+        token.write_text(self.bao.signer_token("1h"))
+        token.chmod(0o600)
+        self.signer_config.write_text(
+            yaml.safe_dump(
+                {
+                    "trust_domain": "example.org",
+                    "issuer": "spiffe://example.org/signer",
+                    "listen": {"unix": str(self.socket)},
+                    "authorization": {"sign": ["spiffe://example.org/**"]},
+                    "keys": {
+                        "source": "vault-kv",
+                        "algorithm": "ES256",
+                        "vault": {
+                            "address": self.bao.address,
+                            "auth": {"method": "token", "token_file": str(token)},
+                            "kv_path": self.kv_path,
+                        },
+                    },
+                    "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "30s"},
+                    "rotation": {"period": "1h", "prepare_ahead": "30s", "poll_interval": "500ms"},
+                }
+            )
+        )
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (self.dir / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "svidgate.cli", *args], stdout=log, stderr=log
+            )
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.dir / f"{name}.log").read_text()[-3000:]
+
+    async def start_signer(self) -> None:
+        self.write_signer_config()
+        proc = self.spawn("signer", "signer", "serve", "--config", str(self.signer_config))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, self.log("signer")
+            with contextlib.suppress(grpc.RpcError):
+                if self.socket.exists():
+                    await self.sign()
+                    return
+            await asyncio.sleep(0.1)
+        raise AssertionError("signer did not start: " + self.log("signer"))
+
+    async def start_gateway(self, pki: LabPki, echo: Echo) -> None:
+        doc: dict[str, Any] = gateway_config(pki, echo.port)
+        doc["listen"] = f"127.0.0.1:{self.gateway_port}"
+        doc["admin_listen"] = f"127.0.0.1:{self.admin_port}"
+        doc["signer"] = {"address": f"unix:{self.socket}", "timeout": "1s"}
+        for verify in ("remote", "local"):
+            doc["routes"].append(
+                {
+                    "name": f"jwt-{verify}",
+                    "match": {"path_prefix": f"/jwt/{verify}"},
+                    "upstream": "echo",
+                    "allow": [WEB_ID],
+                    "jwt": {"required": True, "audience": AUDIENCE, "verify": verify},
+                }
+            )
+        config = pki.dir / "gateway-revocation.yaml"
+        config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        proc = self.spawn("gateway", "gateway", "serve", "--config", str(config))
+        url = f"http://127.0.0.1:{self.admin_port}/readyz"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, self.log("gateway")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with aiohttp.ClientSession() as s, s.get(url) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+        raise AssertionError("gateway did not become ready: " + self.log("gateway"))
+
+    async def sign(self) -> signer_pb2.SignResponse:
+        def call() -> signer_pb2.SignResponse:
+            with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+                stub = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
+                request = signer_pb2.SignRequest(subject=WEB_ID, audience=[AUDIENCE])
+                reply: signer_pb2.SignResponse = stub.Sign(request, timeout=5)
+                return reply
+
+        return await asyncio.to_thread(call)
+
+    async def get(self, pki: LabPki, path: str, token: str) -> tuple[int, str]:
+        ctx = pki.client_context(pki.dir / "web.crt", pki.dir / "web.key")
+        request = build_request("GET", path, [("Authorization", f"Bearer {token}")])
+        resp = await raw_exchange(self.gateway_port, ctx, request)
+        assert resp is not None
+        reason = str(resp.json().get("reason", "")) if resp.status != 200 else ""
+        return resp.status, reason
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.fixture
+async def stack(
+    bao: BaoServer, short_dir: Path, test_pki: LabPki, echo: Echo
+) -> AsyncIterator[Stack]:
+    s = Stack(short_dir, bao)
+    try:
+        await s.start_signer()
+        await s.start_gateway(test_pki, echo)
+        yield s
+    finally:
+        s.stop()
+
+
+async def both_routes(stack: Stack, pki: LabPki, token: str) -> list[tuple[int, str]]:
+    return [await stack.get(pki, f"/jwt/{verify}/x", token) for verify in ("remote", "local")]
+
+
+async def until_both(
+    stack: Stack, pki: LabPki, token: str, wanted: list[tuple[int, str]], what: str
+) -> None:
+    """Retry both routes until they answer ``wanted`` (a deadline, no fixed sleep)."""
+    deadline = time.monotonic() + DEADLINE
+    got: list[tuple[int, str]] = []
+    while time.monotonic() < deadline:
+        got = await both_routes(stack, pki, token)
+        if got == wanted:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what}: both routes still answer {got}")
+
+
+REVOKED = [(401, "unknown_kid"), (401, "unknown_kid")]
+OK = [(200, ""), (200, "")]
+
+
+async def test_a_key_destroyed_in_vault_or_revoked_fails_at_the_gateway(
+    stack: Stack, test_pki: LabPki
+) -> None:
+    signed = await stack.sign()
+    for _ in range(2):  # verified, then served from the gateway's caches
+        assert await both_routes(stack, test_pki, signed.token) == OK
+
+    # the operator destroys the key's KV version (version 1: the bootstrap key)
+    env = {**os.environ, "BAO_ADDR": stack.bao.address, "BAO_TOKEN": stack.bao.root_token}
+    done = subprocess.run(
+        [bao_binary(), "kv", "destroy", "-mount=secret", "-versions=1", stack.kv_path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    await until_both(stack, test_pki, signed.token, REVOKED, "after bao kv destroy")
+
+    # a fresh key signs at once; both routes accept its tokens once the gateway has it
+    fresh = await stack.sign()
+    assert fresh.kid != signed.kid
+    await until_both(stack, test_pki, fresh.token, OK, "the fresh key")
+    assert await both_routes(stack, test_pki, fresh.token) == OK  # cached again
+
+    # the same through the signer itself
+    command = ["signer", "revoke", "--config", str(stack.signer_config), "--kid", fresh.kid]
+    done = subprocess.run(
+        [sys.executable, "-m", "svidgate.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"revoked {fresh.kid} (active ")
+    await until_both(stack, test_pki, fresh.token, REVOKED, "after svidgate signer revoke")
+    assert await both_routes(stack, test_pki, signed.token) == REVOKED
+    newest = await stack.sign()
+    await until_both(stack, test_pki, newest.token, OK, "the key after the revoked one")
