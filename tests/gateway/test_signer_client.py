@@ -210,23 +210,24 @@ def test_cache_key_separates_every_input_and_hides_the_token() -> None:
 def test_cache_lru_and_expiry() -> None:
     cache = VerificationCache(max_entries=2)
     k1, k2, k3 = (cache_key(t, AUD, None, None) for t in ("t1", "t2", "t3"))
-    cache.put(k1, vt("a"), valid_until=NOW + 10, now=NOW)
-    cache.put(k2, vt("a"), valid_until=NOW + 10, now=NOW)
+    cache.put(k1, vt("a"), valid_until=NOW + 10, now=NOW, token_bytes=2)
+    cache.put(k2, vt("a"), valid_until=NOW + 10, now=NOW, token_bytes=2)
     assert cache.get(k1, now=NOW) is not None  # k1 now most recent
-    cache.put(k3, vt("a"), valid_until=NOW + 10, now=NOW)
+    cache.put(k3, vt("a"), valid_until=NOW + 10, now=NOW, token_bytes=2)
     assert cache.get(k2, now=NOW) is None  # least recently used was evicted
     assert cache.get(k1, now=NOW) is not None
     assert cache.get(k3, now=NOW + 10) is None  # expired at valid_until
     assert len(cache) == 1
-    cache.put(k2, vt("a"), valid_until=NOW - 1, now=NOW)  # already expired: not stored
+    # already expired: not stored
+    cache.put(k2, vt("a"), valid_until=NOW - 1, now=NOW, token_bytes=2)
     assert cache.get(k2, now=NOW) is None
 
 
 def test_cache_drops_entries_of_removed_keys() -> None:
     cache = VerificationCache()
     ka, kb = cache_key("ta", AUD, None, None), cache_key("tb", AUD, None, None)
-    cache.put(ka, vt("old"), valid_until=NOW + 60, now=NOW)
-    cache.put(kb, vt("new"), valid_until=NOW + 60, now=NOW)
+    cache.put(ka, vt("old"), valid_until=NOW + 60, now=NOW, token_bytes=2)
+    cache.put(kb, vt("new"), valid_until=NOW + 60, now=NOW, token_bytes=2)
     assert cache.retain_kids({"new"}) == 1
     assert cache.get(ka, now=NOW) is None
     assert cache.get(kb, now=NOW) is not None
@@ -238,8 +239,8 @@ def test_new_key_set_evicts_verifications_of_removed_keys_and_bad_sets_are_ignor
     client._install_keyset(json.dumps({"keys": [old.jwk, new.jwk]}), 1)
     ka, kb = cache_key("ta", AUD, None, None), cache_key("tb", AUD, None, None)
     now = time.time()
-    client.cache.put(ka, vt("old"), valid_until=now + 60, now=now)
-    client.cache.put(kb, vt("new"), valid_until=now + 60, now=now)
+    client.cache.put(ka, vt("old"), valid_until=now + 60, now=now, token_bytes=2)
+    client.cache.put(kb, vt("new"), valid_until=now + 60, now=now, token_bytes=2)
     client._install_keyset(json.dumps({"keys": [new.jwk]}), 2)  # "old" was removed
     assert client.cache.get(ka, now=now) is None
     assert client.cache.get(kb, now=now) is not None
