@@ -211,14 +211,19 @@ class SignerConnector:
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
 
-    async def _accept(self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter) -> None:
+    def _accept(self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter) -> None:
+        """A connection from the gRPC channel: relay it in a task of our own (bounded)."""
         if len(self._relays) >= self.max_connections:
             self._report(f"{self.max_connections} signer connections open: refusing another")
-            await _close(local_w)
+            local_w.close()
             return
-        task = asyncio.current_task()
-        assert task is not None
+        task = asyncio.get_running_loop().create_task(self._connection(local_r, local_w))
         self._relays.add(task)
+        task.add_done_callback(self._relays.discard)
+
+    async def _connection(
+        self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter
+    ) -> None:
         try:
             await self._serve(local_r, local_w)
         except asyncio.CancelledError:
@@ -226,8 +231,7 @@ class SignerConnector:
         except Exception:  # never let one connection disturb the gateway
             log.exception("unexpected error on a signer connection")
         finally:
-            self._relays.discard(task)
-            await _close(local_w)
+            local_w.close()
 
     async def _serve(self, local_r: asyncio.StreamReader, local_w: asyncio.StreamWriter) -> None:
         try:
@@ -251,13 +255,17 @@ class SignerConnector:
         self,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, X509Svid]:
         generation = self.credentials.current()
-        reader, writer = await asyncio.open_connection(
-            self.host,
-            self.port,
-            ssl=generation.context,
-            server_hostname=self.server_name,
-            ssl_handshake_timeout=self.connect_timeout,
-        )
+        try:
+            reader, writer = await asyncio.open_connection(
+                self.host,
+                self.port,
+                ssl=generation.context,
+                server_hostname=self.server_name,
+                ssl_handshake_timeout=self.connect_timeout,
+            )
+        except ssl.SSLCertVerificationError as exc:  # no chain to signer.tls.bundle
+            why = exc.verify_message or str(exc)
+            raise SignerIdentityError(f"the signer's certificate is not trusted: {why}") from None
         try:
             ssl_object = writer.get_extra_info("ssl_object")
             if ssl_object is None or ssl_object.session_reused:

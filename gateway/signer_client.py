@@ -489,6 +489,10 @@ class SignerClient:
             await connector.close()
         self._state.connected = False
 
+    def _failure(self, rpc: str, code: str) -> str:
+        identity_error = self.identity_error
+        return f"signer {rpc} failed: {code}" + (f" ({identity_error})" if identity_error else "")
+
     @property
     def identity_error(self) -> str | None:
         """Why the last TCP connection to the signer was refused (a wrong or untrusted SPIFFE
@@ -592,7 +596,7 @@ class SignerClient:
             if code.name in _TOKEN_ERROR_CODES:
                 reason, detail = _reason_from_error(err)
                 raise TokenRejected(reason, detail) from None
-            raise SignerUnavailable(f"signer Verify failed: {code.name}") from None
+            raise SignerUnavailable(self._failure("Verify", code.name)) from None
         except (asyncio.CancelledError, grpc.aio.UsageError) as err:
             if isinstance(err, asyncio.CancelledError):
                 raise
@@ -697,7 +701,7 @@ class SignerClient:
                 signer_pb2.GetJWKSRequest(), timeout=self.timeout.total_seconds()
             )
         except grpc.aio.AioRpcError as err:
-            raise SignerUnavailable(f"signer GetJWKS failed: {err.code().name}") from None
+            raise SignerUnavailable(self._failure("GetJWKS", err.code().name)) from None
         return self._install_keyset(
             response.jwks_json,
             response.sequence,
@@ -737,9 +741,8 @@ class SignerClient:
         return keyset
 
     def _require_stub(self) -> signer_pb2_grpc.SignerStub:
-        identity_error = self.identity_error
-        if identity_error is not None:
-            raise SignerUnavailable(identity_error)
+        # No gate on identity_error here: RPCs only ever travel over verified connections, and
+        # they are what makes gRPC dial again once the genuine signer is back.
         if self._stub is None:
             raise SignerUnavailable("signer client is not started")
         return self._stub
