@@ -133,7 +133,8 @@ def cache_key(
 
 def deep_size(value: object) -> int:
     """Bytes held by a decoded JSON value (``sys.getsizeof`` over dicts, lists and scalars).
-    Shared objects (small ints, interned keys) are counted each time: an over-estimate."""
+    Shared objects (small ints, interned keys) are counted each time: an over-estimate. Claims
+    come from ``loads_strict``, so the recursion is at most MAX_JSON_DEPTH (64) deep."""
     size = sys.getsizeof(value)
     if isinstance(value, dict):
         for key, item in value.items():
