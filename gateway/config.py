@@ -52,13 +52,25 @@ class TrustDomainConfig(ConfigModel):
 
 
 class SignerTLS(ConfigModel):
-    """mTLS to a signer reached over TCP: the gateway's SVID, the bundle, the signer's ID."""
+    """mTLS to a signer reached over TCP: the gateway's SVID, the bundle, the signer's ID.
+
+    ``spiffe_id`` is the signer's identity, verified on every connection that carries RPCs
+    (gateway/signer_channel.py). ``server_name`` is only the SNI sent; it authenticates nothing.
+    """
 
     cert: ConfigPath
     key: ConfigPath
     bundle: ConfigPath
-    spiffe_id: SpiffeIdField | None = None
-    server_name: str = "localhost"
+    spiffe_id: SpiffeIdField
+    server_name: str | None = Field(default=None, min_length=1)
+
+
+class SignerCacheConfig(ConfigModel):
+    """The bounds of each verification cache (remote and local have one each)."""
+
+    max_entries: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    max_token_bytes: int = Field(default=4096, ge=0)  # longer tokens: verified, not cached
 
 
 class SignerClientConfig(ConfigModel):
@@ -71,6 +83,7 @@ class SignerClientConfig(ConfigModel):
     issuer: str | None = None
     clock_skew: Duration = timedelta(seconds=30)
     max_ttl: Duration | None = None  # verify: local: stricter than the signer's pushed max_ttl
+    cache: SignerCacheConfig = SignerCacheConfig()
 
     @field_validator("address")
     @classmethod

@@ -1,6 +1,8 @@
 """The gateway's side of the signer contract: verify JWTs remotely (``Verify``) or locally.
 
-One persistent grpc.aio channel (a Unix socket, or TCP with mTLS) carries every call. A
+One persistent grpc.aio channel carries every call: to the signer's Unix socket, or, for a TCP
+signer, to :class:`~svidgate.gateway.signer_channel.SignerConnector`, which relays it over TLS
+once the signer's SPIFFE ID is verified on that connection. A
 background task keeps a ``GetJWKS`` + ``WatchKeys`` subscription open: it feeds the local
 verifier (``mode="local"``), evicts cached remote verifications whose key is gone, and tells
 readiness whether the signer is reachable. Local verification is
@@ -19,7 +21,7 @@ import contextlib
 import hashlib
 import logging
 import random
-import ssl
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.exceptions import PyJWTError
 from svidgate.gateway.errors import SignerUnavailable, TokenRejected
+from svidgate.gateway.signer_channel import SignerConnector
 from svidgate.pki.jose import ALGORITHMS, jws_algorithm, key_fits_algorithm, loads_strict
 from svidgate.pki.jwt_svid import (
     JwtSvidError,
@@ -59,6 +62,12 @@ VerifyMode = Literal["remote", "local"]
 
 DEFAULT_CLOCK_SKEW = timedelta(seconds=30)
 DEFAULT_CACHE_ENTRIES = 10_000
+DEFAULT_CACHE_BYTES = 16 * 1024 * 1024  # per cache (remote and local each have one)
+DEFAULT_CACHE_TOKEN_BYTES = 4096  # longer tokens are verified every time, never cached
+# Bytes one cache entry costs besides its claims and key strings: the OrderedDict slot, the key
+# tuple and its 32-byte digest, _CacheEntry, VerifiedToken, its MappingProxyType and the float.
+# tracemalloc on CPython 3.11 measured about 420 bytes; rounded up.
+CACHE_ENTRY_OVERHEAD = 512
 REFETCH_MIN_INTERVAL = 1.0  # seconds between two GetJWKS refetches triggered by unknown kids
 RECONNECT_BACKOFF_MIN = 0.05
 RECONNECT_BACKOFF_MAX = 2.0
@@ -77,9 +86,20 @@ class SignerTLSSettings(Protocol):
     @property
     def bundle(self) -> Path: ...
     @property
-    def spiffe_id(self) -> str | None: ...
+    def spiffe_id(self) -> str: ...
     @property
-    def server_name(self) -> str: ...
+    def server_name(self) -> str | None: ...
+
+
+class CacheSettings(Protocol):
+    """What the client needs from ``gateway.config.SignerCacheConfig``."""
+
+    @property
+    def max_entries(self) -> int: ...
+    @property
+    def max_bytes(self) -> int: ...
+    @property
+    def max_token_bytes(self) -> int: ...
 
 
 class SignerSettings(Protocol):
@@ -111,51 +131,111 @@ def cache_key(
     return (digest, audience, expected_subject or "", thumbprint or "", require_binding)
 
 
-@dataclass
+def deep_size(value: object) -> int:
+    """Bytes held by a decoded JSON value (``sys.getsizeof`` over dicts, lists and scalars).
+    Shared objects (small ints, interned keys) are counted each time: an over-estimate. Claims
+    come from ``loads_strict``, so the recursion is at most MAX_JSON_DEPTH (64) deep."""
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            size += deep_size(key) + deep_size(item)
+    elif isinstance(value, list):
+        for item in value:
+            size += deep_size(item)
+    return size
+
+
+def entry_cost(key: CacheKey, token: VerifiedToken) -> int:
+    """What one cached verification costs in memory: :data:`CACHE_ENTRY_OVERHEAD`, the claims
+    as Python objects and the strings of the key (the token itself is never held, only its
+    SHA-256). Checked against tracemalloc in tests/gateway/test_signer_client.py."""
+    strings = sum(sys.getsizeof(part) for part in key[1:4]) + sys.getsizeof(token.subject)
+    return CACHE_ENTRY_OVERHEAD + strings + deep_size(dict(token.claims))
+
+
+@dataclass(slots=True)
 class _CacheEntry:
     token: VerifiedToken
     valid_until: float
+    cost: int
 
 
 class VerificationCache:
-    """Bounded LRU of successful verifications, each valid until ``min(exp, key removal)``."""
+    """LRU of successful verifications, each valid until ``min(exp, key removal)``, bounded by
+    ``max_entries`` and by ``max_bytes`` (the sum of :func:`entry_cost`). A token longer than
+    ``max_token_bytes`` is not cached (it is verified every time)."""
 
-    def __init__(self, max_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_CACHE_ENTRIES,
+        max_bytes: int = DEFAULT_CACHE_BYTES,
+        max_token_bytes: int = DEFAULT_CACHE_TOKEN_BYTES,
+    ) -> None:
+        if max_entries < 1 or max_bytes < 1 or max_token_bytes < 0:
+            raise ValueError("max_entries and max_bytes must be positive, max_token_bytes >= 0")
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_token_bytes = max_token_bytes
         self._entries: OrderedDict[CacheKey, _CacheEntry] = OrderedDict()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """The summed cost of the entries held now."""
+        return self._bytes
 
     def get(self, key: CacheKey, *, now: float) -> VerifiedToken | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
         if now >= entry.valid_until:
-            del self._entries[key]
+            self._drop(key)
             return None
         self._entries.move_to_end(key)
         return entry.token
 
-    def put(self, key: CacheKey, token: VerifiedToken, *, valid_until: float, now: float) -> None:
-        if valid_until <= now:
-            return
-        self._entries[key] = _CacheEntry(token, valid_until)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+    def put(
+        self,
+        key: CacheKey,
+        token: VerifiedToken,
+        *,
+        valid_until: float,
+        now: float,
+        token_bytes: int,
+    ) -> bool:
+        """Cache a verification of a token of ``token_bytes`` bytes, evicting the least
+        recently used entries to stay within both bounds; False when it is not cached."""
+        if valid_until <= now or token_bytes > self.max_token_bytes:
+            return False
+        cost = entry_cost(key, token)
+        if cost > self.max_bytes:
+            return False
+        self._drop(key)
+        self._entries[key] = _CacheEntry(token, valid_until, cost)
+        self._bytes += cost
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.cost
+        return True
 
     def retain_kids(self, kids: Collection[str]) -> int:
         """Drop every entry verified with a key that is no longer published; returns the count."""
         gone = [k for k, e in self._entries.items() if e.token.kid not in kids]
         for k in gone:
-            del self._entries[k]
+            self._drop(k)
         return len(gone)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
+
+    def _drop(self, key: CacheKey) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry.cost
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,10 +394,11 @@ class SignerClient:
         issuer: str | None = None,
         clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
         max_ttl: timedelta | None = None,
-        cache_entries: int = DEFAULT_CACHE_ENTRIES,
+        cache: CacheSettings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``issuer``, ``clock_skew``, ``max_ttl``: local verification (see :func:`local_policy`);
+        ``cache``: the bounds of each verification cache (default: the module's defaults);
         ``clock``: Unix seconds for token times and cache lifetimes."""
         if not address:
             raise ConfigError("signer.address: empty")
@@ -325,6 +406,8 @@ class SignerClient:
             raise ConfigError("signer.tls: only for a TCP address, not unix:")
         if not address.startswith("unix:") and tls is None:
             raise ConfigError("signer.tls: required for a TCP signer address (mTLS)")
+        if tls is not None and not tls.spiffe_id:
+            raise ConfigError("signer.tls.spiffe_id: is required for a TCP signer")
         if max_ttl is not None and max_ttl < timedelta(seconds=1):
             raise ConfigError("signer.max_ttl: must be at least 1s")
         self.address = address
@@ -334,14 +417,19 @@ class SignerClient:
         self.clock_skew = clock_skew
         self.max_ttl = max_ttl
         self.clock = clock
-        self.cache = VerificationCache(cache_entries)
+        bounds = (
+            (DEFAULT_CACHE_ENTRIES, DEFAULT_CACHE_BYTES, DEFAULT_CACHE_TOKEN_BYTES)
+            if cache is None
+            else (cache.max_entries, cache.max_bytes, cache.max_token_bytes)
+        )
+        self.cache = VerificationCache(*bounds)
         # Local verifications, kept apart from remote ones: same key, same lifetime rules.
-        self.local_cache = VerificationCache(cache_entries)
+        self.local_cache = VerificationCache(*bounds)
         self._channel: grpc.aio.Channel | None = None
+        self._connector: SignerConnector | None = None
         self._stub: signer_pb2_grpc.SignerStub | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._state = _WatchState()
-        self._identity_error: str | None = None
 
     @classmethod
     def from_config(cls, cfg: SignerSettings) -> SignerClient:
@@ -353,6 +441,7 @@ class SignerClient:
             issuer=getattr(cfg, "issuer", None),
             clock_skew=getattr(cfg, "clock_skew", None) or DEFAULT_CLOCK_SKEW,
             max_ttl=getattr(cfg, "max_ttl", None),
+            cache=getattr(cfg, "cache", None),
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -374,12 +463,15 @@ class SignerClient:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.enable_retries", 0),
         ]
-        if self.tls is None:
-            channel = grpc.aio.insecure_channel(self.address, options=options)
-        else:
-            creds = _channel_credentials(self.tls)
-            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
-            channel = grpc.aio.secure_channel(self.address, creds, options=options)
+        target = self.address
+        if self.tls is not None:
+            # TCP: gRPC speaks to a private Unix socket; the connector relays to the signer over
+            # TLS after verifying its SPIFFE ID on that very connection (signer_channel.py).
+            connector = SignerConnector(self.address, self.tls)
+            target = await connector.start()
+            self._connector = connector
+            options.append(("grpc.default_authority", self.address))
+        channel = grpc.aio.insecure_channel(target, options=options)
         self._channel = channel
         self._stub = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
         self._watch_task = asyncio.create_task(self._watch_keys(), name="signer-watch-keys")
@@ -393,7 +485,20 @@ class SignerClient:
         channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
             await channel.close(grace=None)
+        connector, self._connector = self._connector, None
+        if connector is not None:
+            await connector.close()
         self._state.connected = False
+
+    def _failure(self, rpc: str, code: str) -> str:
+        identity_error = self.identity_error
+        return f"signer {rpc} failed: {code}" + (f" ({identity_error})" if identity_error else "")
+
+    @property
+    def identity_error(self) -> str | None:
+        """Why the last TCP connection to the signer was refused (a wrong or untrusted SPIFFE
+        ID), until a connection to the right signer succeeds; None over a Unix socket."""
+        return self._connector.identity_error if self._connector is not None else None
 
     async def __aenter__(self) -> SignerClient:
         await self.start()
@@ -405,7 +510,7 @@ class SignerClient:
     def ready(self, *, mode: VerifyMode = "remote") -> bool:
         """Remote: the key subscription is live (the signer answers). Local: a key set is held
         (the last good one is kept while the signer is away) with an issuer and a max_ttl."""
-        if self._channel is None or self._identity_error is not None:
+        if self._channel is None or self.identity_error is not None:
             return False
         if mode == "local":
             keyset = self._state.keyset
@@ -492,7 +597,7 @@ class SignerClient:
             if code.name in _TOKEN_ERROR_CODES:
                 reason, detail = _reason_from_error(err)
                 raise TokenRejected(reason, detail) from None
-            raise SignerUnavailable(f"signer Verify failed: {code.name}") from None
+            raise SignerUnavailable(self._failure("Verify", code.name)) from None
         except (asyncio.CancelledError, grpc.aio.UsageError) as err:
             if isinstance(err, asyncio.CancelledError):
                 raise
@@ -511,7 +616,9 @@ class SignerClient:
             valid_until = min(valid_until, float(response.key_valid_until))
         keyset = self._state.keyset
         if keyset is None or verified.kid in keyset.keys:
-            self.cache.put(key, verified, valid_until=valid_until, now=self.clock())
+            self.cache.put(
+                key, verified, valid_until=valid_until, now=self.clock(), token_bytes=len(token)
+            )
         return verified
 
     async def _verify_local(
@@ -559,7 +666,10 @@ class SignerClient:
         if self._state.keyset is keyset:  # not replaced while we were refetching
             # Valid until exp (the clock skew is not extended to cached entries); an entry
             # leaves earlier when its key is removed or changed (:meth:`_install_keyset`).
-            self.local_cache.put(key, verified, valid_until=float(verified.expires_at), now=now)
+            valid_until = float(verified.expires_at)
+            self.local_cache.put(
+                key, verified, valid_until=valid_until, now=now, token_bytes=len(token)
+            )
         return verified
 
     async def _refetch_for_kid(self, kid: str) -> KeySet:
@@ -592,7 +702,7 @@ class SignerClient:
                 signer_pb2.GetJWKSRequest(), timeout=self.timeout.total_seconds()
             )
         except grpc.aio.AioRpcError as err:
-            raise SignerUnavailable(f"signer GetJWKS failed: {err.code().name}") from None
+            raise SignerUnavailable(self._failure("GetJWKS", err.code().name)) from None
         return self._install_keyset(
             response.jwks_json,
             response.sequence,
@@ -632,8 +742,8 @@ class SignerClient:
         return keyset
 
     def _require_stub(self) -> signer_pb2_grpc.SignerStub:
-        if self._identity_error is not None:
-            raise SignerUnavailable(self._identity_error)
+        # No gate on identity_error here: RPCs only ever travel over verified connections, and
+        # they are what makes gRPC dial again once the genuine signer is back.
         if self._stub is None:
             raise SignerUnavailable("signer client is not started")
         return self._stub
@@ -648,8 +758,6 @@ class SignerClient:
         backoff = RECONNECT_BACKOFF_MIN
         while True:
             try:
-                if self.tls is not None and self.tls.spiffe_id:
-                    await self._check_signer_identity()
                 keyset = await self._fetch_jwks()
                 stub = self._require_stub()
                 stream = stub.WatchKeys(signer_pb2.WatchKeysRequest(after_sequence=keyset.sequence))
@@ -674,29 +782,6 @@ class SignerClient:
             self._state.connected = False
             await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 - jitter only
             backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
-
-    async def _check_signer_identity(self) -> None:
-        """TCP + ``spiffe_id``: handshake once with the same credentials and check the signer's
-        SVID (gRPC's Python client exposes no peer certificate). Mismatch → never used."""
-        tls = self.tls
-        assert tls is not None and tls.spiffe_id
-        host, _, port = self.address.rpartition(":")
-        host = host.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:")
-        host = host.strip("[]")
-        try:
-            found = await asyncio.wait_for(
-                asyncio.to_thread(_peer_spiffe_id, host, int(port), tls),
-                timeout=max(self.timeout.total_seconds(), 1.0),
-            )
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise SignerUnavailable(f"signer identity check failed: {exc}") from None
-        if found != tls.spiffe_id:
-            self._identity_error = (
-                f"signer presented {found!r}, expected {tls.spiffe_id!r}: refusing to use it"
-            )
-            log.error("%s", self._identity_error)
-            raise SignerUnavailable(self._identity_error)
-        self._identity_error = None
 
 
 def _remote_result(response: Any) -> VerifiedToken:
@@ -745,47 +830,3 @@ def _same_public_key(a: Any, b: Any) -> bool:
         return bool(a == b)
     except Exception:  # an exotic key type without equality: treat it as changed
         return False
-
-
-def _channel_credentials(tls: SignerTLSSettings) -> grpc.ChannelCredentials:
-    """mTLS credentials for the channel: the gateway's SVID and the signer's trust bundle."""
-    import grpc
-
-    try:
-        return grpc.ssl_channel_credentials(
-            root_certificates=Path(tls.bundle).read_bytes(),
-            private_key=Path(tls.key).read_bytes(),
-            certificate_chain=Path(tls.cert).read_bytes(),
-        )
-    except OSError as exc:
-        raise ConfigError(f"signer.tls: cannot read {exc.filename}: {exc.strerror}") from None
-
-
-def _peer_spiffe_id(host: str, port: int, tls: SignerTLSSettings) -> str:
-    """Connect with mTLS (same cert, bundle and server name as the channel) and return the
-    verified peer's SPIFFE ID, checked with pki's SVID rules."""
-    import socket
-    from datetime import UTC, datetime
-
-    from cryptography import x509
-    from svidgate.pki.bundle import BundleSet, load_bundle
-    from svidgate.pki.svid import check_svid_profile, verify_x509_svid
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cafile=str(tls.bundle))
-    ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    with (
-        socket.create_connection((host, port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname=tls.server_name) as conn,
-    ):
-        der = conn.getpeercert(binary_form=True)
-        chain = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in conn._sslobj.get_verified_chain()]  # type: ignore[attr-defined]
-    if not der:
-        raise ValueError("signer presented no certificate")
-    leaf = x509.load_der_x509_certificate(der)
-    spiffe_id = check_svid_profile(leaf)
-    intermediates = [x509.load_der_x509_certificate(d) for d in chain[1:-1]]
-    bundle = load_bundle(tls.bundle, spiffe_id.trust_domain)
-    verify_x509_svid(leaf, intermediates, BundleSet.from_bundles([bundle]), now=datetime.now(UTC))
-    return str(spiffe_id)

@@ -191,6 +191,7 @@ def test_bad_listeners_name_the_field(tmp_path: Path, field: str, value: str) ->
 
 def test_signer_address_forms(tmp_path: Path) -> None:
     tls = {"cert": "gateway.crt", "key": "gateway.key", "bundle": "bundle.pem"}
+    tls["spiffe_id"] = "spiffe://example.org/signer"
     doc = {**_doc(), "signer": {"address": "[::1]:7443", "tls": tls}}
     cfg = load_config(_write(tmp_path, doc))
     assert cfg.signer is not None and cfg.signer.address == "[::1]:7443"

@@ -12,9 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import grpc
@@ -23,7 +25,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-from svidgate.gateway.config import SignerClientConfig
+from svidgate.gateway.config import SignerCacheConfig, SignerClientConfig, parse_config
 from svidgate.gateway.errors import SignerUnavailable, TokenRejected
 from svidgate.gateway.signer_client import (
     KeySet,
@@ -31,6 +33,7 @@ from svidgate.gateway.signer_client import (
     SignerClient,
     VerificationCache,
     cache_key,
+    entry_cost,
     local_policy,
 )
 from svidgate.pki.jwt_svid import MAX_TOKEN_BYTES, UnknownKidError, VerifiedToken
@@ -210,26 +213,139 @@ def test_cache_key_separates_every_input_and_hides_the_token() -> None:
 def test_cache_lru_and_expiry() -> None:
     cache = VerificationCache(max_entries=2)
     k1, k2, k3 = (cache_key(t, AUD, None, None) for t in ("t1", "t2", "t3"))
-    cache.put(k1, vt("a"), valid_until=NOW + 10, now=NOW)
-    cache.put(k2, vt("a"), valid_until=NOW + 10, now=NOW)
+    cache.put(k1, vt("a"), valid_until=NOW + 10, now=NOW, token_bytes=2)
+    cache.put(k2, vt("a"), valid_until=NOW + 10, now=NOW, token_bytes=2)
     assert cache.get(k1, now=NOW) is not None  # k1 now most recent
-    cache.put(k3, vt("a"), valid_until=NOW + 10, now=NOW)
+    cache.put(k3, vt("a"), valid_until=NOW + 10, now=NOW, token_bytes=2)
     assert cache.get(k2, now=NOW) is None  # least recently used was evicted
     assert cache.get(k1, now=NOW) is not None
     assert cache.get(k3, now=NOW + 10) is None  # expired at valid_until
     assert len(cache) == 1
-    cache.put(k2, vt("a"), valid_until=NOW - 1, now=NOW)  # already expired: not stored
+    # already expired: not stored
+    cache.put(k2, vt("a"), valid_until=NOW - 1, now=NOW, token_bytes=2)
     assert cache.get(k2, now=NOW) is None
 
 
 def test_cache_drops_entries_of_removed_keys() -> None:
     cache = VerificationCache()
     ka, kb = cache_key("ta", AUD, None, None), cache_key("tb", AUD, None, None)
-    cache.put(ka, vt("old"), valid_until=NOW + 60, now=NOW)
-    cache.put(kb, vt("new"), valid_until=NOW + 60, now=NOW)
+    cache.put(ka, vt("old"), valid_until=NOW + 60, now=NOW, token_bytes=2)
+    cache.put(kb, vt("new"), valid_until=NOW + 60, now=NOW, token_bytes=2)
     assert cache.retain_kids({"new"}) == 1
     assert cache.get(ka, now=NOW) is None
     assert cache.get(kb, now=NOW) is not None
+
+
+def roles_token(seed: int, count: int, kid: str = "a") -> VerifiedToken:
+    """A verification whose claims hold ``count`` distinct short strings (costly per byte)."""
+    claims = json.loads(json.dumps({"sub": SUB, "roles": [f"r{seed}-{i}" for i in range(count)]}))
+    return VerifiedToken(kid=kid, subject=SUB, expires_at=2_000_000_000, claims=claims)
+
+
+def test_cache_is_bounded_by_bytes_and_evicts_the_least_recently_used() -> None:
+    keys = [cache_key(f"t{i}", AUD, SUB, "x" * 43) for i in range(6)]
+    tokens = [roles_token(i, 200) for i in range(6)]
+    costs = [entry_cost(k, t) for k, t in zip(keys, tokens, strict=True)]
+    assert min(costs) > 200 * 50  # the claims are counted, not only the entry
+    cache = VerificationCache(max_entries=1000, max_bytes=sum(costs[:3]) + 100)
+
+    def put(i: int, token: VerifiedToken | None = None) -> bool:
+        entry = tokens[i] if token is None else token
+        return cache.put(keys[i], entry, valid_until=NOW + 60, now=NOW, token_bytes=3000)
+
+    assert all(put(i) for i in range(3))
+    assert len(cache) == 3 and cache.bytes == sum(costs[:3])
+    assert cache.get(keys[0], now=NOW) is not None  # keys[0] is now the most recent
+    assert put(3)  # over the byte budget: the least recently used (keys[1]) goes
+    assert cache.get(keys[1], now=NOW) is None
+    assert all(cache.get(keys[i], now=NOW) is not None for i in (0, 2, 3))
+    assert cache.bytes == costs[0] + costs[2] + costs[3] <= cache.max_bytes
+    assert put(3)  # the same key again replaces its entry, counted once
+    assert cache.bytes == costs[0] + costs[2] + costs[3]
+    # an entry larger than the whole budget is not cached and evicts nothing
+    assert not put(4, roles_token(4, 5000))
+    assert len(cache) == 3 and cache.get(keys[4], now=NOW) is None
+    # expiry, removed keys and clear() give their bytes back
+    assert cache.get(keys[0], now=NOW + 60) is None
+    assert cache.bytes == costs[2] + costs[3]
+    assert put(5, roles_token(5, 200, kid="b")) and cache.retain_kids({"a"}) == 1
+    assert cache.bytes == costs[2] + costs[3]
+    cache.clear()
+    assert (len(cache), cache.bytes) == (0, 0)
+
+
+def test_cache_also_keeps_its_entry_bound() -> None:
+    cache = VerificationCache(max_entries=2, max_bytes=10**9)
+    for i in range(5):
+        key = cache_key(f"t{i}", AUD, None, None)
+        cache.put(key, vt("a"), valid_until=NOW + 60, now=NOW, token_bytes=10)
+    assert len(cache) == 2
+    assert cache.bytes == 2 * entry_cost(cache_key("t4", AUD, None, None), vt("a"))
+
+
+def test_tokens_above_max_token_bytes_are_not_cached() -> None:
+    cache = VerificationCache(max_token_bytes=100)
+    at, above = cache_key("at", AUD, None, None), cache_key("above", AUD, None, None)
+    assert cache.put(at, vt("a"), valid_until=NOW + 60, now=NOW, token_bytes=100)
+    assert not cache.put(above, vt("a"), valid_until=NOW + 60, now=NOW, token_bytes=101)
+    assert cache.get(at, now=NOW) is not None and cache.get(above, now=NOW) is None
+    off = VerificationCache(max_token_bytes=0)
+    assert not off.put(at, vt("a"), valid_until=NOW + 60, now=NOW, token_bytes=1)
+    assert (len(off), off.bytes) == (0, 0)
+    with pytest.raises(ValueError):
+        VerificationCache(max_bytes=0)
+
+
+SHAPES: dict[str, Any] = {
+    "few claims": {},
+    "short strings": {"roles": [f"r{i}" for i in range(400)]},
+    "one long string": {"blob": "x" * 2800},
+    "empty objects": {"e": [{} for _ in range(900)]},
+    "nested objects": {"n": {f"k{i}": {"a": i, "b": [i, str(i)]} for i in range(100)}},
+    "floats": {"f": [i + 0.5 for i in range(500)]},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_entry_cost_never_undercounts_what_tracemalloc_measures(shape: str) -> None:
+    """The cost model against the memory the cache really takes (CPython, tracemalloc): never
+    less, and at most twice as much."""
+    count = 200
+    documents = [
+        json.dumps(
+            {"iss": ISS, "sub": SUB, "aud": [AUD], "exp": 2_000_000_000 + i, **SHAPES[shape]}
+        )
+        for i in range(count)
+    ]
+    cache = VerificationCache(max_entries=10**6, max_bytes=10**12)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for i, document in enumerate(documents):
+            # what a request makes: its own key (digest, tuple, subject and thumbprint strings)
+            key = cache_key(f"token-{i}", AUD, f"{SUB}/{i}", f"{i:043d}")
+            claims = json.loads(document)
+            token = VerifiedToken(
+                kid="k", subject=claims["sub"], expires_at=1, claims=MappingProxyType(claims)
+            )
+            cache.put(key, token, valid_until=NOW + 60, now=NOW, token_bytes=1)
+        measured = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == count
+    assert measured <= cache.bytes <= 2 * measured, (measured / count, cache.bytes / count)
+
+
+async def test_client_caches_only_tokens_within_its_configured_bounds(es: Signer) -> None:
+    bounds = SignerCacheConfig(max_entries=100, max_bytes=10**6, max_token_bytes=1000)
+    client = _local_client(es, cache=bounds)
+    assert (client.cache.max_bytes, client.local_cache.max_token_bytes) == (10**6, 1000)
+    small, large = _live_token(es), _live_token(es, roles=["r" * 10] * 100)
+    assert len(small) <= 1000 < len(large)
+    for token in (small, large, large):
+        assert (await client.verify(token, audience=AUD, mode="local")).subject == SUB
+    assert len(client.local_cache) == 1  # the large token was verified twice, never cached
+    assert client.local_cache.get(cache_key(large, AUD, None, None), now=time.time()) is None
 
 
 def test_new_key_set_evicts_verifications_of_removed_keys_and_bad_sets_are_ignored() -> None:
@@ -238,8 +354,8 @@ def test_new_key_set_evicts_verifications_of_removed_keys_and_bad_sets_are_ignor
     client._install_keyset(json.dumps({"keys": [old.jwk, new.jwk]}), 1)
     ka, kb = cache_key("ta", AUD, None, None), cache_key("tb", AUD, None, None)
     now = time.time()
-    client.cache.put(ka, vt("old"), valid_until=now + 60, now=now)
-    client.cache.put(kb, vt("new"), valid_until=now + 60, now=now)
+    client.cache.put(ka, vt("old"), valid_until=now + 60, now=now, token_bytes=2)
+    client.cache.put(kb, vt("new"), valid_until=now + 60, now=now, token_bytes=2)
     client._install_keyset(json.dumps({"keys": [new.jwk]}), 2)  # "old" was removed
     assert client.cache.get(ka, now=now) is None
     assert client.cache.get(kb, now=now) is not None
@@ -271,6 +387,54 @@ def test_tcp_without_tls_is_a_config_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"signer\.tls"):
         SignerClient.from_config(cfg)
+
+
+def _gateway_doc(signer: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "listen": "127.0.0.1:8443",
+        "tls": {"cert": "gateway.crt", "key": "gateway.key"},
+        "trust_domains": {"example.org": {"bundle": "bundle.pem"}},
+        "signer": signer,
+    }
+
+
+def test_tcp_signer_needs_its_spiffe_id_and_server_name_is_only_sni(tmp_path: Path) -> None:
+    tls = {"cert": "gateway.crt", "key": "gateway.key", "bundle": "bundle.pem"}
+    doc = _gateway_doc({"address": "127.0.0.1:7443", "tls": tls})
+    with pytest.raises(ConfigError, match=r"signer\.tls\.spiffe_id: is required"):
+        parse_config(doc, base_dir=tmp_path)
+    doc["signer"]["tls"] = {**tls, "spiffe_id": SIGNER_ID}
+    cfg = parse_config(doc, base_dir=tmp_path).signer
+    assert cfg is not None and cfg.tls is not None
+    assert (cfg.tls.spiffe_id, cfg.tls.server_name) == (SIGNER_ID, None)  # no "localhost"
+    doc["signer"]["tls"]["spiffe_id"] = "spiffe://example.org"  # a trust domain, not a workload
+    with pytest.raises(ConfigError, match=r"signer\.tls\.spiffe_id: "):
+        parse_config(doc, base_dir=tmp_path)
+
+
+def test_cache_bounds_are_configurable(tmp_path: Path) -> None:
+    cfg = parse_config(_gateway_doc({"address": "unix:s.sock"}), base_dir=tmp_path).signer
+    assert cfg is not None
+    client = SignerClient.from_config(cfg)
+    for cache in (client.cache, client.local_cache):
+        assert (cache.max_entries, cache.max_bytes, cache.max_token_bytes) == (
+            10_000,
+            16 * 1024 * 1024,
+            4096,
+        )
+    bounds = {"max_entries": 5, "max_bytes": 65536, "max_token_bytes": 0}
+    cfg = parse_config(
+        _gateway_doc({"address": "unix:s.sock", "cache": bounds}), base_dir=tmp_path
+    ).signer
+    assert cfg is not None
+    client = SignerClient.from_config(cfg)
+    assert (client.local_cache.max_entries, client.cache.max_bytes) == (5, 65536)
+    assert client.cache.max_token_bytes == 0
+    bad = {"address": "unix:s.sock", "cache": {"max_bytes": 0, "max_token_bytes": -1}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(_gateway_doc(bad), base_dir=tmp_path)
+    assert "signer.cache.max_bytes: " in str(info.value)
+    assert "signer.cache.max_token_bytes: " in str(info.value)
 
 
 async def test_unstarted_client_is_unavailable(es: Signer) -> None:
