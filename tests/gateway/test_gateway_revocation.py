@@ -13,14 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,33 +26,13 @@ import grpc
 import pytest
 import yaml
 from gateway_harness import WEB_ID, Echo, LabPki, build_request, gateway_config, raw_exchange
+from support.bao import BaoServer, bao_binary
+from support.ports import free_port
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bao_server import BaoServer, bao_binary, bao_server
 
 AUDIENCE = "orders"
 POLL = 0.5  # the signer's rotation.poll_interval
 DEADLINE = POLL + 5.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def bao() -> Iterator[BaoServer]:
-    with bao_server() as server:
-        yield server
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))  # sun_path is short
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Stack:
@@ -65,8 +42,8 @@ class Stack:
         self.socket = directory / "signer.sock"
         self.signer_config = directory / "signer.yaml"
         self.kv_path = f"svidgate/revocation-{uuid.uuid4().hex[:8]}"
-        self.gateway_port = _free_port()
-        self.admin_port = _free_port()
+        self.gateway_port = free_port()
+        self.admin_port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def write_signer_config(self) -> None:
