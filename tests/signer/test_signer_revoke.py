@@ -42,6 +42,7 @@ from signer_harness import (
     wait_for,
     write_config,
 )
+from support.bao import bao_binary
 from svidgate.signer import vault_policy
 from svidgate.signer.server import SignerServer
 
@@ -259,8 +260,6 @@ def kv_versions(bao: BaoServer, kv_path: str) -> dict[str, dict[str, Any]]:
 
 def bao_cli(bao: BaoServer, *args: str) -> None:
     """Run the `bao` CLI as an operator would (root token)."""
-    from bao_server import bao_binary
-
     env = {**os.environ, "BAO_ADDR": bao.address, "BAO_TOKEN": bao.root_token}
     done = subprocess.run(
         [bao_binary(), *args], env=env, capture_output=True, text=True, timeout=30, check=False
