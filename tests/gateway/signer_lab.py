@@ -69,7 +69,12 @@ class SignerProc:
             "trust_domain": "example.org",
             "issuer": ISSUER,
             "listen": listen,
-            "authorization": {"verify": [GATEWAY_ID], "sign": ["spiffe://example.org/**"]},
+            "authorization": {
+                "verify": [GATEWAY_ID],
+                "sign": ["spiffe://example.org/**"],
+                # the extra claims the cache-memory test mints (the signer refuses others)
+                "claims": {"roles": ["spiffe://example.org/**"], "n": ["spiffe://example.org/**"]},
+            },
             "keys": {"source": "file", "algorithm": "ES256", "dir": "keys"},
             "tokens": {"default_ttl": "10m", "max_ttl": "15m", "clock_skew": "30s"},
             "rotation": {"period": "24h", "prepare_ahead": "1s", "poll_interval": "500ms"},
@@ -80,7 +85,7 @@ class SignerProc:
             doc["tls"] = {
                 "cert": str(pki.dir / "signer.crt"),
                 "key": str(pki.dir / "signer.key"),
-                "bundle": str(pki.dir / "bundle-a.pem"),
+                "bundle": str(pki.dir / "bundle.pem"),
             }
         self.config = self.dir / "signer.yaml"
         self.config.write_text(yaml.safe_dump(doc))
@@ -283,7 +288,7 @@ async def impostor_server(pki: LabPki, attacker: Attacker) -> AsyncIterator[tupl
     signer_pb2_grpc.add_SignerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     creds = grpc.ssl_server_credentials(
         [((pki.dir / "upstream.key").read_bytes(), (pki.dir / "upstream.crt").read_bytes())],
-        root_certificates=(pki.dir / "bundle-a.pem").read_bytes(),
+        root_certificates=(pki.dir / "bundle.pem").read_bytes(),
         require_client_auth=True,
     )
     port = server.add_secure_port("127.0.0.1:0", creds)

@@ -167,7 +167,7 @@ async def test_in_flight_request_finishes_then_the_connection_closes(
     gw: Harness = await start_gateway(gateway_config(test_pki, echo.port))
     removed: KeepAlive = await conns(gw.port, gw.ctx("b-web"))
     assert (await removed.get("/public/1")).status == 200  # type: ignore[union-attr]
-    echo.delay = 1.0
+    echo.hold = asyncio.Event()  # the upstream answers only once the reload is done
     in_flight = asyncio.create_task(removed.get("/public/2"))
     for _ in range(100):
         if len(echo.seen) == 2:
@@ -176,6 +176,7 @@ async def test_in_flight_request_finishes_then_the_connection_closes(
     assert len(echo.seen) == 2, "the second request reached the upstream"
     write_config(test_pki, _without_b(test_pki, echo))
     assert gw.server.reload()
+    echo.hold.set()
     resp = await in_flight
     assert resp is not None and resp.status == 200, "an in-flight request may finish"
     assert await removed.closed_by_server(), "…and then the connection is closed"
@@ -187,7 +188,7 @@ async def test_in_flight_request_gets_drain_timeout_at_most(
 ) -> None:
     gw: Harness = await start_gateway(gateway_config(test_pki, echo.port, drain_timeout="300ms"))
     removed: KeepAlive = await conns(gw.port, gw.ctx("b-web"))
-    echo.delay = 1.5
+    echo.hold = asyncio.Event()  # the upstream never answers while the test waits
     in_flight = asyncio.create_task(removed.get("/public/slow"))
     for _ in range(100):
         if echo.seen:
@@ -196,7 +197,10 @@ async def test_in_flight_request_gets_drain_timeout_at_most(
     assert echo.seen, "the request reached the upstream"
     write_config(test_pki, _without_b(test_pki, echo, drain_timeout="300ms"))
     assert gw.server.reload()
-    assert await in_flight is None, "a slow in-flight request outlived drain_timeout"
+    try:
+        assert await in_flight is None, "a slow in-flight request outlived drain_timeout"
+    finally:
+        echo.hold.set()
 
 
 async def test_reload_that_keeps_trust_closes_nothing(
@@ -297,7 +301,7 @@ async def test_sighup_with_a_replaced_bundle_closes_the_open_connection(
     assert (await stays.get("/orders/1")).status == 200  # type: ignore[union-attr]
     # The operator replaces other.org's bundle with another CA's and sends SIGHUP.
     other_ca = CertificateAuthority.create(B)
-    (test_pki.dir / "bundle-b.pem").write_bytes(marshal_pem(other_ca.bundle()))
+    (test_pki.bundle("other.org")).write_bytes(marshal_pem(other_ca.bundle()))
     proc.send_signal(signal.SIGHUP)
     assert await removed.closed_by_server(), "the connection outlived its trust"
     assert await removed.get("/public/2") is None

@@ -62,7 +62,7 @@ def tcp_doc(pki: LabPki, echo: Echo, port: int, **tls: Any) -> dict[str, Any]:
         "tls": {
             "cert": "signer-client.crt",
             "key": "signer-client.key",
-            "bundle": "bundle-a.pem",
+            "bundle": "bundle.pem",
             "spiffe_id": SIGNER_ID,
             **tls,
         },
@@ -148,7 +148,7 @@ def test_tcp_signer_without_spiffe_id_is_refused(test_pki: LabPki) -> None:
     doc = gateway_config(test_pki, 9)
     doc["signer"] = {
         "address": "127.0.0.1:7443",
-        "tls": {"cert": "gateway.crt", "key": "gateway.key", "bundle": "bundle-a.pem"},
+        "tls": {"cert": "gateway.crt", "key": "gateway.key", "bundle": "bundle.pem"},
     }
     path = test_pki.dir / "gateway.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -234,20 +234,20 @@ def _chain(issued: Any) -> list[bytes]:
 
 
 def test_check_signer_identity_wants_the_pinned_svid_of_the_bundle(test_pki: LabPki) -> None:
-    bundles = BundleSet.from_bundles([load_bundle(test_pki.dir / "bundle-a.pem", "example.org")])
+    bundles = BundleSet.from_bundles([load_bundle(test_pki.dir / "bundle.pem", "example.org")])
     expected = parse_spiffe_id(SIGNER_ID)
     now = datetime.now(UTC)
-    genuine = test_pki.ca_a.issue(SIGNER_ID)
+    genuine = test_pki.ca.issue(SIGNER_ID)
     svid = check_signer_identity(_chain(genuine), bundles, expected, now=now)
     assert svid.spiffe_id == expected
     rogue_ca = CertificateAuthority.create("example.org")  # same trust domain, other keys
     cases = {
-        "signer presented spiffe://example.org/orders": _chain(test_pki.ca_a.issue(UPSTREAM_ID)),
+        "signer presented spiffe://example.org/orders": _chain(test_pki.ca.issue(UPSTREAM_ID)),
         "does not chain": _chain(rogue_ca.issue(SIGNER_ID)),
         "no trust bundle for trust domain other.org": _chain(
-            test_pki.ca_b.issue("spiffe://other.org/signer")
+            test_pki.cas["other.org"].issue("spiffe://other.org/signer")
         ),
-        "expired": _chain(test_pki.ca_a.issue(SIGNER_ID, now=now - timedelta(hours=2))),
+        "expired": _chain(test_pki.ca.issue(SIGNER_ID, now=now - timedelta(hours=2))),
         "presented no certificate": [],
         "malformed certificate": [b"not DER"],
     }
@@ -257,7 +257,7 @@ def test_check_signer_identity_wants_the_pinned_svid_of_the_bundle(test_pki: Lab
 
 
 def _signer_tls(pki: LabPki, **extra: Any) -> SignerTLS:
-    doc = {"cert": "gateway.crt", "key": "gateway.key", "bundle": "bundle-a.pem"}
+    doc = {"cert": "gateway.crt", "key": "gateway.key", "bundle": "bundle.pem"}
     return SignerTLS.model_validate(
         {**doc, "spiffe_id": SIGNER_ID, **extra}, context={"base_dir": pki.dir}
     )
@@ -274,7 +274,7 @@ async def _tls_server(
         cert, key = pki.dir / f"{name}.crt", pki.dir / f"{name}.key"
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(cert), str(key))
-        ctx.load_verify_locations(cafile=str(pki.dir / "bundle-a.pem"))
+        ctx.load_verify_locations(cafile=str(pki.dir / "bundle.pem"))
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.set_alpn_protocols(["h2"])
     server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ctx)
@@ -351,7 +351,7 @@ async def test_connector_closes_a_wrong_signer_before_relaying_a_byte(
         rogue.issue(SIGNER_ID, dns=["localhost"]).write(test_pki.dir / name)
     elif name == "expired":
         old = datetime.now(UTC) - timedelta(hours=2)
-        test_pki.ca_a.issue(SIGNER_ID, dns=["localhost"], now=old).write(test_pki.dir / name)
+        test_pki.ca.issue(SIGNER_ID, dns=["localhost"], now=old).write(test_pki.dir / name)
     received: list[bytes] = []
 
     async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
