@@ -175,11 +175,19 @@ class SignerConnector:
         self.credentials = ClientContextSource(tls, str(self.expected.trust_domain))
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
-        self.identity_error: str | None = None  # the last identity failure, until one succeeds
+        self._identity_error: str | None = None  # the last identity failure
+        self._verified_open = 0  # relayed connections whose signer passed the check
         self._dir: str | None = None
         self._server: asyncio.AbstractServer | None = None
         self._relays: set[asyncio.Task[None]] = set()
         self._last_logged: tuple[str, float] = ("", float("-inf"))
+
+    @property
+    def identity_error(self) -> str | None:
+        """The last identity failure while no verified connection is open. A slow impostor
+        connection that fails after a genuine one was verified does not mark the connector
+        failed while the genuine connection carries the RPCs."""
+        return None if self._verified_open else self._identity_error
 
     @property
     def active(self) -> int:
@@ -237,18 +245,20 @@ class SignerConnector:
         try:
             remote_r, remote_w, svid = await asyncio.wait_for(self._open(), self.connect_timeout)
         except SignerIdentityError as exc:
-            self.identity_error = f"signer identity check failed: {exc}"
-            self._report(f"{self.identity_error}; connection closed", level=logging.ERROR)
+            self._identity_error = f"signer identity check failed: {exc}"
+            self._report(f"{self._identity_error}; connection closed", level=logging.ERROR)
             return
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             why = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
             self._report(f"cannot connect to the signer at {self.host}:{self.port}: {why}")
             return
-        self.identity_error = None
+        self._identity_error = None
+        self._verified_open += 1
         try:
             lifetime = svid.leaf.not_valid_after_utc.timestamp() - time.time()
             await _relay(local_r, local_w, remote_r, remote_w, max(lifetime, 0.0))
         finally:
+            self._verified_open -= 1
             await _close(remote_w)
 
     async def _open(
