@@ -5,8 +5,9 @@ Limits, in the order a peer meets them:
 
 1. ``max_connections`` per worker, counted from accept to close (half-open handshakes
    included): one connection too many is closed at once, before any TLS byte (RST).
-2. ``handshake_timeout``: the handshake must finish in time (a connection that never sends a
-   ClientHello holds a socket, a small protocol object and a task, nothing more).
+2. ``handshake_timeout``, from accept: the client must speak and finish the handshake in
+   time. Until its first byte a connection holds a socket, a reader, a timer and a small
+   protocol object (about 2 KiB); TLS state is allocated only when the ClientHello arrives.
 3. the caller's identity check (``identify``), right after the handshake, before a parser or
    buffer exists: it returns an :class:`Admission` or raises (:class:`Refused`: counted; any
    other error: logged and refused — fail closed).
@@ -67,6 +68,7 @@ class Listener(Generic[P]):
         self._keys: dict[H1Connection[P], Hashable] = {}
         self._per_key: dict[Hashable, int] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._silent_ones: dict[H1Connection[P], tuple[socket.socket, asyncio.TimerHandle]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self._resume: asyncio.TimerHandle | None = None
@@ -133,9 +135,7 @@ class Listener(Generic[P]):
     def _accept(self, sock: socket.socket) -> None:
         if len(self._connections) >= self._limits.max_connections:
             self._counters.over_capacity += 1
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            sock.close()
+            _reset(sock)
             return
         sock.setblocking(False)
         with contextlib.suppress(OSError):
@@ -143,20 +143,42 @@ class Listener(Generic[P]):
         conn: H1Connection[P] = H1Connection(self)
         self._connections.add(conn)
         self._counters.accepted += 1
-        assert self._loop is not None
-        task = self._loop.create_task(self._handshake(conn, sock))
+        # TLS state (≈ 50 KiB with uvloop) is allocated only once the client speaks: until its
+        # first byte a connection holds the socket, a reader and one timer.
+        loop = self._loop
+        assert loop is not None
+        deadline = loop.time() + self._limits.handshake_timeout
+        timer = loop.call_at(deadline, self._silent, conn)
+        self._silent_ones[conn] = (sock, timer)
+        loop.add_reader(sock.fileno(), self._spoke, conn, deadline)
+
+    def _spoke(self, conn: H1Connection[P], deadline: float) -> None:
+        """The client's first bytes (its ClientHello) are there: run the TLS handshake."""
+        sock, timer = self._silent_ones.pop(conn)
+        timer.cancel()
+        loop = self._loop
+        assert loop is not None
+        loop.remove_reader(sock.fileno())
+        remaining = max(deadline - loop.time(), 0.01)
+        task = loop.create_task(self._handshake(conn, sock, remaining))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    async def _handshake(self, conn: H1Connection[P], sock: socket.socket) -> None:
+    def _silent(self, conn: H1Connection[P]) -> None:
+        """No ClientHello within the handshake timeout: reset and forget."""
+        sock, _timer = self._silent_ones.pop(conn)
+        assert self._loop is not None
+        self._loop.remove_reader(sock.fileno())
+        self._counters.handshake_failed += 1
+        _reset(sock)
+        self.forget(conn)
+
+    async def _handshake(self, conn: H1Connection[P], sock: socket.socket, seconds: float) -> None:
         assert self._loop is not None
         done = False
         try:
             await self._loop.connect_accepted_socket(
-                lambda: conn,
-                sock,
-                ssl=self._ssl,
-                ssl_handshake_timeout=self._limits.handshake_timeout,
+                lambda: conn, sock, ssl=self._ssl, ssl_handshake_timeout=seconds
             )
             done = True
         except Exception as exc:
@@ -221,6 +243,8 @@ class Listener(Generic[P]):
         self.close()
         for task in list(self._handshakes):
             task.cancel()
+        for conn in list(self._silent_ones):
+            self._silent(conn)
         self._all_closed = asyncio.Event()
         for conn in list(self._connections):
             conn.shutdown()
@@ -232,3 +256,10 @@ class Listener(Generic[P]):
             conn.abort()
         if self._handshakes:
             await asyncio.gather(*self._handshakes, return_exceptions=True)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST: nothing lingers for a connection that is refused outright."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()

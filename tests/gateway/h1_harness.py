@@ -5,6 +5,7 @@ blocking raw TLS clients that send exactly the bytes a test writes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -50,6 +51,7 @@ class Pki:
     def make(cls, directory: Path) -> Pki:
         ca = CertificateAuthority.create(TD)
         (directory / "bundle.pem").write_bytes(marshal_pem(ca.bundle()))
+        ca.save(directory / "ca")  # for a server in another process (CertificateAuthority.load)
         pki = cls(directory, ca)
         ca.issue(SERVER_ID, dns=["localhost"], ips=["127.0.0.1"]).write(directory / "server")
         for name, sid in (("alice", ALICE), ("bob", BOB)):
@@ -188,8 +190,10 @@ class Server:
         *,
         loop_kind: str = "uvloop",
         handler: Callable[..., Coroutine[Any, Any, None]] | None = None,
+        identify: Callable[[asyncio.BaseTransport], Admission[str]] | None = None,
     ) -> None:
         self.pki = pki
+        self._identify = identify or identify_with(pki.bundles)
         self.limits = limits
         self.seen = Seen()
         self._handler = handler or echo_handler(self.seen)
@@ -207,7 +211,7 @@ class Server:
                 sock,
                 self.pki.server_context(),
                 self._handler,
-                identify_with(self.pki.bundles),
+                self._identify,
                 self.limits,
             )
             self.listener.start()
@@ -274,10 +278,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
