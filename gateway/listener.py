@@ -178,7 +178,12 @@ class Listener(Generic[P]):
         done = False
         try:
             await self._loop.connect_accepted_socket(
-                lambda: conn, sock, ssl=self._ssl, ssl_handshake_timeout=seconds
+                lambda: conn,
+                sock,
+                ssl=self._ssl,
+                ssl_handshake_timeout=seconds,
+                # A closing connection waits this long at most for the peer's close_notify.
+                ssl_shutdown_timeout=self._limits.handshake_timeout,
             )
             done = True
         except Exception as exc:

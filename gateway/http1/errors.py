@@ -17,6 +17,7 @@ class HttpError(Exception):
 
     status = 400
     error = "bad_request"
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # extra response headers (Allow for 405)
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -43,6 +44,7 @@ class MethodNotAllowed(ProtocolError):
 
     status = 405
     error = "method_not_allowed"
+    headers = ((b"Allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),)
 
 
 class NotImplementedByCore(ProtocolError):

@@ -34,7 +34,7 @@ from svidgate.gateway.http1.errors import (
 from svidgate.gateway.http1.limits import Counters, Limits
 from svidgate.gateway.http1.message import Admission, ConnectionInfo, Request
 from svidgate.gateway.http1.parse import HeadParser, check_partial_head
-from svidgate.gateway.http1.respond import Responder, error_response
+from svidgate.gateway.http1.respond import HeaderPairs, Responder, error_response
 from svidgate.gateway.http1.state import Event, State, transition
 
 log = logging.getLogger("svidgate.gateway.http1")
@@ -273,7 +273,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         try:
             await self._owner.handler(self._info, request, body, responder)
         except HttpError as err:  # a body error the handler let through, or its own refusal
-            self._answer(responder, err.status, err.body())
+            self._answer(responder, err.status, err.body(), err.headers)
         except ResponseError:
             pass  # the connection is already cut
         except Exception:
@@ -281,13 +281,15 @@ class H1Connection(asyncio.Protocol, Generic[P]):
             self._answer(responder, 500, b'{"error": "internal"}')
         self._finish(responder)
 
-    def _answer(self, responder: Responder, status: int, body: bytes) -> None:
+    def _answer(
+        self, responder: Responder, status: int, body: bytes, headers: HeaderPairs = ()
+    ) -> None:
         if responder.started:
             if not responder.done:
                 responder.abort()  # mid-stream: no error response can follow
             return
         with contextlib.suppress(ResponseError):
-            responder.simple(status, body)
+            responder.simple(status, body, headers)
 
     def _finish(self, responder: Responder) -> None:
         """The handler returned: keep the connection for the next request, or close it."""
@@ -395,7 +397,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         elif not isinstance(err, HeadTimeout):
             counters.bad_requests += 1
         self._buf = b""
-        self._transport.write(error_response(err.status, err.body()))
+        self._transport.write(error_response(err.status, err.body(), err.headers))
         self._close()
 
     def _close(self) -> None:

@@ -58,11 +58,10 @@ def encode_head(
     return head
 
 
-def error_response(status: int, body: bytes, *, head_only: bool = False) -> bytes:
+def error_response(status: int, body: bytes, headers: HeaderPairs = ()) -> bytes:
     """A complete JSON answer of the core's own, closing the connection."""
     framing = b"Content-Length: %d\r\n%s" % (len(body), _CLOSE)
-    head = encode_head(status, _own_headers(bool(body)), framing)
-    return head if head_only else head + body
+    return encode_head(status, [*_own_headers(bool(body)), *headers], framing) + body
 
 
 def _own_headers(json_body: bool) -> list[tuple[bytes, bytes]]:

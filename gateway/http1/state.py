@@ -16,6 +16,8 @@ import enum
 
 
 class State(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons: identity hashing, in C (hot path)
+
     HANDSHAKE = "handshake"  # accepted; TLS handshake running, nothing allocated yet
     REFUSED = "refused"  # the identity check or the per-identity cap refused it: aborted
     IDLE = "idle"  # waiting for the first byte of a request head
@@ -26,6 +28,8 @@ class State(enum.Enum):
 
 
 class Event(enum.Enum):
+    __hash__ = object.__hash__
+
     ADMITTED = "admitted"
     REFUSE = "refuse"
     BYTES = "bytes"  # the first bytes of a head, not yet complete

@@ -5,6 +5,7 @@ blocking raw TLS clients that send exactly the bytes a test writes."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import socket
@@ -221,7 +222,10 @@ class Server:
         return self
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self.submit(coro).result(timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def call(self, fn: Callable[[], T]) -> T:
         async def wrapper() -> T:

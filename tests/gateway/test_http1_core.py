@@ -340,6 +340,8 @@ def test_refused_request_shapes(
             assert resp.json()["reason"] == reason
         assert resp.header("Server") == "svidgate"
         assert resp.header("Content-Type") == "application/json"
+        if status == 405:
+            assert resp.header("Allow") == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
         assert c.closed()
     assert server.call(lambda: server.seen.paths) == []
 
