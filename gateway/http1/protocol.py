@@ -9,8 +9,9 @@ most, since reading is paused) until the response is done. The state moves only 
 :data:`.state.TRANSITIONS`.
 
 Timeouts: ``header_timeout`` for a request head (408), ``idle_timeout`` between requests
-(closed silently), ``body_timeout`` while the handler waits for body bytes (:mod:`.body`),
-``write_timeout`` while a response waits for a client that does not read (cut).
+(closed silently), both on one :class:`.flow.Deadline`; ``body_timeout`` while the handler
+waits for body bytes (:mod:`.body`); ``write_timeout`` while a response waits for a client
+that does not read (:class:`.flow.WriteFlow`: cut).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from svidgate.gateway.http1.errors import (
     HeadTooLarge,
     HttpError,
     ResponseError,
-    WriteTimeout,
 )
+from svidgate.gateway.http1.flow import Deadline, WriteFlow
 from svidgate.gateway.http1.limits import Counters, Limits
 from svidgate.gateway.http1.message import Admission, ConnectionInfo, Request
 from svidgate.gateway.http1.parse import HeadParser, check_partial_head
@@ -42,7 +43,6 @@ log = logging.getLogger("svidgate.gateway.http1")
 P = TypeVar("P")
 Handler = Callable[[ConnectionInfo[P], Request, Body, Responder], Awaitable[None]]
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_EARLY = 0.001  # a timer firing this close to its deadline counts as on time
 
 
 class ConnectionOwner(Protocol[P]):
@@ -72,7 +72,6 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         "_buf",
         "_continue",
         "_deadline",
-        "_drain_waiter",
         "_draining",
         "_expiry",
         "_info",
@@ -85,10 +84,8 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         "_served",
         "_state",
         "_task",
-        "_timer",
-        "_timer_at",
         "_transport",
-        "_write_paused",
+        "_writes",
     )
 
     def __init__(self, owner: ConnectionOwner[P]) -> None:
@@ -119,14 +116,11 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         self._responder: Responder | None = None
         self._task: asyncio.Task[None] | None = None
         self._reading = True
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._writes = WriteFlow(loop, limits.write_timeout, self._write_timed_out)
         self._draining = False
         self._continue = False
         self._served = 0
-        self._deadline: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._deadline = Deadline(loop, self._on_deadline)
         self._expiry = (
             loop.call_later(admission.expires_in, self._close)
             if admission.expires_in is not None
@@ -134,7 +128,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         )
         self._transport.set_write_buffer_limits(high=limits.write_buffer_high)
         self._to(Event.ADMITTED)
-        self._arm(limits.header_timeout)  # the first head: from the end of the handshake
+        self._deadline.set(limits.header_timeout)  # the first head: from the handshake's end
 
     @property
     def info(self) -> ConnectionInfo[P] | None:
@@ -184,7 +178,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
             if buf and self._state is State.IDLE:
                 self._to(Event.BYTES)
                 if self._served:  # later heads: header_timeout from their first byte
-                    self._arm(limits.header_timeout)
+                    self._deadline.set(limits.header_timeout)
             return
         if end + 4 > limits.max_header_bytes:
             self._refuse(HeadTooLarge("head_too_large"))
@@ -245,7 +239,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         owner = self._owner
         limits = self._limits
         owner.counters.requests += 1
-        self._deadline = None
+        self._deadline.clear()
         self._to(Event.HEAD_DONE)
         if request.has_body:
             body = Body(
@@ -307,7 +301,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
             return
         self._served += 1
         self._to(Event.KEEP_ALIVE)
-        self._arm(self._limits.idle_timeout)
+        self._deadline.set(self._limits.idle_timeout)
         buf, self._buf = self._buf, b""
         if buf:
             self._process(buf)
@@ -326,62 +320,24 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         transport.write(data)
 
     async def drain(self) -> None:
-        if self._state is State.CLOSED:
-            raise ClientDisconnected("client_disconnected")
-        if not self._write_paused:
-            return
-        waiter = self._drain_waiter
-        if waiter is None:
-            waiter = self._drain_waiter = self._loop.create_future()
-        timer = self._loop.call_later(self._limits.write_timeout, self._write_timed_out, waiter)
-        try:
-            await asyncio.shield(waiter)
-        finally:
-            timer.cancel()
+        await self._writes.wait()
 
-    def _write_timed_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            self._owner.counters.write_timeouts += 1
-            waiter.set_exception(WriteTimeout("client_not_reading"))
-            self._drain_waiter = None
-            self.cut()
+    def _write_timed_out(self) -> None:
+        self._owner.counters.write_timeouts += 1
+        self.cut()
 
     def cut(self) -> None:
         self._transport.abort()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._writes.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._writes.resume()
 
-    # -- timers, refusals, closing ----------------------------------------------------------------
-
-    def _arm(self, seconds: float) -> None:
-        """Set the connection's deadline (head or idle). One timer, re-armed lazily: moving a
-        deadline later costs no timer operation."""
-        deadline = self._loop.time() + seconds
-        self._deadline = deadline
-        timer = self._timer
-        if timer is None or self._timer_at > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = self._loop.call_at(deadline, self._on_deadline)
-            self._timer_at = deadline
+    # -- timeouts, refusals, closing --------------------------------------------------------------
 
     def _on_deadline(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return  # cleared: a request was dispatched
-        if self._loop.time() < deadline - _EARLY:
-            self._timer = self._loop.call_at(deadline, self._on_deadline)
-            self._timer_at = deadline
-            return
-        self._deadline = None
         if self._state is State.HEAD:
             self._owner.counters.header_timeouts += 1
             self._refuse(HeadTimeout("head_timeout"))
@@ -405,7 +361,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         if self._state is State.CLOSED or self._state is State.REFUSED:
             return
         self._to(Event.CLOSE)
-        self._deadline = None
+        self._deadline.clear()
         if self._reading:
             self._reading = False
             self._transport.pause_reading()
@@ -431,12 +387,9 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         self._owner.forget(self)
         if previous is State.HANDSHAKE or previous is State.REFUSED:
             return
-        self._deadline = None
-        for handle in (self._timer, self._expiry):
-            if handle is not None:
-                handle.cancel()
-        self._timer = self._expiry = None
+        self._deadline.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._body.fail(BodyIncomplete("client_disconnected"))
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ClientDisconnected("client_disconnected"))
+        self._writes.lose()

@@ -1,5 +1,6 @@
-"""The HTTP/1.1 core's pure parts without sockets: the state table, the head parser's Request,
-the response encoder and framing, the body's limits and timeout, and Limits validation."""
+"""The HTTP/1.1 core's parts without sockets: the state table, the head parser's Request, the
+response encoder and framing, the body's limits and timeout, the connection's clocks, and
+Limits validation."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from svidgate.gateway.http1 import (
     Body,
     BodyTimeout,
     BodyTooLarge,
+    ClientDisconnected,
     Counters,
     Limits,
     ProtocolError,
     Request,
     Responder,
+    WriteTimeout,
 )
+from svidgate.gateway.http1.flow import Deadline, WriteFlow
 from svidgate.gateway.http1.parse import HeadParser
 from svidgate.gateway.http1.respond import encode_head
 from svidgate.gateway.http1.state import TRANSITIONS, Event, State, StateError, transition
@@ -289,3 +293,45 @@ def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match=r"limits\.idle_timeout"):
         Limits(idle_timeout=0)
     assert Limits().max_header_bytes == 16384
+
+
+# -- the connection's clocks ----------------------------------------------------------------
+
+
+async def test_deadline_fires_once_at_its_latest_setting_and_not_when_cleared() -> None:
+    loop = asyncio.get_running_loop()
+    fired: list[float] = []
+    deadline = Deadline(loop, lambda: fired.append(loop.time()))
+    start = loop.time()
+    deadline.set(0.05)
+    await asyncio.sleep(0.03)
+    deadline.set(0.1)  # moved later: no new timer, the first one re-arms itself
+    await asyncio.sleep(0.2)
+    assert len(fired) == 1 and fired[0] - start >= 0.125
+    deadline.set(10)
+    deadline.set(0.02)  # moved earlier: fires at the earlier time
+    await asyncio.sleep(0.1)
+    assert len(fired) == 2
+    deadline.set(0.02)
+    deadline.clear()
+    await asyncio.sleep(0.1)
+    assert len(fired) == 2
+
+
+async def test_write_flow_waits_for_the_client_and_cuts_a_silent_one() -> None:
+    loop = asyncio.get_running_loop()
+    cuts: list[bool] = []
+    flow = WriteFlow(loop, 0.05, lambda: cuts.append(True))
+    await flow.wait()  # not paused: returns at once
+    flow.pause()
+    waiter = asyncio.ensure_future(flow.wait())
+    await asyncio.sleep(0.01)
+    flow.resume()
+    await waiter
+    flow.pause()
+    with pytest.raises(WriteTimeout):
+        await flow.wait()
+    assert cuts == [True]
+    flow.lose()
+    with pytest.raises(ClientDisconnected):
+        await flow.wait()
