@@ -134,7 +134,10 @@ async def _echo(
     if path.startswith("/refuse"):  # answers without reading the body
         responder.simple(403, {"error": "forbidden"})
         return
-    if path.startswith("/limit"):
+    if path.startswith("/drip"):  # a slow consumer: what piles up before it reads?
+        await asyncio.sleep(0.3)
+        seen.events.append((path, f"buffered={body.buffered}"))
+    if path.startswith(("/limit", "/drip")):
         body.set_limit(int(request.query or "0"))
     if path.startswith("/big"):
         await _big(seen, request, responder)
