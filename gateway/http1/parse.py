@@ -92,7 +92,11 @@ class HeadParser:
         if method in _NEVER_PROXIED:
             raise MethodNotAllowed("method_not_allowed")
         self._feed(head)
-        request = _build(_method_name(method), target, version, tuple(self._headers))
+        try:
+            request = _build(_method_name(method), target, version, tuple(self._headers))
+        except HttpError:
+            self._parser = None
+            raise
         if request.has_body or not request.keep_alive:
             self._parser = None  # llhttp waits for a body we frame ourselves: start afresh
         return request
