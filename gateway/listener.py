@@ -1,0 +1,270 @@
+"""The data-plane listener: accepts TCP connections on the (SO_REUSEPORT) listening socket,
+bounds them, runs the TLS handshake, admits the peer and serves it with the HTTP/1.1 core.
+
+Limits, in the order a peer meets them:
+
+1. ``max_connections`` per worker, counted from accept to close (half-open handshakes
+   included): one connection too many is closed at once, before any TLS byte (RST).
+2. ``handshake_timeout``, from accept: the client must speak and finish the handshake in
+   time. Until its first byte a connection holds a socket, a reader, a timer and a small
+   protocol object (about 2 KiB); TLS state is allocated only when the ClientHello arrives.
+3. the caller's identity check (``identify``), right after the handshake, before a parser or
+   buffer exists: it returns an :class:`Admission` or raises (:class:`Refused`: counted; any
+   other error: logged and refused — fail closed).
+4. ``max_connections_per_identity`` on the admission's key: beyond it, closed at once.
+
+Works on uvloop (the gateway's loop) and on the stock asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+from svidgate.gateway.http1 import (
+    Admission,
+    Counters,
+    H1Connection,
+    Handler,
+    Limits,
+    Refused,
+)
+
+log = logging.getLogger("svidgate.gateway.listener")
+
+P = TypeVar("P")
+Identify = Callable[[asyncio.BaseTransport], Admission[P]]
+ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_RETRY_ACCEPT = 0.1  # seconds without accepting after running out of file descriptors
+
+
+class Listener(Generic[P]):
+    """One worker's TLS listener on an already bound, listening, non-blocking socket."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        ssl_context: ssl.SSLContext,
+        handler: Handler[P],
+        identify: Identify[P],
+        limits: Limits | None = None,
+    ) -> None:
+        self._sock = sock
+        self._ssl = ssl_context
+        self._handler = handler
+        self._identify = identify
+        self._limits = limits or Limits()
+        self._counters = Counters()
+        self._connections: set[H1Connection[P]] = set()
+        self._keys: dict[H1Connection[P], Hashable] = {}
+        self._per_key: dict[Hashable, int] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._silent_ones: dict[H1Connection[P], tuple[socket.socket, asyncio.TimerHandle]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._resume: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None  # set during shutdown
+
+    # ConnectionOwner
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def counters(self) -> Counters:
+        return self._counters
+
+    @property
+    def handler(self) -> Handler[P]:
+        return self._handler
+
+    @property
+    def port(self) -> int:
+        port: int = self._sock.getsockname()[1]
+        return port
+
+    @property
+    def open_connections(self) -> int:
+        """Connections from accept to close, half-open handshakes included."""
+        return len(self._connections)
+
+    def connections_of(self, key: Hashable) -> int:
+        return self._per_key.get(key, 0)
+
+    # -- accepting --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start accepting (call from the event loop that serves the connections)."""
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                log.warning("accept failed (%s): pausing accepts", errno.errorcode[exc.errno])
+                self._pause_accepting()
+                return
+            self._accept(sock)
+
+    def _pause_accepting(self) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(self._sock.fileno())
+        self._resume = self._loop.call_later(_RETRY_ACCEPT, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if self._accepting and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _accept(self, sock: socket.socket) -> None:
+        if len(self._connections) >= self._limits.max_connections:
+            self._counters.over_capacity += 1
+            _reset(sock)
+            return
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn: H1Connection[P] = H1Connection(self)
+        self._connections.add(conn)
+        self._counters.accepted += 1
+        # TLS state (≈ 50 KiB with uvloop) is allocated only once the client speaks: until its
+        # first byte a connection holds the socket, a reader and one timer.
+        loop = self._loop
+        assert loop is not None
+        deadline = loop.time() + self._limits.handshake_timeout
+        timer = loop.call_at(deadline, self._silent, conn)
+        self._silent_ones[conn] = (sock, timer)
+        loop.add_reader(sock.fileno(), self._spoke, conn, deadline)
+
+    def _spoke(self, conn: H1Connection[P], deadline: float) -> None:
+        """The client's first bytes (its ClientHello) are there: run the TLS handshake."""
+        sock, timer = self._silent_ones.pop(conn)
+        timer.cancel()
+        loop = self._loop
+        assert loop is not None
+        loop.remove_reader(sock.fileno())
+        remaining = max(deadline - loop.time(), 0.01)
+        task = loop.create_task(self._handshake(conn, sock, remaining))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def _silent(self, conn: H1Connection[P]) -> None:
+        """No ClientHello within the handshake timeout: reset and forget."""
+        sock, _timer = self._silent_ones.pop(conn)
+        assert self._loop is not None
+        self._loop.remove_reader(sock.fileno())
+        self._counters.handshake_failed += 1
+        _reset(sock)
+        self.forget(conn)
+
+    async def _handshake(self, conn: H1Connection[P], sock: socket.socket, seconds: float) -> None:
+        assert self._loop is not None
+        done = False
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: conn,
+                sock,
+                ssl=self._ssl,
+                ssl_handshake_timeout=seconds,
+                # A closing connection waits this long at most for the peer's close_notify.
+                ssl_shutdown_timeout=self._limits.handshake_timeout,
+            )
+            done = True
+        except Exception as exc:
+            # The transport closed the socket. Nothing is logged per failed handshake: scanners
+            # and clients without a certificate are routine (the counter says how many).
+            self._counters.handshake_failed += 1
+            log.debug("TLS handshake failed: %s", type(exc).__name__)
+        finally:
+            if not done:
+                self.forget(conn)
+
+    # -- admission (ConnectionOwner) ----------------------------------------------------------
+
+    def admit(self, conn: H1Connection[P], transport: asyncio.BaseTransport) -> Admission[P] | None:
+        try:
+            admission = self._identify(transport)
+        except Refused as exc:
+            self._counters.identity_refused += 1
+            log.debug("connection refused: %s", exc)
+            return None
+        except Exception:
+            self._counters.identity_refused += 1
+            log.exception("the identity check failed: connection refused")
+            return None
+        key = admission.key
+        count = self._per_key.get(key, 0)
+        if count >= self._limits.max_connections_per_identity:
+            self._counters.identity_over_cap += 1
+            return None
+        self._per_key[key] = count + 1
+        self._keys[conn] = key
+        return admission
+
+    def forget(self, conn: H1Connection[P]) -> None:
+        self._connections.discard(conn)
+        if not self._connections and self._all_closed is not None:
+            self._all_closed.set()
+        key = self._keys.pop(conn, None)
+        if key is None:
+            return
+        left = self._per_key[key] - 1
+        if left:
+            self._per_key[key] = left
+        else:
+            del self._per_key[key]
+
+    # -- stopping ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop accepting; the listening socket is closed. Open connections keep going."""
+        if self._accepting and self._loop is not None:
+            self._accepting = False
+            self._loop.remove_reader(self._sock.fileno())
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        self._sock.close()
+
+    async def shutdown(self, drain_seconds: float) -> None:
+        """Drain: stop accepting, close idle connections, let in-flight requests finish (their
+        responses say ``Connection: close``) for up to ``drain_seconds``, then cut the rest."""
+        self.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        for conn in list(self._silent_ones):
+            self._silent(conn)
+        self._all_closed = asyncio.Event()
+        for conn in list(self._connections):
+            conn.shutdown()
+        if self._connections:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_seconds):
+                    await self._all_closed.wait()
+        for conn in list(self._connections):
+            conn.abort()
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST: nothing lingers for a connection that is refused outright."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
