@@ -32,7 +32,7 @@ from gateway_harness import WEB_ID, Echo, LabPki, build_request, gateway_config,
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bao_server import BaoServer, bao_binary, bao_server
+from support.bao import BaoServer, bao_binary
 
 AUDIENCE = "orders"
 POLL = 0.5  # the signer's rotation.poll_interval
@@ -47,7 +47,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def bao() -> Iterator[BaoServer]:
-    with bao_server() as server:
+    with BaoServer() as server:
+        server.setup_signer()
         yield server
 
 

@@ -260,7 +260,7 @@ def kv_versions(bao: BaoServer, kv_path: str) -> dict[str, dict[str, Any]]:
 
 def bao_cli(bao: BaoServer, *args: str) -> None:
     """Run the `bao` CLI as an operator would (root token)."""
-    from bao_server import bao_binary
+    from support.bao import bao_binary
 
     env = {**os.environ, "BAO_ADDR": bao.address, "BAO_TOKEN": bao.root_token}
     done = subprocess.run(
