@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from signer_harness import (
@@ -38,6 +39,7 @@ from signer_harness import (
 )
 from svidgate.signer.config import VaultConfig
 from svidgate.signer.keygen import generate_signing_key, local_signing_key, private_key_pem
+from svidgate.signer.keyring import END_OF_TIME, effective_activation, later
 from svidgate.signer.sources.vault_transit import VaultTransitKeySource
 from svidgate.signer.vault import VaultClient
 
@@ -275,3 +277,31 @@ def test_transit_skips_an_unusable_version(caplog: Any) -> None:
     messages = [r.getMessage() for r in caplog.records]
     assert any("version 2: skipped" in m and "unreadable public key" in m for m in messages)
     assert any("version 3: skipped" in m and "public_key is missing" in m for m in messages)
+
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+S = timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("activate", "first_seen", "effective"),
+    [
+        (100, None, 100),  # taken as it is (first read, own key, replaces a lost active key)
+        (100, 0, 100),  # announced prepare_ahead (100 s) ahead
+        (100, 25, 100),  # within the propagation allowance (30 s)
+        (100, 31, 131),  # announced too late: prepare_ahead from first seen
+        (10, 10, 110),  # active when first seen (planted with activate_at = now)
+        (-50, 10, 110),  # in the past when first seen
+    ],
+)
+def test_effective_activation(activate: int, first_seen: int | None, effective: int) -> None:
+    seen = None if first_seen is None else T0 + first_seen * S
+    got = effective_activation(T0 + activate * S, seen, 100 * S, 30 * S)
+    assert got == T0 + effective * S
+
+
+def test_time_arithmetic_saturates() -> None:
+    end = datetime(9999, 12, 31, 23, 30, tzinfo=UTC)
+    assert later(end, timedelta(hours=1)) == END_OF_TIME
+    assert later(T0, S) == T0 + S
+    assert effective_activation(end, end, timedelta(days=1), S) == END_OF_TIME

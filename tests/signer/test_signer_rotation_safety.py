@@ -37,6 +37,9 @@ from signer_harness import (
     vault_keys,
     wait_for,
 )
+from svidgate.pki.durations import parse_duration
+from svidgate.signer.keyring import Timing
+from svidgate.signer.rotation import versions_needed
 
 # prepare_ahead 3s >= poll_interval 250ms + clock_skew 500ms + keys.vault.timeout 2s
 TIMING = {
@@ -214,3 +217,22 @@ def test_shipped_configs_pass_the_safety_rule(config: str) -> None:
     root = Path(__file__).resolve().parents[2]
     done = svidgate("signer", "check", "--config", str(root / config))
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("prepare_ahead", "retain", "needed"),
+    [
+        ("10m", "15m40s", 6),  # the defaults: KV's 10 versions are enough
+        ("3s", "5m750ms", 105),  # this file's timing: a Rotate every 3 s for 5 minutes
+        ("1m", "1m", 6),
+    ],
+)
+def test_versions_needed(prepare_ahead: str, retain: str, needed: int) -> None:
+    timing = Timing(
+        period=parse_duration("24h"),
+        prepare_ahead=parse_duration(prepare_ahead),
+        retain=parse_duration(retain),
+        clock_skew=parse_duration("30s"),
+        max_ttl=parse_duration("15m"),
+    )
+    assert versions_needed(timing) == needed
