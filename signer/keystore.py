@@ -14,7 +14,8 @@ What enters the ring is checked here, once per kid: a key whose activation lies 
 and a key this replica first sees with less than ``prepare_ahead`` to go (planted by another
 Vault principal, say) signs ``prepare_ahead`` after it was first seen at the earliest (WARNING;
 :func:`~svidgate.signer.keyring.effective_activation`). Keys on the first read, keys this
-replica wrote, and keys that replace a lost active key are taken as they are. The polling loop
+replica wrote, and every key while the active key is lost (revoked: whatever can sign must,
+at once) are taken as they are, and so is a key once it was announced in time. The polling loop
 survives whatever one round raises.
 """
 
@@ -252,11 +253,14 @@ class KeyStore:
                 f"is more than rotation.period ({format_duration(period)}) ahead",
             )
             return None
-        first_seen = self._first_seen.setdefault(key.kid, seen)
+        first_seen = self._first_seen.setdefault(key.kid, seen) if seen is not None else None
         effective = effective_activation(
             key.activate_at, first_seen, self.timing.prepare_ahead, self.cfg.key_propagation
         )
         if effective == key.activate_at:
+            # announced in time (or taken as given): trusted from now on, even if its
+            # activation moves (a Transit version that becomes the oldest activates at once)
+            self._first_seen[key.kid] = None
             return key
         self._report(
             key,
