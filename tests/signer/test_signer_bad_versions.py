@@ -74,6 +74,7 @@ class Stack:
         self.bao = bao
         token = directory / "vault-token"
         token.write_text(bao.signer_token())
+        token.chmod(0o600)  # a credential file: owner-only
         keys = vault_keys(bao, "vault-kv", "ES256", token)
         keys["vault"]["timeout"] = "2s"
         self.path = keys["vault"]["kv_path"]

@@ -70,6 +70,7 @@ def kv_config(bao: BaoServer, directory: Path, name: str, keys: dict[str, Any]) 
 def fresh_keys(bao: BaoServer, directory: Path) -> dict[str, Any]:
     token = directory / "vault-token"
     token.write_text(bao.signer_token())
+    token.chmod(0o600)  # a credential file: owner-only
     keys = vault_keys(bao, "vault-kv", "ES256", token)
     keys["vault"]["timeout"] = "2s"
     return keys

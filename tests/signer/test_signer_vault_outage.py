@@ -26,14 +26,14 @@ from signer_harness import (
 )
 from support.clock import JumpClock
 
-# retain = 2s + 1s + 200ms = 3.2s; a stale ring may sign until synced_at + 2 + 3.2 - 1 s
-STALE_SIGNING = timedelta(seconds=2 + 3.2)  # more than that window: the clock jumps past it
-# prepare_ahead 2s >= poll_interval 200ms + clock_skew 1s + keys.vault.timeout 800ms
+# retain = 2s + 1s + 200ms = 3.2s; a stale ring may sign until synced_at + 3 + 3.2 - 1 s
+STALE_SIGNING = timedelta(seconds=3 + 3.2)  # more than that window: the clock jumps past it
+# prepare_ahead 3s >= poll_interval 200ms + clock_skew 1s + keys.vault.timeout 1500ms
 TIMING = {
     "tokens": {"default_ttl": "2s", "max_ttl": "2s", "clock_skew": "1s"},
-    "rotation": {"period": "1h", "prepare_ahead": "2s", "poll_interval": "200ms"},
+    "rotation": {"period": "1h", "prepare_ahead": "3s", "poll_interval": "200ms"},
 }
-VAULT_TIMEOUT = "800ms"
+VAULT_TIMEOUT = "1500ms"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
