@@ -384,7 +384,7 @@ class KeyStore:
             try:
                 await self.refresh()
                 await self._create_locked(forced=False)
-            except KeySourceError as exc:  # the key is gone: the loop retries the rest
+            except (KeySourceError, SourceCapacityError) as exc:  # gone: the loop retries the rest
                 log.warning("key %s revoked; then the key source failed: %s", kid, exc)
         self.wake()
         return kid, self.signing_kid()
