@@ -153,6 +153,20 @@ class SignerConfig(ConfigModel):
         return self.minimum_retention
 
     @property
+    def vault_timeout(self) -> timedelta:
+        """How long one Vault request may take (0 for the file source)."""
+        vault = self.keys.vault
+        if not self.keys.source.startswith("vault-") or vault is None:
+            return timedelta(0)
+        return vault.timeout
+
+    @property
+    def key_propagation(self) -> timedelta:
+        """The longest a new key may take to reach every replica, in any replica's clock:
+        rotation.poll_interval + tokens.clock_skew + keys.vault.timeout."""
+        return self.rotation.poll_interval + self.tokens.clock_skew + self.vault_timeout
+
+    @property
     def minimum_retention(self) -> timedelta:
         return self.tokens.max_ttl + self.tokens.clock_skew + self.rotation.poll_interval
 
@@ -164,6 +178,20 @@ class SignerConfig(ConfigModel):
 
 def _fmt(value: timedelta) -> str:
     return format_duration(value)
+
+
+def _propagation_problem(cfg: SignerConfig) -> str:
+    """The extended safety rule's message: the terms by field name, with the numbers."""
+    rot, terms = cfg.rotation, ["rotation.poll_interval", "tokens.clock_skew"]
+    values = [rot.poll_interval, cfg.tokens.clock_skew]
+    if cfg.keys.source.startswith("vault-"):
+        terms.append("keys.vault.timeout")
+        values.append(cfg.vault_timeout)
+    return (
+        f"must be >= {' + '.join(terms)} ({' + '.join(_fmt(v) for v in values)} = "
+        f"{_fmt(cfg.key_propagation)}) so every replica sees a key before it signs, despite "
+        f"clock skew and Vault latency (got {_fmt(rot.prepare_ahead)})"
+    )
 
 
 def _rules(cfg: SignerConfig) -> list[Problem]:
@@ -180,6 +208,8 @@ def _rules(cfg: SignerConfig) -> list[Problem]:
                 f"replica sees a key before it signs (got {_fmt(rot.prepare_ahead)})",
             )
         )
+    elif rot.prepare_ahead < cfg.key_propagation:
+        problems.append(("rotation.prepare_ahead", _propagation_problem(cfg)))
     if rot.period <= rot.prepare_ahead:
         problems.append(
             (

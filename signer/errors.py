@@ -33,6 +33,14 @@ class RevokeRefusedError(SignerError):
     """The key source cannot delete this key now (Transit: only the oldest versions can go)."""
 
 
+class RotationPendingError(SignerError):
+    """``Rotate`` while a prepared key has not activated yet (one rotation at a time)."""
+
+
+class SourceCapacityError(SignerError):
+    """Writing one more key would make the source drop a published key (KV ``max_versions``)."""
+
+
 class SigningUnavailableError(SignerError):
     """No key may sign right now (no active key, or the cached key's window has run out)."""
 

@@ -15,13 +15,17 @@ at the next read. A failed read builds no ring: the last one stays in use.
 A replica that cannot reach its source does not know whether a newer key exists; the earliest a
 key it has not seen could activate is ``synced_at + prepare_ahead``. :meth:`KeyRing.sign_deadline`
 uses that bound, so a token signed from a stale ring never outlives its key's window.
+
+The ring takes each key's ``activate_at`` as given: a store that delays a key announced too late
+(:func:`effective_activation`) passes the delayed time. Time arithmetic saturates
+(:func:`later`), so no activation time, however far ahead, can raise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -29,6 +33,34 @@ from svidgate.pki.jwt_svid import PublicKey, UnknownKidError, VerificationKey
 from svidgate.signer.jwt import PrivateKey, verification_jwk
 
 RemoteSign = Callable[[bytes], Awaitable[bytes]]
+END_OF_TIME = datetime.max.replace(tzinfo=UTC)
+
+
+def later(when: datetime, delta: timedelta) -> datetime:
+    """``when + delta``, saturating at the end of time instead of raising OverflowError."""
+    try:
+        return when + delta
+    except OverflowError:
+        return END_OF_TIME
+
+
+def effective_activation(
+    activate_at: datetime,
+    first_seen: datetime | None,
+    prepare_ahead: timedelta,
+    propagation: timedelta,
+) -> datetime:
+    """When a key may sign on a replica that first saw it at ``first_seen`` (None: no delay).
+
+    A signer writes a key ``prepare_ahead`` before it activates, and every replica reads it
+    within ``propagation`` (poll interval + clock skew + Vault timeout) of the write; a key
+    first seen with less than ``prepare_ahead - propagation`` to go (or already active) was
+    not announced that way, so it waits out ``prepare_ahead`` from ``first_seen``."""
+    if first_seen is None:
+        return activate_at
+    if activate_at > first_seen and activate_at - first_seen >= prepare_ahead - propagation:
+        return activate_at
+    return max(activate_at, later(first_seen, prepare_ahead))
 
 
 class KeyState(StrEnum):
@@ -50,6 +82,7 @@ class SigningKey:
     activate_at: datetime
     private_key: PrivateKey | None = None
     remote_sign: RemoteSign | None = None
+    origin: str = ""  # where the source holds it ("vault-kv:… version 3"), for log lines
 
     @property
     def verification_key(self) -> VerificationKey:
@@ -110,7 +143,7 @@ class KeyRing:
         key = self.keys[index]
         successor = self.keys[index + 1] if index + 1 < len(self.keys) else None
         retired_at = successor.activate_at if successor is not None else None
-        removed_at = retired_at + self.timing.retain if retired_at is not None else None
+        removed_at = later(retired_at, self.timing.retain) if retired_at is not None else None
         if now < key.activate_at:
             state = KeyState.PREPARED
         elif retired_at is None or now < retired_at:
@@ -158,8 +191,8 @@ class KeyRing:
         status = self.lookup(kid, now)
         if status.removed_at is not None:
             return status.removed_at
-        unseen_activation = max(self.synced_at + self.timing.prepare_ahead, status.key.activate_at)
-        return unseen_activation + self.timing.retain
+        unseen = max(later(self.synced_at, self.timing.prepare_ahead), status.key.activate_at)
+        return later(unseen, self.timing.retain)
 
     def sign_deadline(self, now: datetime) -> tuple[SigningKey, datetime] | None:
         """The active key and the latest ``exp`` a token it signs now may carry, or None."""

@@ -8,6 +8,15 @@ and :meth:`KeyStore.revoke` deletes one from the source and the ring at once. Ev
 appears or disappears is logged (INFO, the kid only). Source errors never empty the cache: a
 failed read changes nothing, the ring keeps serving verification, the store reports itself
 degraded, and signing goes on until the cached active key's window runs out.
+
+What enters the ring is checked here, once per kid: a key whose activation lies more than
+``rotation.period`` ahead is refused (ERROR; no signer writes one, and it would stall rotation),
+and a key this replica first sees with less than ``prepare_ahead`` to go (planted by another
+Vault principal, say) signs ``prepare_ahead`` after it was first seen at the earliest (WARNING;
+:func:`~svidgate.signer.keyring.effective_activation`). Keys on the first read, keys this
+replica wrote, and every key while the active key is lost (revoked: whatever can sign must,
+at once) are taken as they are, and so is a key once it was announced in time. The polling loop
+survives whatever one round raises.
 """
 
 from __future__ import annotations
@@ -18,10 +27,11 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from svidgate.pki.durations import format_duration
 from svidgate.pki.jwt_svid import (
     MAX_TOKEN_BYTES,
     VerificationKey,
@@ -37,10 +47,18 @@ from svidgate.signer.errors import (
     KeySourceError,
     NotReadyError,
     SigningUnavailableError,
+    SourceCapacityError,
     SourceConflictError,
 )
-from svidgate.signer.keyring import KeyRing, KeyState, SigningKey, Timing
-from svidgate.signer.rotation import Action, next_rotation_at, plan_rotation
+from svidgate.signer.keyring import (
+    KeyRing,
+    KeyState,
+    SigningKey,
+    Timing,
+    effective_activation,
+    later,
+)
+from svidgate.signer.rotation import Action, next_rotation_at, plan_rotation, versions_needed
 from svidgate.signer.sources import KeySource
 
 log = logging.getLogger("svidgate.signer.keys")
@@ -102,6 +120,11 @@ class KeyStore:
         # while the active key is gone from the source: the kids it had superseded (they never
         # sign again; a fresh key replaces it), else None
         self._lost_active: frozenset[str] | None = None
+        # kid -> when this replica first saw it (None: taken as it is, see the module doc)
+        self._first_seen: dict[str, datetime | None] = {}
+        self._reported: set[str] = set()  # kids whose refusal or delay was logged
+        self._version_limit: int | None = None
+        self._rotation_refusal = ""  # the last refused rotation's message (logged once)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -136,11 +159,12 @@ class KeyStore:
                 backoff = 0.2
             except KeySourceError as exc:
                 self._mark_unhealthy(exc)
+            except SourceCapacityError:
+                pass  # logged where it was raised; the ring keeps every key
             except Exception as exc:  # never let the loop die; the cache stays in use
                 log.exception("key store maintenance failed")
                 self._mark_unhealthy(exc)
-            self.publish()
-            delay = self._next_wake()
+            delay = self._settle()
             if not self.source_healthy:
                 delay = min(delay, backoff)
                 backoff = min(backoff * 2, self.timing.prepare_ahead.total_seconds() / 4, 5.0)
@@ -153,6 +177,15 @@ class KeyStore:
             log.warning("key source %s unavailable: %s", self.source.description, exc)
         self.source_healthy = False
         self.last_error = str(exc)
+
+    def _settle(self) -> float:
+        """Publish the key set and return the seconds until the next round; never raises."""
+        try:
+            self.publish()
+            return self._next_wake()
+        except Exception:
+            log.exception("key store publication failed")
+            return self.cfg.rotation.poll_interval.total_seconds()
 
     def _next_wake(self) -> float:
         now = self.clock()
@@ -173,13 +206,16 @@ class KeyStore:
         # the read's start time is what the ring is fresh as of: a key another replica creates
         # while the read is in flight is unseen, and activates prepare_ahead after it at least
         started = self.clock()
-        keys = [k for k in await self.source.load() if k.kid not in self._revoked]
-        self._source_kids = frozenset(k.kid for k in keys)
+        loaded = [k for k in await self.source.load() if k.kid not in self._revoked]
+        self._source_kids = frozenset(k.kid for k in loaded)
+        old = self.ring or KeyRing([], self.timing, started)
+        keys = self._admit(loaded, old, started)
         ring = KeyRing.from_source(keys, self.timing, started)
-        self._note_changes(self.ring or KeyRing([], self.timing, started), ring, started)
+        self._note_changes(old, ring, started)
         self.ring = ring
         self.source_healthy = True
         self.last_error = None
+        self._check_version_limit()
         kept = {k.kid for k in ring.keys}
         removed = [k.kid for k in keys if k.kid not in kept]
         if removed:
@@ -188,6 +224,75 @@ class KeyStore:
             except KeySourceError as exc:
                 log.warning("could not delete removed keys from the source: %s", exc)
         self.publish()
+
+    def _admit(self, loaded: list[SigningKey], old: KeyRing, now: datetime) -> list[SigningKey]:
+        """The loaded keys the ring may hold, at their effective activation times."""
+        active = old.active(now)
+        as_given = (
+            not old.published(now)  # the first read, or nothing to sign with yet
+            or self._lost_active is not None
+            or (active is not None and active.kid not in self._source_kids)  # lost just now
+        )
+        # first seen: after the read (a key written while it was in flight counts from here)
+        seen = None if as_given else self.clock()
+        admitted = [self._admit_one(key, seen, now) for key in loaded]
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in self._source_kids}
+        self._reported &= self._source_kids
+        return [key for key in admitted if key is not None]
+
+    def _admit_one(
+        self, key: SigningKey, seen: datetime | None, now: datetime
+    ) -> SigningKey | None:
+        """``key`` as the ring takes it (first seen ``seen`` unless known), or None (refused)."""
+        period = self.cfg.rotation.period
+        if key.activate_at > later(now, period):
+            self._report(
+                key,
+                logging.ERROR,
+                f"skipped, not a usable signing key: activate_at {key.activate_at.isoformat()} "
+                f"is more than rotation.period ({format_duration(period)}) ahead",
+            )
+            return None
+        first_seen = self._first_seen.setdefault(key.kid, seen) if seen is not None else None
+        effective = effective_activation(
+            key.activate_at, first_seen, self.timing.prepare_ahead, self.cfg.key_propagation
+        )
+        if effective == key.activate_at:
+            # announced in time (or taken as given): trusted from now on, even if its
+            # activation moves (a Transit version that becomes the oldest activates at once)
+            self._first_seen[key.kid] = None
+            return key
+        self._report(
+            key,
+            logging.WARNING,
+            f"activates at {key.activate_at.isoformat()}, less than rotation.prepare_ahead "
+            f"after this replica first saw it: it signs from {effective.isoformat()} at the "
+            "earliest",
+        )
+        return replace(key, activate_at=effective)
+
+    def _report(self, key: SigningKey, level: int, message: str) -> None:
+        """Log a refused or delayed key once while it stays in the source."""
+        if key.kid not in self._reported:
+            self._reported.add(key.kid)
+            log.log(level, "key %s (%s) %s", key.kid, key.origin or "?", message)
+
+    def _check_version_limit(self) -> None:
+        """Warn (once per value) when the source keeps fewer versions than the ring may need."""
+        limit, needed = self.source.version_limit(), versions_needed(self.timing)
+        if limit is not None and limit < needed and limit != self._version_limit:
+            log.warning(
+                "key source %s keeps %d versions (max_versions), fewer than the %d the key ring "
+                "may need (prepared, active and retired keys: retain_retired / prepare_ahead + "
+                "3, and 2 spare); a rotation that would prune a published key is refused: "
+                "bao kv metadata put -max-versions=%d %s",
+                self.source.description,
+                limit,
+                needed,
+                needed,
+                self.source.description.partition(":")[2],
+            )
+        self._version_limit = limit
 
     def _note_changes(self, old: KeyRing, new: KeyRing, now: datetime) -> None:
         """Log every kid that appeared or disappeared; notice a lost active key."""
@@ -234,6 +339,13 @@ class KeyStore:
             except SourceConflictError:
                 await self.refresh()
                 continue
+            except SourceCapacityError as exc:
+                if str(exc) != self._rotation_refusal:
+                    log.error("%s rotation refused: %s", plan.action, exc)
+                self._rotation_refusal = str(exc)
+                raise
+            self._rotation_refusal = ""
+            self._first_seen[key.kid] = None  # this replica wrote it: no delay
             log.info("created %s key %s (activates %s)", plan.action, key.kid, key.activate_at)
             if plan.action in (Action.BOOTSTRAP, Action.REPLACE):
                 self._lost_active = None
@@ -272,7 +384,7 @@ class KeyStore:
             try:
                 await self.refresh()
                 await self._create_locked(forced=False)
-            except KeySourceError as exc:  # the key is gone: the loop retries the rest
+            except (KeySourceError, SourceCapacityError) as exc:  # gone: the loop retries the rest
                 log.warning("key %s revoked; then the key source failed: %s", kid, exc)
         self.wake()
         return kid, self.signing_kid()

@@ -35,8 +35,10 @@ from svidgate.signer.errors import (
     NotReadyError,
     PermissionDeniedError,
     RevokeRefusedError,
+    RotationPendingError,
     SignerError,
     SigningUnavailableError,
+    SourceCapacityError,
     SourceConflictError,
 )
 from svidgate.signer.jwt import parse_extra_claims
@@ -61,6 +63,8 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (NotReadyError, grpc.StatusCode.UNAVAILABLE, "not_ready"),
     (KeyNotFoundError, grpc.StatusCode.NOT_FOUND, "not_found"),
     (RevokeRefusedError, grpc.StatusCode.FAILED_PRECONDITION, "failed_precondition"),
+    (RotationPendingError, grpc.StatusCode.FAILED_PRECONDITION, "rotation_pending"),
+    (SourceCapacityError, grpc.StatusCode.FAILED_PRECONDITION, "kv_max_versions"),
     (SourceConflictError, grpc.StatusCode.ABORTED, "conflict"),
     (KeySourceError, grpc.StatusCode.UNAVAILABLE, "source_unavailable"),
 )

@@ -208,6 +208,16 @@ class VaultClient:
 
         return await self.call(read, "kv metadata read")
 
+    async def kv_mount_max_versions(self) -> int:
+        """The KV mount's ``max_versions`` (``MOUNT/config``; 0: Vault's default of 10)."""
+        mount = self.cfg.kv_mount
+
+        def read(c: hvac.Client) -> int:
+            result = c.secrets.kv.v2.read_configuration(mount_point=mount)
+            return int(result["data"].get("max_versions") or 0)
+
+        return await self.call(read, "kv mount config read")
+
     async def kv_read(self, version: int) -> dict[str, Any] | None:
         """One version's data, or None if it was deleted or destroyed."""
         cfg = self.cfg

@@ -2,7 +2,8 @@
 
 The one source of that text: ``svidgate up`` writes it to its dev server, the tests' OpenBao
 writes it, and ``deploy/vault/signer-policy.hcl`` is it for the default settings (a test
-checks). KV v2 data, metadata and destroy of the one secret; Transit create/read/sign/rotate of
+checks). KV v2 data, metadata and destroy of the one secret, and the mount's config (read: its
+``max_versions``, checked against what the key ring needs); Transit create/read/sign/rotate of
 the one key; the token's own lookup and renewal. No wildcard unless a caller passes one.
 
 ``transit_revoke=True`` adds ``keys/NAME/config`` and ``keys/NAME/trim``, which ``Revoke`` needs
@@ -45,6 +46,10 @@ path "{kv_mount}/data/{kv_path}" {{
   capabilities = ["create", "read", "update"]
 }}
 path "{kv_mount}/metadata/{kv_path}" {{
+  capabilities = ["read"]
+}}
+# the mount's max_versions (when the secret sets none): a write must never prune a live key
+path "{kv_mount}/config" {{
   capabilities = ["read"]
 }}
 # removed keys are destroyed (their versions' data), never the whole secret

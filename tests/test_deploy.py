@@ -438,6 +438,7 @@ def test_signer_policy_is_least_privilege() -> None:
     assert paths == [
         "kv/data/a/b",
         "kv/metadata/a/b",
+        "kv/config",
         "kv/destroy/a/b",
         "t/sign/k",
         "t/keys/k",

@@ -7,6 +7,10 @@ path "secret/data/svidgate/signing-keys" {
 path "secret/metadata/svidgate/signing-keys" {
   capabilities = ["read"]
 }
+# the mount's max_versions (when the secret sets none): a write must never prune a live key
+path "secret/config" {
+  capabilities = ["read"]
+}
 # removed keys are destroyed (their versions' data), never the whole secret
 path "secret/destroy/svidgate/signing-keys" {
   capabilities = ["update"]

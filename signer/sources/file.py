@@ -7,7 +7,9 @@ so replicas sharing the directory get check-and-set semantics like Vault KV.
 The directory is the truth: a key whose entry or PEM file is gone is not a key (an operator
 revokes one by deleting its file), and no ``state.json`` means no keys. The directory is
 created by the first read; once read, a directory that disappears is an error (an unmounted
-volume is not an empty source), as is any file that exists but cannot be read.
+volume is not an empty source), as is any file that exists but cannot be read. An entry that
+is not a usable key of ``keys.algorithm`` (bad fields, a naive time, an unreadable PEM, another
+algorithm) is skipped and logged (ERROR, its index) and the others load.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import os
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,13 @@ from svidgate.signer.keygen import (
 )
 from svidgate.signer.keyring import SigningKey
 from svidgate.signer.rotation import NewKeyPlan
+from svidgate.signer.sources import BadEntry, Rejections, check_algorithm, kid_field, time_field
 
 STATE_FILE = "state.json"
+
+
+def _kid_of(entry: object) -> str | None:
+    return str(entry.get("kid")) if isinstance(entry, dict) else None
 
 
 class FileKeySource:
@@ -43,6 +50,7 @@ class FileKeySource:
         self.description = f"file:{directory}"
         self._generation = 0
         self._loaded = False
+        self._rejections = Rejections()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -83,25 +91,40 @@ class FileKeySource:
         self._loaded = True
         self._generation = int(state.get("generation", 0))
         keys = []
-        for entry in state["keys"]:
+        self._rejections.begin()
+        for index, entry in enumerate(state["keys"]):
+            where = f"{self.directory / STATE_FILE} entry {index}"
             try:
-                kid, alg = str(entry["kid"]), str(entry["alg"])
-                created = datetime.fromisoformat(entry["created_at"])
-                activate = datetime.fromisoformat(entry["activate_at"])
-            except (KeyError, TypeError, ValueError):
-                raise KeySourceError(f"{self.directory / STATE_FILE}: invalid key entry") from None
-            path = self.directory / f"{kid}.pem"
-            try:
-                pem = path.read_bytes()
-            except FileNotFoundError:
-                continue  # deleted (revoked, or removed by another replica since the read)
-            except OSError as exc:
-                raise KeySourceError(f"{path}: cannot read ({exc.strerror})") from None
-            key = local_signing_key(parse_private_key(pem, alg, str(path)), alg, created, activate)
-            if key.kid != kid:
-                raise KeySourceError(f"{path}: key does not match its kid")
-            keys.append(key)
+                key = self._entry_key(entry, where)
+            except BadEntry as exc:
+                self._rejections.reject(where, exc)
+                continue
+            if key is not None:
+                keys.append(key)
+        self._rejections.done()
         return keys
+
+    def _entry_key(self, entry: object, where: str) -> SigningKey | None:
+        """The key of one state.json entry; None when its PEM file is gone (deleted)."""
+        if not isinstance(entry, dict):
+            raise BadEntry("not a key entry")
+        alg, kid = check_algorithm(entry, self.algorithm), kid_field(entry)
+        created, activate = time_field(entry, "created_at"), time_field(entry, "activate_at")
+        path = self.directory / f"{kid}.pem"
+        try:
+            pem = path.read_bytes()
+        except FileNotFoundError:
+            return None  # deleted (revoked, or removed by another replica since the read)
+        except OSError as exc:
+            raise KeySourceError(f"{path}: cannot read ({exc.strerror})") from None
+        try:
+            private = parse_private_key(pem, alg, f"{path.name}")
+        except KeySourceError as exc:
+            raise BadEntry(str(exc)) from None
+        key = local_signing_key(private, alg, created, activate)
+        if key.kid != kid:
+            raise BadEntry(f"{path.name} does not match its kid")
+        return replace(key, origin=where)
 
     def _create_sync(self, plan: NewKeyPlan) -> SigningKey:
         private = generate_signing_key(self.algorithm)
@@ -126,7 +149,7 @@ class FileKeySource:
 
     def _drop(self, state: dict[str, Any], kids: Collection[str]) -> None:
         """Delete ``kids`` from ``state`` and their PEM files (the lock is held)."""
-        state["keys"] = [k for k in state["keys"] if k.get("kid") not in kids]
+        state["keys"] = [k for k in state["keys"] if _kid_of(k) not in kids]
         state["generation"] = int(state.get("generation", 0)) + 1
         self._write_state(state)
         for kid in kids:
@@ -139,7 +162,7 @@ class FileKeySource:
     def _revoke_sync(self, kid: str) -> None:
         with self._locked():
             state = self._read_state()
-            if kid not in {str(k.get("kid")) for k in state["keys"]}:
+            if kid not in {_kid_of(k) for k in state["keys"]}:
                 raise KeyNotFoundError(f"{kid} is not in {self.description}")
             self._drop(state, [kid])
 
@@ -155,6 +178,9 @@ class FileKeySource:
 
     async def remove(self, kids: Sequence[str]) -> None:
         await asyncio.to_thread(self._remove_sync, kids)
+
+    def version_limit(self) -> int | None:
+        return None
 
     async def background(self) -> None:
         return None

@@ -7,16 +7,29 @@ reloads and plans again. Versions are immutable, so each is read once and cached
 What the metadata says is the truth: a version that is destroyed, or deleted (its
 ``deletion_time`` has passed), is not a key, and metadata that does not exist (never written,
 or deleted with ``kv metadata delete``) holds no key. Removed and revoked keys are destroyed, so
-every replica sees them gone at its next read. Anything Vault cannot answer is an error.
+every replica sees them gone at its next read. Anything Vault cannot answer is an error; a
+version whose data is not a usable key of ``keys.algorithm`` is skipped and logged (ERROR, its
+number) and the others load.
+
+KV v2 keeps ``max_versions`` versions (the secret's, else the mount's, else 10) and prunes the
+oldest on each write, destroyed ones included. :meth:`VaultKvKeySource.create` refuses a write
+that would prune a version holding a published key (SourceCapacityError): the ring never loses
+a key that still verifies to a rotation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from svidgate.signer.errors import KeyNotFoundError, KeySourceError
+from svidgate.signer.errors import (
+    KeyNotFoundError,
+    KeySourceError,
+    SourceCapacityError,
+    SourceDeniedError,
+)
 from svidgate.signer.keygen import (
     generate_signing_key,
     local_signing_key,
@@ -25,7 +38,18 @@ from svidgate.signer.keygen import (
 )
 from svidgate.signer.keyring import SigningKey
 from svidgate.signer.rotation import NewKeyPlan
+from svidgate.signer.sources import (
+    BadEntry,
+    Rejections,
+    check_algorithm,
+    kid_field,
+    log,
+    text_field,
+    time_field,
+)
 from svidgate.signer.vault import VaultClient, parse_vault_time
+
+KV_DEFAULT_MAX_VERSIONS = 10  # what KV v2 keeps when neither the secret nor the mount says
 
 
 def version_is_gone(info: dict[str, Any], now: datetime) -> bool:
@@ -43,20 +67,26 @@ class VaultKvKeySource:
         self.algorithm = algorithm
         self.description = f"vault-kv:{client.cfg.kv_mount}/{client.cfg.kv_path}"
         self._current_version = 0
-        self._cache: dict[tuple[int, str], SigningKey] = {}
+        # versions are immutable: each is read once; a bad one is remembered with its problem
+        self._cache: dict[tuple[int, str], SigningKey | BadEntry] = {}
         self._versions: dict[str, list[int]] = {}
+        self._max_versions: int | None = None
+        self._mount_max: int | None = None  # the mount's max_versions, read once
+        self._rejections = Rejections()
 
     async def load(self) -> list[SigningKey]:
         meta = await self.client.kv_metadata()
         if meta is None:  # the metadata does not exist (vault.py tells that from an error)
             self._current_version = 0
-            self._cache, self._versions = {}, {}
+            self._cache, self._versions, self._max_versions = {}, {}, None
             return []
         self._current_version = int(meta.get("current_version") or 0)
+        self._max_versions = int(meta.get("max_versions") or 0) or await self._mount_limit()
         now = datetime.now(UTC)
         keys: list[SigningKey] = []
         versions: dict[str, list[int]] = {}
-        cache: dict[tuple[int, str], SigningKey] = {}
+        cache: dict[tuple[int, str], SigningKey | BadEntry] = {}
+        self._rejections.begin()
         for number, info in sorted((meta.get("versions") or {}).items(), key=lambda i: int(i[0])):
             if version_is_gone(info, now):
                 continue
@@ -69,27 +99,81 @@ class VaultKvKeySource:
                     continue
                 key = self._parse(data, version)
             cache[cache_key] = key
+            if isinstance(key, BadEntry):
+                self._rejections.reject(self._where(version), key)
+                continue
             if key.kid not in versions:
                 keys.append(key)
             versions.setdefault(key.kid, []).append(version)
+        self._rejections.done()
         self._cache, self._versions = cache, versions
         return keys
 
-    def _parse(self, data: dict[str, object], version: int) -> SigningKey:
-        where = f"{self.description} version {version}"
+    async def _mount_limit(self) -> int:
+        """The mount's max_versions (the secret sets none): read once; KV's default when the
+        policy may not read it."""
+        if self._mount_max is None:
+            try:
+                limit = await self.client.kv_mount_max_versions()
+            except SourceDeniedError:
+                log.warning(
+                    "%s: the policy may not read %s/config: assuming KV's default of %d versions",
+                    self.description,
+                    self.client.cfg.kv_mount,
+                    KV_DEFAULT_MAX_VERSIONS,
+                )
+                limit = 0
+            self._mount_max = limit or KV_DEFAULT_MAX_VERSIONS
+        return self._mount_max
+
+    def version_limit(self) -> int | None:
+        return self._max_versions
+
+    def _where(self, version: int) -> str:
+        return f"{self.description} version {version}"
+
+    def _parse(self, data: object, version: int) -> SigningKey | BadEntry:
+        """The key a version holds, or the BadEntry saying why it holds none."""
         try:
-            alg = str(data["alg"])
-            pem = str(data["private_key"]).encode()
-            created = datetime.fromisoformat(str(data["created_at"]))
-            activate = datetime.fromisoformat(str(data["activate_at"]))
-        except (KeyError, ValueError):
-            raise KeySourceError(f"{where}: not a signing key entry") from None
-        key = local_signing_key(parse_private_key(pem, alg, where), alg, created, activate)
-        if key.kid != data.get("kid"):
-            raise KeySourceError(f"{where}: key does not match its kid")
-        return key
+            if not isinstance(data, dict):
+                raise BadEntry("not a key entry")
+            alg = check_algorithm(data, self.algorithm)
+            kid = kid_field(data)
+            pem = text_field(data, "private_key").encode()
+            created, activate = time_field(data, "created_at"), time_field(data, "activate_at")
+            try:
+                private = parse_private_key(pem, alg, "private_key")
+            except KeySourceError as exc:
+                raise BadEntry(str(exc)) from None
+            key = local_signing_key(private, alg, created, activate)
+            if key.kid != kid:
+                raise BadEntry("kid does not match its key")
+        except BadEntry as exc:
+            return exc
+        return replace(key, origin=self._where(version))
+
+    def _check_capacity(self, keep: Collection[str]) -> None:
+        """SourceCapacityError when writing the next version would prune one holding a kid in
+        ``keep`` (KV keeps the newest ``max_versions`` versions)."""
+        limit = self._max_versions
+        if not limit:
+            return  # no secret yet: nothing to prune
+        following = self._current_version + 1
+        oldest_kept = following - limit + 1
+        held = sorted((max(self._versions[k]), k) for k in keep if k in self._versions)
+        if held and held[0][0] < oldest_kept:
+            version, kid = held[0]
+            need = following - version + 1
+            mount, path = self.client.cfg.kv_mount, self.client.cfg.kv_path
+            raise SourceCapacityError(
+                f"{self.description} keeps {limit} versions (max_versions): writing version "
+                f"{following} would prune version {version}, which holds key {kid} (still "
+                f"published); set at least {need} with: bao kv metadata put -mount={mount} "
+                f"-max-versions={need} {path}"
+            )
 
     async def create(self, plan: NewKeyPlan) -> SigningKey:
+        self._check_capacity(plan.keep)
         private = generate_signing_key(self.algorithm)
         key = local_signing_key(private, self.algorithm, plan.created_at, plan.activate_at)
         version = await self.client.kv_write(

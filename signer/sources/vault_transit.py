@@ -14,6 +14,9 @@ one version alone, only every version below one (``min_decryption_version``, the
 unpublished; revoking the newest version first rotates, so a fresh version takes over (it is
 then the oldest listed and active at once). The signer's default policy may not trim: revoke
 then answers with the operator's commands.
+
+A key of another type than ``keys.algorithm`` is an error (no version can be used); a version
+whose public key or creation time is unusable is skipped and logged (ERROR, its number).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from svidgate.signer.errors import (
     SourceDeniedError,
 )
 from svidgate.signer.jwt import check_key_algorithm, jwk_thumbprint
-from svidgate.signer.keyring import SigningKey
+from svidgate.signer.keyring import SigningKey, later
 from svidgate.signer.rotation import NewKeyPlan
+from svidgate.signer.sources import BadEntry, Rejections
 from svidgate.signer.vault import TRANSIT_KEY_TYPES, VaultClient, parse_vault_time
 
 
@@ -64,6 +68,7 @@ class VaultTransitKeySource:
         self.prepare_ahead = prepare_ahead
         self.description = f"vault-transit:{client.cfg.transit_mount}/{client.cfg.transit_key}"
         self._latest = 0
+        self._rejections = Rejections()
 
     async def load(self) -> list[SigningKey]:
         data = await self.client.transit_key()
@@ -71,7 +76,13 @@ class VaultTransitKeySource:
             self._latest = 0
             return []
         self._latest = int(data.get("latest_version") or 0)
-        return [key for _, key in self._listed(data)]
+        self._rejections.begin()
+        keys = [key for _, key in self._listed(data)]
+        self._rejections.done()
+        return keys
+
+    def version_limit(self) -> int | None:
+        return None
 
     def _listed(self, data: dict[str, Any]) -> list[tuple[int, SigningKey]]:
         """(version, key) for every version ``transit/keys/NAME`` lists, oldest first."""
@@ -82,20 +93,36 @@ class VaultTransitKeySource:
         listed = sorted((int(n), info) for n, info in (data.get("keys") or {}).items())
         out = []
         for version, info in listed:
-            public = parse_transit_public_key(str(info["public_key"]), self.algorithm)
-            created = parse_vault_time(str(info["creation_time"]))
-            oldest = version == listed[0][0]
-            activate = created if oldest else created + self.prepare_ahead
-            key = SigningKey(
-                kid=jwk_thumbprint(public, self.algorithm),
-                algorithm=self.algorithm,
-                public_key=public,
-                created_at=created,
-                activate_at=activate,
-                remote_sign=partial(self.client.transit_sign, self.algorithm, version),
-            )
+            where = f"{self.description} version {version}"
+            try:
+                key = self._version_key(version, info, oldest=version == listed[0][0])
+            except BadEntry as exc:
+                self._rejections.reject(where, exc)
+                continue
             out.append((version, key))
         return out
+
+    def _version_key(self, version: int, info: object, *, oldest: bool) -> SigningKey:
+        if not isinstance(info, dict):
+            raise BadEntry("not a key version")
+        try:
+            public = parse_transit_public_key(str(info["public_key"]), self.algorithm)
+            created = parse_vault_time(str(info["creation_time"]))
+        except KeyError as exc:
+            raise BadEntry(f"{exc.args[0]} is missing") from None
+        except (KeySourceError, ValueError) as exc:
+            raise BadEntry(str(exc) if isinstance(exc, KeySourceError) else "bad time") from None
+        if created.utcoffset() is None:
+            raise BadEntry("creation_time has no time zone")
+        return SigningKey(
+            kid=jwk_thumbprint(public, self.algorithm),
+            algorithm=self.algorithm,
+            public_key=public,
+            created_at=created,
+            activate_at=created if oldest else later(created, self.prepare_ahead),
+            remote_sign=partial(self.client.transit_sign, self.algorithm, version),
+            origin=f"{self.description} version {version}",
+        )
 
     async def create(self, plan: NewKeyPlan) -> SigningKey:
         before = self._latest

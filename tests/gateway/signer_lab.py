@@ -76,7 +76,8 @@ class SignerProc:
                 "claims": {"roles": ["spiffe://example.org/**"], "n": ["spiffe://example.org/**"]},
             },
             "keys": {"source": "file", "algorithm": "ES256", "dir": "keys"},
-            "tokens": {"default_ttl": "10m", "max_ttl": "15m", "clock_skew": "30s"},
+            # clock_skew: prepare_ahead 1s >= poll_interval 500ms + clock_skew 500ms
+            "tokens": {"default_ttl": "10m", "max_ttl": "15m", "clock_skew": "500ms"},
             "rotation": {"period": "24h", "prepare_ahead": "1s", "poll_interval": "500ms"},
         }
         if tcp:

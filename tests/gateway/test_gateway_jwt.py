@@ -48,7 +48,8 @@ class Signer:
                     "listen": {"unix": "run/signer.sock"},
                     "authorization": {"sign": ["spiffe://example.org/**"]},
                     "keys": {"source": "file", "algorithm": "ES256", "dir": "keys"},
-                    "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "30s"},
+                    # prepare_ahead 1s >= poll_interval 500ms + clock_skew 500ms
+                    "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "500ms"},
                     "rotation": {"period": "24h", "prepare_ahead": "1s", "poll_interval": "500ms"},
                 }
             )

@@ -67,7 +67,7 @@ class Stack:
                         },
                     },
                     "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "30s"},
-                    "rotation": {"period": "1h", "prepare_ahead": "30s", "poll_interval": "500ms"},
+                    "rotation": {"period": "1h", "prepare_ahead": "40s", "poll_interval": "500ms"},
                 }
             )
         )

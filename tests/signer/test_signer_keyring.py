@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from svidgate.pki.jwt_svid import UnknownKidError
+from svidgate.signer.errors import RotationPendingError
 from svidgate.signer.keyring import KeyRing, KeyState, SigningKey, Timing
 from svidgate.signer.rotation import Action, plan_rotation
 
@@ -109,7 +110,7 @@ def test_without_and_superseded() -> None:
         ([key("a", 0)], 90, False, Action.PREPARE, 100),
         ([key("a", 0), key("b", 100, 90)], 95, False, Action.NONE, None),
         ([key("a", 0)], 20, True, Action.PREPARE, 30),
-        ([key("a", 0), key("b", 100, 90)], 95, True, Action.PREPARE, 105),
+        ([key("a", 0), key("b", 100, 90)], 105, True, Action.PREPARE, 115),
         ([key("a", 0)], 5000, False, Action.PREPARE, 5010),
     ],
 )
@@ -121,6 +122,13 @@ def test_plan_rotation(
     assert plan.action == action
     if activate is not None:
         assert plan.activate_at == T0 + activate * S
+
+
+def test_forced_rotation_is_refused_while_a_key_is_prepared() -> None:
+    # issue 10: one rotation at a time (b is prepared until 100)
+    ring = KeyRing([key("a", 0), key("b", 100, 90)], TIMING, T0 + 95 * S)
+    with pytest.raises(RotationPendingError, match="key b is prepared and activates at"):
+        plan_rotation(ring, T0 + 95 * S, forced=True)
 
 
 def test_plan_replaces_a_lost_active_key() -> None:

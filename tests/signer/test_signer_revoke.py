@@ -46,8 +46,9 @@ from support.bao import bao_binary
 from svidgate.signer import vault_policy
 from svidgate.signer.server import SignerServer
 
-# a fresh key would normally wait 30 s (prepare_ahead): revocation must not
-TIMING = {"rotation": {"period": "1h", "prepare_ahead": "30s", "poll_interval": "250ms"}}
+# a fresh key would normally wait 40 s (prepare_ahead, >= poll_interval 250ms + clock_skew 30s +
+# keys.vault.timeout 5s): revocation must not
+TIMING = {"rotation": {"period": "1h", "prepare_ahead": "40s", "poll_interval": "250ms"}}
 HEALTH_SOURCE = "svidgate.signer.v1.Signer.KeySource"
 SETTLE = 5.0  # poll_interval + a few seconds: every deadline below
 
@@ -114,7 +115,7 @@ async def test_revoke_rpc_and_cli(short_dir: Path) -> None:
     try:
         async with unix_stub(short_dir / "s.sock") as stub:
             old = await stub.Sign(sign())
-            rotated = await stub.Rotate(signer_pb2.RotateRequest())  # prepared for 30 s
+            rotated = await stub.Rotate(signer_pb2.RotateRequest())  # prepared for 40 s
             watch = stub.WatchKeys(signer_pb2.WatchKeysRequest())
             assert old.kid in (await watch.read()).jwks_json
 
@@ -206,7 +207,7 @@ async def test_a_deleted_key_file_is_gone_at_the_next_poll(short_dir: Path) -> N
                 return await verify_reason(stub, old.token) == "unknown_kid"
 
             await eventually(gone, "the deleted key to stop verifying")
-            # a fresh key signs at once (not prepare_ahead = 30 s later)
+            # a fresh key signs at once (not prepare_ahead = 40 s later)
             await eventually(lambda: _signs_with_other(stub, old.kid), "a fresh key")
             new = await stub.Sign(sign())
             assert new.kid != old.kid and old.kid not in await kids(stub)
@@ -386,7 +387,7 @@ async def test_transit_revoke_and_operator_trim(bao: BaoServer, short_dir: Path)
     )
     async with running_signer(cfg), unix_stub(short_dir / "s.sock") as stub:
         v1 = await stub.Sign(sign())
-        v2 = (await stub.Rotate(signer_pb2.RotateRequest())).prepared_kid  # prepared for 30 s
+        v2 = (await stub.Rotate(signer_pb2.RotateRequest())).prepared_kid  # prepared for 40 s
         # Transit drops versions from the oldest end only: v2 has a published older version
         err = await rpc_error(stub.Revoke(signer_pb2.RevokeRequest(kid=v2)))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -27,11 +27,13 @@ from signer_harness import (
     wait_for,
 )
 
-# max_ttl 2s + clock_skew 1s + poll_interval 200ms = retain 3.2s; prepare_ahead 500ms
+# max_ttl 2s + clock_skew 1s + poll_interval 200ms = retain 3.2s; prepare_ahead 3s (the safety
+# rule: >= poll_interval 200ms + clock_skew 1s + keys.vault.timeout 1500ms)
 TIMING = {
     "tokens": {"default_ttl": "2s", "max_ttl": "2s", "clock_skew": "1s"},
-    "rotation": {"period": "1h", "prepare_ahead": "500ms", "poll_interval": "200ms"},
+    "rotation": {"period": "1h", "prepare_ahead": "3s", "poll_interval": "200ms"},
 }
+VAULT_TIMEOUT = "1500ms"
 ROTATIONS = 5
 MIN_OPS = 3000
 WORKERS = 16
@@ -44,6 +46,7 @@ async def test_rotation_under_load(
     token_file.write_text(bao.signer_token())
     sock = short_dir / "s.sock"
     keys = vault_keys(bao, "vault-kv", "ES256", token_file)
+    keys["vault"]["timeout"] = VAULT_TIMEOUT
     config = short_dir / "signer.yaml"
 
     config.write_text(
@@ -112,7 +115,7 @@ async def run_scenario(s: Any) -> None:
             saved.append(before)
             reply = await s.Rotate(signer_pb2.RotateRequest())
             rotated.append(reply.prepared_kid)
-            # the prepared key activates prepare_ahead (500 ms) later: rotate again once the
+            # the prepared key activates prepare_ahead (3 s) later: rotate again once the
             # workers' tokens carry it
             kid = reply.prepared_kid
             await wait_for(lambda kid=kid: kid in kids_seen, 10, f"{kid} to sign")

@@ -268,7 +268,7 @@ async def test_scheduled_rotation(short_dir: Path) -> None:
         {
             # iat is whole seconds (floor), so a 1 s token may have < 1 s left: allow 1 s skew
             "tokens": {"default_ttl": "1s", "max_ttl": "1s", "clock_skew": "1s"},
-            "rotation": {"period": "1500ms", "prepare_ahead": "500ms", "poll_interval": "200ms"},
+            "rotation": {"period": "1500ms", "prepare_ahead": "1200ms", "poll_interval": "200ms"},
         },
     )
     async with running_signer(write_config(short_dir, data)) as server, unix_stub(sock) as stub:

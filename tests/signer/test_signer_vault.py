@@ -84,7 +84,12 @@ async def test_sign_verify_per_source_and_algorithm(
 async def test_two_replicas_converge(bao: BaoServer, short_dir: Path) -> None:
     tokens = token_file(bao, short_dir)
     keys = vault_keys(bao, "vault-kv", "ES256", tokens)
-    timing = {"rotation": {"period": "1h", "prepare_ahead": "2s", "poll_interval": "250ms"}}
+    keys["vault"]["timeout"] = "2s"
+    # prepare_ahead 3s >= poll_interval 250ms + clock_skew 500ms + keys.vault.timeout 2s
+    timing = {
+        "tokens": {"clock_skew": "500ms"},
+        "rotation": {"period": "1h", "prepare_ahead": "3s", "poll_interval": "250ms"},
+    }
     configs = [
         write_config(
             short_dir,
@@ -108,7 +113,7 @@ async def test_two_replicas_converge(bao: BaoServer, short_dir: Path) -> None:
 
 async def converge(a: SignerServer, b: SignerServer, sa: Any, sb: Any) -> None:
     rotated = await sa.Rotate(signer_pb2.RotateRequest())
-    # b sees the prepared key (poll) well before it activates (prepare_ahead 2 s)
+    # b sees the prepared key (poll) well before it activates (prepare_ahead 3 s)
     await wait_for(lambda: rotated.prepared_kid in b.store.jwks_json, 1.5, "b polls")
     for _ in range(3):
         ta = await sa.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, audience=["x"]))
@@ -211,7 +216,8 @@ async def test_signer_keeps_working_past_token_max_ttl(bao: BaoServer, short_dir
     auth = {"method": "approle", "role_id": role_id, "secret_id_file": "secret-id"}
     keys = vault_keys(bao, "vault-transit", "ES256", short_dir / "unused", **auth)
     sock = short_dir / "s.sock"
-    timing = {"rotation": {"period": "1h", "prepare_ahead": "1s", "poll_interval": "500ms"}}
+    # prepare_ahead >= poll_interval 500ms + clock_skew 30s + keys.vault.timeout 5s
+    timing = {"rotation": {"period": "1h", "prepare_ahead": "40s", "poll_interval": "500ms"}}
     cfg = write_config(
         short_dir, deep_merge(base_config(sock, short_dir), {"keys": keys, **timing})
     )

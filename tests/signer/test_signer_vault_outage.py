@@ -26,12 +26,14 @@ from signer_harness import (
 )
 from support.clock import JumpClock
 
-# retain = 2s + 1s + 200ms = 3.2s; a stale ring may sign until synced_at + 0.5 + 3.2 - 1 s
-STALE_SIGNING = timedelta(seconds=0.5 + 3.2)  # more than that window: the clock jumps past it
+# retain = 2s + 1s + 200ms = 3.2s; a stale ring may sign until synced_at + 3 + 3.2 - 1 s
+STALE_SIGNING = timedelta(seconds=3 + 3.2)  # more than that window: the clock jumps past it
+# prepare_ahead 3s >= poll_interval 200ms + clock_skew 1s + keys.vault.timeout 1500ms
 TIMING = {
     "tokens": {"default_ttl": "2s", "max_ttl": "2s", "clock_skew": "1s"},
-    "rotation": {"period": "1h", "prepare_ahead": "500ms", "poll_interval": "200ms"},
+    "rotation": {"period": "1h", "prepare_ahead": "3s", "poll_interval": "200ms"},
 }
+VAULT_TIMEOUT = "1500ms"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -59,6 +61,7 @@ async def test_vault_outage_and_recovery(short_dir: Path) -> None:
         token_file = short_dir / "vault-token"
         token_file.write_text(bao.signer_token(token_id=token_id))
         keys = vault_keys(bao, "vault-kv", "ES256", token_file)
+        keys["vault"]["timeout"] = VAULT_TIMEOUT
         sock = short_dir / "s.sock"
         data = deep_merge(base_config(sock, short_dir), {"keys": keys, **TIMING})
         cfg = write_config(short_dir, data)
