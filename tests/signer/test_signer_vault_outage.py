@@ -58,6 +58,7 @@ async def test_vault_outage_and_recovery(short_dir: Path) -> None:
         bao.setup_signer()
         token_file = short_dir / "vault-token"
         token_file.write_text(bao.signer_token(token_id=token_id))
+        token_file.chmod(0o600)  # credential files must be owner-only
         keys = vault_keys(bao, "vault-kv", "ES256", token_file)
         sock = short_dir / "s.sock"
         data = deep_merge(base_config(sock, short_dir), {"keys": keys, **TIMING})
