@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -63,6 +64,7 @@ CONTROL_THREADS = 2  # polling, Rotate, Revoke, login, renewal
 SIGNING_THREADS = 4  # Transit signatures only
 NO_EXPIRY_RECHECK = 30.0  # seconds between looks at a token that never expires
 MIN_NAP = 0.2  # the shortest wait between two renewals
+OVERRUN_LOG_INTERVAL = 5.0  # seconds between two log lines about calls past their deadline
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
@@ -127,6 +129,8 @@ class VaultClient:
         self.logins = 0
         self.renewals = 0
         self.overruns = 0
+        self._overruns_logged = 0
+        self._overrun_logged_at = -OVERRUN_LOG_INTERVAL
 
     def _new_hvac(self) -> hvac.Client:
         """One worker thread's client: explicit in everything hvac would take from the
@@ -162,9 +166,8 @@ class VaultClient:
         try:
             return await run_with_deadline(pool, job, self.deadline)
         except DeadlineExceeded:
-            self.overruns += 1
             limit = format_duration(self.cfg.timeout)
-            log.warning("vault %s overran its deadline (%s): connection cut", what, limit)
+            self._note_overrun(what, limit)
             raise SourceUnavailableError(f"vault did not answer {what} within {limit}") from None
         except CallAbandoned:
             raise SourceUnavailableError(f"vault client closed during {what}") from None
@@ -185,6 +188,18 @@ class VaultClient:
             raise
         except hvac.exceptions.VaultError as exc:
             raise KeySourceError(f"vault refused {what}: {_first_error(exc)}") from None
+
+    def _note_overrun(self, what: str, limit: str) -> None:
+        """Count every overrun; log one per OVERRUN_LOG_INTERVAL (a Sign flood could overrun
+        hundreds of times a second)."""
+        self.overruns += 1
+        now = time.monotonic()
+        if now - self._overrun_logged_at < OVERRUN_LOG_INTERVAL:
+            return
+        more = self.overruns - self._overruns_logged - 1
+        since = f" ({more} more since the last report)" if more else ""
+        log.warning("vault %s overran its deadline (%s): connection cut%s", what, limit, since)
+        self._overrun_logged_at, self._overruns_logged = now, self.overruns
 
     async def call(self, fn: Callable[[hvac.Client], T], what: str, *, signing: bool = False) -> T:
         """Run ``fn(client)`` on a pool thread, after the first login; on 403 log in again

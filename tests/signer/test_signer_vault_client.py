@@ -22,6 +22,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -47,6 +48,8 @@ from signer_harness import (
     vault_keys,
     wait_for,
 )
+from svidgate.pki.bundle import marshal_pem
+from svidgate.pki.ca import CertificateAuthority
 from svidgate.signer.config import VaultConfig, parse_config
 from svidgate.signer.errors import KeySourceError, SourceUnavailableError
 from svidgate.signer.sources.vault_kv import VaultKvKeySource
@@ -84,8 +87,9 @@ class FakeVault:
     wait that many seconds first), ``drip`` (a 200 answer one byte every DRIP_GAP seconds),
     ``redirect`` (307 to ``redirect_to`` + the same target) or ``refuse`` (502)."""
 
-    def __init__(self, upstream: str | None = None) -> None:
+    def __init__(self, upstream: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.upstream = upstream
+        self.tls = tls
         self.mode = "relay" if upstream else "refuse"
         self.redirect_to = ""
         self.slow: dict[str, float] = {}
@@ -93,7 +97,7 @@ class FakeVault:
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._server.getsockname()[1])
-        self.address = f"http://127.0.0.1:{self.port}"
+        self.address = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._open: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -119,6 +123,11 @@ class FakeVault:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                return
         with conn, conn.makefile("rb") as reader:
             while (request := self._read(reader)) is not None:
                 seen, body = request
@@ -195,9 +204,13 @@ class FakeVault:
             + payload
         )
         for byte in answer:
-            conn.sendall(bytes([byte]))
-            readable, _, _ = select.select([conn], [], [], DRIP_GAP)
-            if readable and conn.recv(1) == b"":
+            try:
+                conn.sendall(bytes([byte]))
+                readable, _, _ = select.select([conn], [], [], DRIP_GAP)
+                closed = bool(readable) and conn.recv(1) == b""
+            except OSError:  # TLS: the peer's shutdown shows as an error
+                closed = True
+            if closed:
                 seen.cut_at = time.monotonic()
                 return
 
@@ -206,8 +219,8 @@ class FakeVault:
 def fake_vaults() -> Iterator[Callable[..., FakeVault]]:
     made: list[FakeVault] = []
 
-    def make(upstream: str | None = None) -> FakeVault:
-        made.append(FakeVault(upstream))
+    def make(upstream: str | None = None, tls: ssl.SSLContext | None = None) -> FakeVault:
+        made.append(FakeVault(upstream, tls))
         return made[-1]
 
     yield make
@@ -507,6 +520,31 @@ async def test_a_drip_feeding_vault_is_cut_at_the_deadline_and_never_holds_up_si
     stopping = time.monotonic()
     code = await asyncio.to_thread(signer.stop, 20)
     assert code == 0 and time.monotonic() - stopping < 4.0, signer.log_tail()
+
+
+async def test_over_tls_calls_work_and_a_drip_is_cut_as_well(
+    bao: BaoServer, short_dir: Path, fake_vaults: Callable[..., FakeVault]
+) -> None:
+    ca = CertificateAuthority.create("vault.test")
+    cert, key = ca.issue("spiffe://vault.test/openbao", ips=["127.0.0.1"]).write(short_dir / "v")
+    ca_file = short_dir / "vault-ca.pem"
+    ca_file.write_bytes(marshal_pem(ca.bundle()))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    vault = fake_vaults(bao.address, tls)
+    token = owner_only(short_dir / "t", bao.signer_token())
+    cfg = vault_cfg(vault.address, token, ca_cert=str(ca_file), timeout="2s")
+    client = VaultClient(cfg)
+    try:
+        assert (await client.token_info())["policies"] == ["svidgate-signer"]
+        vault.mode = "drip"
+        began = time.monotonic()
+        with pytest.raises(SourceUnavailableError, match="did not answer token lookup within 2s"):
+            await client.token_info()
+        assert time.monotonic() - began < 2.0 + 1.0
+        await wait_for(lambda: vault.seen()[-1].cut_at is not None, 2, "the TLS socket cut")
+    finally:
+        client.close()
 
 
 async def test_a_transit_signing_flood_does_not_delay_rotate(
