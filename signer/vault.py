@@ -108,8 +108,10 @@ def read_secret_file(path: Path, what: str, *, owner_only: str | None = None) ->
             raise KeySourceError(f"{owner_only}: {problem}")
         try:
             value = file.read().strip()
-        except (OSError, UnicodeDecodeError):
+        except UnicodeDecodeError:
             raise KeySourceError(f"{what} {path}: cannot read (not UTF-8 text)") from None
+        except OSError as exc:
+            raise KeySourceError(f"{what} {path}: cannot read ({exc.strerror})") from None
     if not value:
         raise KeySourceError(f"{what} {path}: empty")
     return value

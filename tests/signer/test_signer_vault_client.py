@@ -53,7 +53,7 @@ from svidgate.pki.ca import CertificateAuthority
 from svidgate.signer.config import VaultConfig, parse_config
 from svidgate.signer.errors import KeySourceError, SourceUnavailableError
 from svidgate.signer.sources.vault_kv import VaultKvKeySource
-from svidgate.signer.vault import VaultClient
+from svidgate.signer.vault import VaultClient, renewal_is_full, token_remaining
 
 from svidgate.config import ConfigError
 
@@ -586,6 +586,16 @@ async def test_a_transit_signing_flood_does_not_delay_rotate(
 
 
 # -- token renewal ----------------------------------------------------------------------------
+
+
+def test_less_than_a_second_left_is_not_no_expiry() -> None:
+    """The bug behind the test below: ``ttl: 0`` was read as "never expires"."""
+    assert token_remaining({"ttl": 0, "expire_time": "2026-12-02T07:24:51.13Z"}) == 0.0
+    assert token_remaining({"ttl": 0, "expire_time": None}) is None  # a root token
+    assert token_remaining({"ttl": 7, "expire_time": "2026-12-02T07:24:51Z"}) == 7.0
+    info = {"creation_ttl": 2}
+    assert renewal_is_full(2, info) and not renewal_is_full(1, info)
+    assert not renewal_is_full(0, {"creation_ttl": 0})  # a failed renewal
 
 
 async def test_the_token_is_replaced_at_its_max_ttl_without_help(
