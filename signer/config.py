@@ -5,15 +5,17 @@ Field types, YAML reading and error reporting come from the config kernel
 …``) and all of them are reported at once; relative paths, the Unix socket included, are made
 absolute against the directory of the config file without resolving symlinks. The rotation
 safety rule is checked here, with the numbers in the message, so a signer that could drop a
-verifiable token never starts. The environment is read in one place: :func:`environment_token`.
+verifiable token never starts. The signer reads nothing from the environment (no Vault token
+either: see :class:`VaultConfig`).
 """
 
 from __future__ import annotations
 
-import os
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field
 from svidgate.pki.durations import format_duration
@@ -33,15 +35,6 @@ from svidgate.config import (
     TrustDomainField,
     parse_host_port,
 )
-
-VAULT_TOKEN_ENV = "VAULT_TOKEN"  # noqa: S105 (a variable name, not a secret)
-
-
-def environment_token() -> str | None:
-    """The Vault token from the environment (the only place the signer reads os.environ)."""
-    value = os.environ.get(VAULT_TOKEN_ENV, "").strip()
-    return value or None
-
 
 Algorithm = Literal["EdDSA", "ES256", "RS256", "PS256"]
 
@@ -87,11 +80,36 @@ class AuthorizationConfig(ConfigModel):
     audiences: dict[SpiffePatternField, ListOf[Audience]] = Field(default_factory=dict)
 
 
+def secret_file_problem(path: Path, mode: int) -> str | None:
+    """Why a credential file with permission bits ``mode`` must not be used, or None: only its
+    owner may have any access to it."""
+    if not mode & 0o077:
+        return None
+    what = "readable" if mode & 0o044 else "accessible"
+    return f"{path} is mode {mode & 0o777:04o}; must not be {what} by group or others (chmod 600)"
+
+
+def _owner_only(path: Path) -> Path:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return path  # not there (yet): every login reads it again and reports it
+    problem = secret_file_problem(path, mode)
+    if problem is not None:
+        raise ValueError(problem)
+    return path
+
+
+# A Vault credential file (token_file, secret_id_file), checked again at every login. jwt_file
+# is not: Kubernetes projects service-account tokens 0644 unless told otherwise.
+SecretFile = Annotated[ConfigPath, AfterValidator(_owner_only)]
+
+
 class VaultAuthConfig(ConfigModel):
     method: Literal["token", "approle", "kubernetes"] = "token"
-    token_file: ConfigPath | None = None
+    token_file: SecretFile | None = None  # required for method token
     role_id: str | None = None
-    secret_id_file: ConfigPath | None = None
+    secret_id_file: SecretFile | None = None
     role: str | None = None
     jwt_file: ConfigPath = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     mount: str | None = None  # auth mount path; defaults to the method name
@@ -99,6 +117,10 @@ class VaultAuthConfig(ConfigModel):
 
 class VaultConfig(ConfigModel):
     address: str
+    # plain http:// to a host that is not loopback (the token would travel in clear)
+    allow_plaintext: bool = False
+    # the only proxy the client uses (HTTP(S)_PROXY from the environment never is)
+    proxy: str | None = None
     auth: VaultAuthConfig = VaultAuthConfig()
     namespace: str | None = None
     ca_cert: ConfigPath | None = None
@@ -107,6 +129,80 @@ class VaultConfig(ConfigModel):
     kv_path: str = "svidgate/signing-keys"
     transit_mount: str = "transit"
     transit_key: str = "svidgate-jwt"
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or an address in 127.0.0.0/8 or ::1."""
+    if host.lower().removesuffix(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_problem(text: str) -> str | None:
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError as exc:
+        return f"{text!r} is not a URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{text!r}: expected an https:// (or http://) URL with a host"
+    return None
+
+
+def vault_problems(vault: VaultConfig) -> list[Problem]:
+    """The rules of ``keys.vault`` (paths relative to it): auth fields per method, the
+    plaintext rule for the address and the proxy, a positive timeout."""
+    problems: list[Problem] = []
+    auth = vault.auth
+    if auth.method == "token" and auth.token_file is None:
+        problems.append(
+            (
+                "auth.token_file",
+                "is required for method token (no token is taken from the environment)",
+            )
+        )
+    if auth.method == "approle":
+        if not auth.role_id:
+            problems.append(("auth.role_id", "is required for approle"))
+        if auth.secret_id_file is None:
+            problems.append(("auth.secret_id_file", "is required for approle"))
+    if auth.method == "kubernetes" and not auth.role:
+        problems.append(("auth.role", "is required for kubernetes"))
+    if vault.timeout <= timedelta(0):
+        problems.append(("timeout", "must be > 0"))
+    bad_urls = [
+        (name, problem)
+        for name, url in (("address", vault.address), ("proxy", vault.proxy))
+        if url is not None and (problem := _url_problem(url)) is not None
+    ]
+    return problems + (bad_urls or _plaintext_problems(vault))
+
+
+def _plaintext_problems(vault: VaultConfig) -> list[Problem]:
+    """The token crosses the network in clear only to loopback, or where the operator says so."""
+    parts = urlsplit(vault.address)
+    if parts.scheme != "http" or vault.allow_plaintext:
+        return []
+    fix = "use https://, or set keys.vault.allow_plaintext: true"
+    if not is_loopback_host(parts.hostname or ""):
+        return [
+            (
+                "address",
+                f"{vault.address} would send the Vault token in clear to a host "
+                f"that is not loopback: {fix}",
+            )
+        ]
+    if vault.proxy is not None:
+        return [
+            (
+                "proxy",
+                f"the Vault token would cross the proxy in clear (the address is http://): {fix}",
+            )
+        ]
+    return []
 
 
 class KeysConfig(ConfigModel):
@@ -248,14 +344,7 @@ def _rules(cfg: SignerConfig) -> list[Problem]:
         if keys.vault is None:
             problems.append(("keys.vault", f"is required when keys.source is {keys.source}"))
         else:
-            auth = keys.vault.auth
-            if auth.method == "approle":
-                if not auth.role_id:
-                    problems.append(("keys.vault.auth.role_id", "is required for approle"))
-                if auth.secret_id_file is None:
-                    problems.append(("keys.vault.auth.secret_id_file", "is required for approle"))
-            if auth.method == "kubernetes" and not auth.role:
-                problems.append(("keys.vault.auth.role", "is required for kubernetes"))
+            problems += [(f"keys.vault.{path}", msg) for path, msg in vault_problems(keys.vault)]
     return problems
 
 

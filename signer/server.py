@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from svidgate.signer.config import SignerConfig, TlsConfig, environment_token
+from svidgate.signer.config import SignerConfig, TlsConfig
 from svidgate.signer.keystore import KeyStore
 from svidgate.signer.service import SignerService
 from svidgate.signer.sources import KeySource
@@ -51,7 +51,7 @@ def build_source(cfg: SignerConfig) -> KeySource:
     from svidgate.signer.vault import VaultClient
 
     assert keys.vault is not None
-    client = VaultClient(keys.vault, env_token=environment_token())
+    client = VaultClient(keys.vault)
     if keys.source == "vault-kv":
         return VaultKvKeySource(client, keys.algorithm)
     return VaultTransitKeySource(client, keys.algorithm, cfg.rotation.prepare_ahead)

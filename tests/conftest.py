@@ -39,12 +39,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture
 def signer_process() -> Iterator[Callable[..., SignerProcess]]:
-    """``signer_process(config, log)`` → an unstarted :class:`SignerProcess`; any still running
-    at teardown is stopped."""
+    """``signer_process(config, log, env=…)`` → an unstarted :class:`SignerProcess`; any still
+    running at teardown is stopped."""
     made: list[SignerProcess] = []
 
-    def make(config: Path, log: Path | None = None, *, socket: Path | None = None) -> SignerProcess:
-        proc = SignerProcess(config, log or config.with_suffix(".log"), socket=socket)
+    def make(
+        config: Path,
+        log: Path | None = None,
+        *,
+        socket: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> SignerProcess:
+        proc = SignerProcess(config, log or config.with_suffix(".log"), socket=socket, env=env)
         made.append(proc)
         return proc
 

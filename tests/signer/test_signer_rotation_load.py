@@ -44,6 +44,7 @@ async def test_rotation_under_load(
 ) -> None:
     token_file = short_dir / "vault-token"
     token_file.write_text(bao.signer_token())
+    token_file.chmod(0o600)  # credential files must be owner-only
     sock = short_dir / "s.sock"
     keys = vault_keys(bao, "vault-kv", "ES256", token_file)
     keys["vault"]["timeout"] = VAULT_TIMEOUT

@@ -179,7 +179,11 @@ async def test_a_write_that_would_prune_a_published_key_is_refused(
         ),
         (
             "vault-kv",
-            {"address": "http://127.0.0.1:1", "timeout": "5s"},
+            {
+                "address": "http://127.0.0.1:1",
+                "timeout": "5s",
+                "auth": {"method": "token", "token_file": "vault-token"},
+            },
             "rotation.poll_interval + tokens.clock_skew + keys.vault.timeout (1s + 30s + 5s = 36s)",
         ),
     ],

@@ -139,6 +139,7 @@ async def test_approle_login_and_token_renewal(bao: BaoServer, short_dir: Path) 
     role_id, secret_id = bao.approle("signer-renew", token_ttl="2s", token_max_ttl="5s")
     secret_file = short_dir / "secret-id"
     secret_file.write_text(secret_id)
+    secret_file.chmod(0o600)  # credential files must be owner-only
     cfg = VaultConfig.model_validate(
         {
             "address": bao.address,
@@ -175,6 +176,7 @@ async def test_approle_login_and_token_renewal(bao: BaoServer, short_dir: Path) 
 async def test_signer_with_approle_and_least_privilege(bao: BaoServer, short_dir: Path) -> None:
     role_id, secret_id = bao.approle("signer-kv")
     (short_dir / "secret-id").write_text(secret_id)
+    (short_dir / "secret-id").chmod(0o600)  # credential files must be owner-only
     auth = {"method": "approle", "role_id": role_id, "secret_id_file": "secret-id"}
     keys = vault_keys(bao, "vault-kv", "EdDSA", short_dir / "unused", **auth)
     sock = short_dir / "s.sock"
@@ -213,6 +215,7 @@ async def test_signer_keeps_working_past_token_max_ttl(bao: BaoServer, short_dir
     """The server's source upkeep renews the AppRole token and logs in again at its max TTL."""
     role_id, secret_id = bao.approle("signer-short", token_ttl="2s", token_max_ttl="4s")
     (short_dir / "secret-id").write_text(secret_id)
+    (short_dir / "secret-id").chmod(0o600)  # credential files must be owner-only
     auth = {"method": "approle", "role_id": role_id, "secret_id_file": "secret-id"}
     keys = vault_keys(bao, "vault-transit", "ES256", short_dir / "unused", **auth)
     sock = short_dir / "s.sock"

@@ -60,6 +60,7 @@ async def test_vault_outage_and_recovery(short_dir: Path) -> None:
         bao.setup_signer()
         token_file = short_dir / "vault-token"
         token_file.write_text(bao.signer_token(token_id=token_id))
+        token_file.chmod(0o600)  # credential files must be owner-only
         keys = vault_keys(bao, "vault-kv", "ES256", token_file)
         keys["vault"]["timeout"] = VAULT_TIMEOUT
         sock = short_dir / "s.sock"

@@ -25,10 +25,18 @@ SIGN_HEALTH = "svidgate.signer.v1.Signer.Sign"
 class SignerProcess:
     """One signer child process; stdout and stderr go to ``log``."""
 
-    def __init__(self, config: Path, log: Path, *, socket: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        *,
+        socket: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.socket = socket
+        self.env = env  # the child's whole environment (None: this process's)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,6 +69,7 @@ class SignerProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=self.env,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
