@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from svidgate.pki.durations import format_duration
 from svidgate.pki.jwt_svid import (
@@ -70,8 +70,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class SignedToken:
+class SignedToken(NamedTuple):
+    """What Sign returns: the compact JWS, the key that signed it and its ``exp``."""
+
     token: str
     kid: str
     expires_at: int

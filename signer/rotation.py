@@ -19,9 +19,9 @@ other replicas and verifiers may not know the fresh key for up to ``poll_interva
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import NamedTuple
 
 from svidgate.signer.errors import RotationPendingError
 from svidgate.signer.keyring import KeyRing, KeyState, Timing, later
@@ -32,14 +32,18 @@ VERSION_MARGIN = 2
 
 
 class Action(StrEnum):
+    """What the source must do now: nothing, write the first key, prepare the next, or replace
+    an active key that was lost (revoked or deleted in the source)."""
+
     NONE = "none"
     BOOTSTRAP = "bootstrap"
     PREPARE = "prepare"
     REPLACE = "replace"
 
 
-@dataclass(frozen=True, slots=True)
-class NewKeyPlan:
+class NewKeyPlan(NamedTuple):
+    """A key the source must write: its times are decided here, the key material there."""
+
     action: Action
     created_at: datetime
     activate_at: datetime
