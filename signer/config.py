@@ -144,7 +144,7 @@ class LimitsConfig(ConfigModel):
     connection_idle: Duration = timedelta(minutes=5)
     connection_age: Duration = timedelta(hours=1)
     connection_age_grace: Duration = timedelta(seconds=30)
-    tcp_connections: Count = 1024
+    tcp_connections: Count = 2048
     rpcs: Count = 1024
     streams_per_connection: Count = 256
     claims_bytes: Annotated[int, Field(ge=0, le=8192)] = 4096

@@ -270,12 +270,12 @@ class SignerServer:
         return server
 
     async def start(self) -> None:
+        if self.unix is not None:  # first: a refused socket path is the only line on stderr
+            self.unix.bind(self._servers["unix"])
         fds = raise_fd_limit()
         log.info("file descriptors: soft limit %d -> %d (hard %d)", fds.before, fds.after, fds.hard)
         for name in ("", SERVICE_NAME, HEALTH_SIGN, HEALTH_SOURCE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.unix is not None:
-            self.unix.bind(self._servers["unix"])
         address = self.cfg.tcp_address()
         if address is not None:
             assert self.tls is not None
