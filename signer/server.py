@@ -53,6 +53,7 @@ SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["Signer"].full_name
 HEALTH_SIGN = f"{SERVICE_NAME}.Sign"
 HEALTH_SOURCE = f"{SERVICE_NAME}.KeySource"
 SHUTDOWN_GRACE = 5.0
+MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, without the terminating NUL
 
 
 def build_source(cfg: SignerConfig) -> KeySource:
@@ -200,14 +201,25 @@ class UnixSocket:
     def bind(self, server: grpc.aio.Server) -> None:
         """Check the directory and the path, then bind the socket in a fresh 0700 directory."""
         directory = self.path.parent
-        if not directory.exists():
-            directory.mkdir(mode=0o755, parents=True)  # the socket's own mode guards it
-        check_socket_dir(directory, shared=self.shared_dir)
-        _clear_target(self.path)
-        self._staging = Path(tempfile.mkdtemp(prefix=".svidgate-", dir=directory))
+        try:
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)  # the socket's mode guards it
+            check_socket_dir(directory, shared=self.shared_dir)
+            _clear_target(self.path)
+            self._staging = Path(tempfile.mkdtemp(prefix=".sg", dir=directory))
+        except OSError as exc:
+            raise ConfigError(f"listen.unix: {exc.filename or directory}: {exc.strerror}") from None
+        staged = self._staging / "s"
+        if len(os.fsencode(staged)) > MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"listen.unix: {directory} is too long a directory for a socket (the signer "
+                f"binds first at {staged}: {len(os.fsencode(staged))} bytes, at most "
+                f"{MAX_SOCKET_PATH})"
+            )
         old_umask = os.umask(0o177)  # the socket file is born private
         try:
-            server.add_insecure_port(f"unix:{self._staging / 's'}")
+            server.add_insecure_port(f"unix:{staged}")
+        except RuntimeError:
+            raise ConfigError(f"listen.unix: cannot bind a socket in {directory}") from None
         finally:
             os.umask(old_umask)
 
