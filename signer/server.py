@@ -176,7 +176,8 @@ def check_socket_dir(directory: Path, *, shared: bool) -> None:
 
 
 def _clear_target(path: Path) -> None:
-    """A stale socket (its process died) is removed; anything else there is refused."""
+    """A stale socket (its process died) is left for the rename to replace; a live one, or
+    anything that is not a socket, is refused."""
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -227,11 +228,16 @@ class UnixSocket:
         """Give the bound socket its mode and rename it over the configured path."""
         assert self._staging is not None
         staged = self._staging / "s"
-        os.chmod(staged, self.mode)  # inside a 0700 directory nobody else can swap the path
-        st = staged.lstat()
-        os.rename(staged, self.path)
+        try:
+            os.chmod(staged, self.mode)  # inside a 0700 directory nobody else can swap the path
+            st = staged.lstat()
+            os.rename(staged, self.path)
+        except OSError as exc:
+            where = f"listen.unix: cannot put the socket at {self.path}"
+            raise ConfigError(f"{where}: {exc.strerror}") from None
+        finally:
+            self._remove_staging()
         self._identity = (st.st_dev, st.st_ino)
-        self._remove_staging()
 
     def remove(self) -> None:
         """Unlink the socket if the path is still ours; drop the staging directory."""

@@ -3,8 +3,8 @@ encode. One table (:data:`STATUS_TABLE`) maps signer errors and token verificati
 (:class:`~svidgate.pki.jwt_svid.JwtSvidError`) to gRPC status codes; a failed RPC's message is
 ``reason: detail`` and the reason is also in trailing metadata ``svidgate-reason``. Python's own
 errors for values a caller sent (ValueError, OverflowError, RecursionError) are
-``invalid_argument`` and logged by no one; anything else unmapped is INTERNAL with a generic
-message and a logged traceback.
+``invalid_argument``, noted in one WARNING line at most every 10 s and never with a traceback;
+anything else unmapped is INTERNAL with a generic message and a logged traceback.
 
 Bounds (:mod:`svidgate.signer.limits`): Sign checks sizes and the TTL before any parsing,
 signing or Transit call, then waits for a :class:`~svidgate.signer.limits.SignGate` slot;
@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -83,6 +84,8 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (RecursionError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
 )
+_PYTHON_INPUT_ERRORS = (OverflowError, RecursionError, ValueError)
+PYTHON_ERROR_LOG_INTERVAL = 10.0  # seconds between two "refused on ValueError" lines
 
 
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, str] | None:
@@ -156,6 +159,7 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         self.diagnostic_slots = StreamSlots(
             "diagnostic_streams", limits.diagnostic_streams, limits.diagnostic_streams_per_caller
         )
+        self._python_error_logged = -PYTHON_ERROR_LOG_INTERVAL
 
     # -- caller identity ----------------------------------------------------------------------
 
@@ -204,6 +208,10 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         mapped = status_for(exc)
         if mapped is not None:
             code, reason, message = mapped
+            if isinstance(exc, _PYTHON_INPUT_ERRORS) and not isinstance(
+                exc, SignerError | PkiError
+            ):
+                self._note_python_error(exc)
         else:
             if isinstance(exc, SignerError):
                 log.error("unmapped signer error %s", type(exc).__name__)
@@ -212,6 +220,14 @@ class SignerService(signer_pb2_grpc.SignerServicer):
             code, reason, message = grpc.StatusCode.INTERNAL, "internal", "internal: internal error"
         await context.abort(code, message, trailing_metadata=((REASON_METADATA_KEY, reason),))
         raise AssertionError("unreachable")  # abort raises
+
+    def _note_python_error(self, exc: Exception) -> None:
+        """One WARNING line (no traceback) at most every 10 s: a caller's value that only
+        Python refused shows up without flooding the log."""
+        now = time.monotonic()
+        if now - self._python_error_logged >= PYTHON_ERROR_LOG_INTERVAL:
+            self._python_error_logged = now
+            log.warning("request refused as invalid_argument on %s", type(exc).__name__)
 
     # -- RPCs ---------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from signer_harness import (
 )
 from svidgate.pki.jose import b64url_encode
 from svidgate.signer.jwt import sign_local
+from svidgate.signer.service import status_for
 
 Spawn = Callable[..., SignerProcess]
 INT64_MAX = 2**63 - 1
@@ -182,3 +183,15 @@ async def test_verify_refuses_numbers_that_are_no_dates(
             assert await reason(text) == "malformed", text[:80]
         assert await reason(payload(x="[" * 5000 + "]" * 5000)) == "too_large"
     assert_clean_log(proc)
+
+
+def test_python_errors_on_caller_values_map_to_invalid_argument() -> None:
+    """The one status table's safety net: whatever Python raises on a value that slipped past
+    the explicit checks is the request's fault (no INTERNAL, no traceback)."""
+    for exc in (OverflowError("date value out of range"), RecursionError(), ValueError("x")):
+        assert status_for(exc) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid_argument",
+            f"invalid_argument: {exc}",
+        )
+    assert status_for(KeyError("k")) is None  # still INTERNAL, with its traceback
