@@ -42,6 +42,9 @@ Algorithm = Literal["EdDSA", "ES256", "RS256", "PS256"]
 class ListenConfig(ConfigModel):
     unix: ConfigPath | None = None
     unix_mode: FileMode = 0o600
+    # Accept a socket directory that other users may write to (a Kubernetes emptyDir is 0777
+    # and reachable only by the pod's containers); refused by default, see server.py.
+    unix_shared_dir: bool = False
     tcp: ListenAddress | None = None
 
 
@@ -227,6 +230,31 @@ class RotationConfig(ConfigModel):
     retain_retired: Duration | None = None
 
 
+Count = Annotated[int, Field(ge=1)]
+
+
+class LimitsConfig(ConfigModel):
+    """Resource bounds (docs/operations.md "Signer limits"); defaults fit a 256 Mi pod."""
+
+    handshake_timeout: Duration = timedelta(seconds=5)
+    connection_idle: Duration = timedelta(minutes=5)
+    connection_age: Duration = timedelta(hours=1)
+    connection_age_grace: Duration = timedelta(seconds=30)
+    tcp_connections: Count = 2048
+    rpcs: Count = 1024
+    streams_per_connection: Count = 256
+    claims_bytes: Annotated[int, Field(ge=0, le=8192)] = 4096
+    audiences: Annotated[int, Field(ge=1, le=64)] = 16
+    audience_bytes: Annotated[int, Field(ge=1, le=512)] = 256
+    sign_concurrency: Count = 16
+    sign_queue: Annotated[int, Field(ge=0)] = 64
+    watch_streams: Count = 512
+    watch_streams_per_caller: Count = 128
+    watch_streams_per_connection: Count = 4
+    diagnostic_streams: Count = 64
+    diagnostic_streams_per_caller: Count = 8
+
+
 class SignerConfig(ConfigModel):
     trust_domain: TrustDomainField
     issuer: str = Field(min_length=1)
@@ -236,6 +264,7 @@ class SignerConfig(ConfigModel):
     keys: KeysConfig = KeysConfig()
     tokens: TokensConfig = TokensConfig()
     rotation: RotationConfig = RotationConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @property
     def td(self) -> TrustDomain:
@@ -337,6 +366,8 @@ def _rules(cfg: SignerConfig) -> list[Problem]:
         problems.append(("listen", "needs unix and/or tcp"))
     if cfg.listen.tcp is not None and cfg.tls is None:
         problems.append(("tls", "is required when listen.tcp is set (mTLS)"))
+    problems += _unix_mode_rule(cfg.listen.unix_mode)
+    problems += _limits_rules(cfg.limits)
     keys = cfg.keys
     if keys.source == "file" and keys.dir is None:
         problems.append(("keys.dir", "is required when keys.source is file"))
@@ -345,6 +376,35 @@ def _rules(cfg: SignerConfig) -> list[Problem]:
             problems.append(("keys.vault", f"is required when keys.source is {keys.source}"))
         else:
             problems += [(f"keys.vault.{path}", msg) for path, msg in vault_problems(keys.vault)]
+    return problems
+
+
+def _unix_mode_rule(mode: int) -> list[Problem]:
+    """Every caller of the socket is trusted with every RPC: the owner must be able to connect,
+    a group may (0660, when configured), other users never; no setuid/setgid/sticky bits."""
+    if mode & ~0o770 or (mode & 0o600) != 0o600:
+        return [
+            (
+                "listen.unix_mode",
+                f"must give the owner read/write and nothing to other users, e.g. 0600, or "
+                f"0660 for a group (got {mode:04o}): every socket caller may sign and rotate",
+            )
+        ]
+    return []
+
+
+def _limits_rules(limits: LimitsConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    for name in ("handshake_timeout", "connection_idle", "connection_age"):
+        value: timedelta = getattr(limits, name)
+        if value < timedelta(milliseconds=1):
+            problems.append((f"limits.{name}", f"must be >= 1ms, got {_fmt(value)}"))
+    if limits.watch_streams_per_caller > limits.watch_streams:
+        problems.append(("limits.watch_streams_per_caller", "must be <= limits.watch_streams"))
+    if limits.diagnostic_streams_per_caller > limits.diagnostic_streams:
+        problems.append(
+            ("limits.diagnostic_streams_per_caller", "must be <= limits.diagnostic_streams")
+        )
     return problems
 
 

@@ -1,5 +1,19 @@
-"""The signer process: grpc.aio server on a Unix socket and/or TCP with mTLS, health,
+"""The signer process: grpc.aio servers on a Unix socket and/or TCP with mTLS, health,
 reflection, the key store's background loop, TLS reload, graceful shutdown on SIGTERM/SIGINT.
+
+Each listener has its own grpc.aio server (same servicers, same event loop) with the options of
+:func:`svidgate.signer.limits.server_options`: a flood of TCP connections or RPCs fills the TCP
+server's connection and RPC budget, never the Unix socket's. At start the soft file descriptor
+limit is raised to the hard limit.
+
+The Unix socket is made without a window for a path swap: the directory that will hold it must
+belong to the signer's user (or root) and be writable by no one else, unless it is sticky (only
+the owner may then remove or rename an entry) or ``listen.unix_shared_dir`` accepts it; the
+socket is bound inside a fresh 0700 directory made next to the target (:func:`tempfile.mkdtemp`,
+so nobody else can reach the path), gets its mode there, and is then ``rename``-d over the target
+path. rename(2) replaces the name itself, a symlink planted there included, and never follows it,
+so no chmod ever lands on somebody else's file. On shutdown the socket is removed only while
+the path is still the socket this process made.
 
 Health (grpc.health.v1): ``""`` and ``svidgate.signer.v1.Signer`` are SERVING while the signer
 can verify (it has keys, cached or fresh) and NOT_SERVING only when it cannot; the degraded
@@ -13,19 +27,22 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from svidgate.signer.config import SignerConfig, TlsConfig
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from svidgate.signer.config import ListenConfig, SignerConfig, TlsConfig
 from svidgate.signer.keystore import KeyStore
-from svidgate.signer.service import SignerService
+from svidgate.signer.limits import raise_fd_limit, server_options
+from svidgate.signer.service import GuardedHealth, GuardedReflection, SignerService
 from svidgate.signer.sources import KeySource
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
@@ -36,6 +53,7 @@ SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["Signer"].full_name
 HEALTH_SIGN = f"{SERVICE_NAME}.Sign"
 HEALTH_SOURCE = f"{SERVICE_NAME}.KeySource"
 SHUTDOWN_GRACE = 5.0
+MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, without the terminating NUL
 
 
 def build_source(cfg: SignerConfig) -> KeySource:
@@ -138,66 +156,163 @@ def _socket_in_use(path: Path) -> bool:
     return True
 
 
-def _listen_unix(server: grpc.aio.Server, path: Path) -> None:
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ConfigError(f"listen.unix: {path} exists and is not a socket")
-        if _socket_in_use(path):
-            raise ConfigError(f"listen.unix: {path} is in use (is another signer running?)")
-        path.unlink()  # a stale socket from a process that died
-    server.add_insecure_port(f"unix:{path}")
+def check_socket_dir(directory: Path, *, shared: bool) -> None:
+    """ConfigError unless only the signer's user (or root) can replace entries of
+    ``directory``: owned by that user or root, and not writable by group or others unless it is
+    sticky or ``shared`` (``listen.unix_shared_dir``)."""
+    st = directory.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(
+            f"listen.unix: {directory} belongs to uid {st.st_uid}, not to the signer's user "
+            f"(uid {os.geteuid()}) or root: its owner could replace the socket"
+        )
+    if mode & 0o022 and not mode & stat.S_ISVTX and not shared:
+        raise ConfigError(
+            f"listen.unix: {directory} is writable by other users (mode {mode:04o}): anyone who "
+            f"can write there could replace the socket; use a directory only the signer's user "
+            f"can write to, or set listen.unix_shared_dir (a Kubernetes emptyDir)"
+        )
+
+
+def _clear_target(path: Path) -> None:
+    """A stale socket (its process died) is left for the rename to replace; a live one, or
+    anything that is not a socket, is refused."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"listen.unix: {path} exists and is not a socket")
+    if _socket_in_use(path):
+        raise ConfigError(f"listen.unix: {path} is in use (is another signer running?)")
+
+
+class UnixSocket:
+    """The signer's socket file: bound in a private directory, renamed into place."""
+
+    def __init__(self, listen: ListenConfig) -> None:
+        assert listen.unix is not None
+        self.path = listen.unix
+        self.mode = listen.unix_mode
+        self.shared_dir = listen.unix_shared_dir
+        self._staging: Path | None = None
+        self._identity: tuple[int, int] | None = None
+
+    def bind(self, server: grpc.aio.Server) -> None:
+        """Check the directory and the path, then bind the socket in a fresh 0700 directory."""
+        directory = self.path.parent
+        try:
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)  # the socket's mode guards it
+            check_socket_dir(directory, shared=self.shared_dir)
+            _clear_target(self.path)
+            self._staging = Path(tempfile.mkdtemp(prefix=".sg", dir=directory))
+        except OSError as exc:
+            raise ConfigError(f"listen.unix: {exc.filename or directory}: {exc.strerror}") from None
+        staged = self._staging / "s"
+        if len(os.fsencode(staged)) > MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"listen.unix: {directory} is too long a directory for a socket (the signer "
+                f"binds first at {staged}: {len(os.fsencode(staged))} bytes, at most "
+                f"{MAX_SOCKET_PATH})"
+            )
+        old_umask = os.umask(0o177)  # the socket file is born private
+        try:
+            server.add_insecure_port(f"unix:{staged}")
+        except RuntimeError:
+            raise ConfigError(f"listen.unix: cannot bind a socket in {directory}") from None
+        finally:
+            os.umask(old_umask)
+
+    def publish(self) -> None:
+        """Give the bound socket its mode and rename it over the configured path."""
+        assert self._staging is not None
+        staged = self._staging / "s"
+        try:
+            os.chmod(staged, self.mode)  # inside a 0700 directory nobody else can swap the path
+            st = staged.lstat()
+            os.rename(staged, self.path)
+        except OSError as exc:
+            where = f"listen.unix: cannot put the socket at {self.path}"
+            raise ConfigError(f"{where}: {exc.strerror}") from None
+        finally:
+            self._remove_staging()
+        self._identity = (st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        """Unlink the socket if the path is still ours; drop the staging directory."""
+        self._remove_staging()
+        if self._identity is None:
+            return
+        with contextlib.suppress(OSError):
+            st = self.path.lstat()
+            if (st.st_dev, st.st_ino) == self._identity:
+                self.path.unlink()
+        self._identity = None
+
+    def _remove_staging(self) -> None:
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 class SignerServer:
-    """Owns the grpc server, the key store and the background tasks."""
+    """Owns the grpc servers (one per listener), the key store and the background tasks."""
 
     def __init__(self, cfg: SignerConfig, *, source: KeySource | None = None) -> None:
         self.cfg = cfg
         self.store = KeyStore(source or build_source(cfg), cfg)
-        self.server = grpc.aio.server()
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.service = SignerService(self.store, cfg)
+        self.health = GuardedHealth(self.service)
         self.tls = TlsCredentials(cfg.tls) if cfg.tls is not None else None
         self.tcp_port: int | None = None
+        self.unix = UnixSocket(cfg.listen) if cfg.listen.unix is not None else None
+        self._servers: dict[str, grpc.aio.Server] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._owns_socket = False
-        servicer = SignerService(self.store, cfg)
-        signer_pb2_grpc.add_SignerServicer_to_server(servicer, self.server)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        if self.unix is not None:
+            self._servers["unix"] = self._server(tcp=False)
+        if cfg.listen.tcp is not None:
+            self._servers["tcp"] = self._server(tcp=True)
+
+    def _server(self, *, tcp: bool) -> grpc.aio.Server:
+        limits = self.cfg.limits
+        server = grpc.aio.server(
+            options=server_options(limits, tcp=tcp), maximum_concurrent_rpcs=limits.rpcs
         )
+        signer_pb2_grpc.add_SignerServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            GuardedReflection(self.service, names), server
+        )
+        return server
 
     async def start(self) -> None:
+        if self.unix is not None:  # first: a refused socket path is the only line on stderr
+            self.unix.bind(self._servers["unix"])
+        fds = raise_fd_limit()
+        log.info("file descriptors: soft limit %d -> %d (hard %d)", fds.before, fds.after, fds.hard)
         for name in ("", SERVICE_NAME, HEALTH_SIGN, HEALTH_SOURCE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        unix = self.cfg.listen.unix
-        if unix is not None:
-            unix.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        old_umask = os.umask(0o177)  # the socket file is born private, then gets its mode
-        try:
-            if unix is not None:
-                _listen_unix(self.server, unix)
-                self._owns_socket = True
-        finally:
-            os.umask(old_umask)
         address = self.cfg.tcp_address()
         if address is not None:
             assert self.tls is not None
             host, port = address
             target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            self.tcp_port = self.server.add_secure_port(target, self.tls.credentials())
+            self.tcp_port = self._servers["tcp"].add_secure_port(target, self.tls.credentials())
             if self.tcp_port == 0:
                 raise ConfigError(f"listen.tcp: cannot listen on {self.cfg.listen.tcp}")
-        await self.server.start()
-        if unix is not None:
-            os.chmod(unix, self.cfg.listen.unix_mode)
+        for server in self._servers.values():
+            await server.start()
+        if self.unix is not None:
+            self.unix.publish()
         self.store.start()
         self._tasks.append(asyncio.create_task(self._health_loop(), name="signer-health"))
         if self.tls is not None:
             self._tasks.append(asyncio.create_task(self._tls_loop(), name="signer-tls"))
         log.info(
             "signer listening (unix=%s tcp=%s, keys=%s)",
-            unix,
+            self.cfg.listen.unix,
             self.tcp_port,
             self.store.source.description,
         )
@@ -228,17 +343,15 @@ class SignerServer:
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         await self.health.enter_graceful_shutdown()
         await self.store.end_watches()
-        await self.server.stop(grace)
+        await asyncio.gather(*(server.stop(grace) for server in self._servers.values()))
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.store.close()
-        unix = self.cfg.listen.unix
-        if unix is not None and self._owns_socket:
-            with contextlib.suppress(OSError):
-                unix.unlink()
+        if self.unix is not None:
+            self.unix.remove()
 
 
 async def serve(cfg: SignerConfig, *, stop: asyncio.Event | None = None) -> None:

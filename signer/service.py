@@ -1,8 +1,17 @@
 """The gRPC servicer: thin. Identify and authorize the caller, decode, call the key store,
 encode. One table (:data:`STATUS_TABLE`) maps signer errors and token verification errors
 (:class:`~svidgate.pki.jwt_svid.JwtSvidError`) to gRPC status codes; a failed RPC's message is
-``reason: detail`` and the reason is also in trailing metadata ``svidgate-reason``. Anything
-unmapped is INTERNAL with a generic message and a logged traceback.
+``reason: detail`` and the reason is also in trailing metadata ``svidgate-reason``. Python's own
+errors for values a caller sent (ValueError, OverflowError, RecursionError) are
+``invalid_argument``, noted in one WARNING line at most every 10 s and never with a traceback;
+anything else unmapped is INTERNAL with a generic message and a logged traceback.
+
+Bounds (:mod:`svidgate.signer.limits`): Sign checks sizes and the TTL before any parsing,
+signing or Transit call, then waits for a :class:`~svidgate.signer.limits.SignGate` slot;
+WatchKeys streams and the diagnostic streams (health ``Watch``, reflection) hold
+:class:`~svidgate.signer.limits.StreamSlots`. Over TCP, health and reflection answer only callers
+that one of ``authorization.verify``/``sign``/``rotate`` admits (:class:`GuardedHealth`,
+:class:`GuardedReflection`); Unix callers are trusted as for every RPC.
 """
 
 from __future__ import annotations
@@ -10,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -19,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from svidgate.pki.errors import PkiError
 from svidgate.pki.jose import b64url_encode
 from svidgate.pki.jwt_svid import JwtSvidError
@@ -41,8 +54,9 @@ from svidgate.signer.errors import (
     SourceCapacityError,
     SourceConflictError,
 )
-from svidgate.signer.jwt import parse_extra_claims
+from svidgate.signer.jwt import check_audiences, check_claims_size, parse_extra_claims
 from svidgate.signer.keystore import KeyStore
+from svidgate.signer.limits import LimitExceededError, SignGate, StreamSlots
 from svidgate.signer.mint_policy import MintPolicy
 from svidgate.signer.v1 import REASON_METADATA_KEY, signer_pb2, signer_pb2_grpc
 
@@ -67,7 +81,15 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str], ...] = (
     (SourceCapacityError, grpc.StatusCode.FAILED_PRECONDITION, "kv_max_versions"),
     (SourceConflictError, grpc.StatusCode.ABORTED, "conflict"),
     (KeySourceError, grpc.StatusCode.UNAVAILABLE, "source_unavailable"),
+    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED, "limit_exceeded"),
+    # what Python raises on a caller's values (a TTL past timedelta, a float that is no number,
+    # nesting past the recursion limit): the request is at fault, not the signer
+    (OverflowError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+    (RecursionError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
 )
+_PYTHON_INPUT_ERRORS = (OverflowError, RecursionError, ValueError)
+PYTHON_ERROR_LOG_INTERVAL = 10.0  # seconds between two "refused on ValueError" lines
 
 
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str, str] | None:
@@ -85,6 +107,12 @@ class Caller:
     transport: Literal["unix", "tcp"]
     spiffe_id: SpiffeId | None = None
     thumbprint: str | None = None
+    connection: str | None = None  # the TCP peer address: one per connection
+
+    @property
+    def key(self) -> str:
+        """The identity limits count per caller: the SPIFFE ID, or ``unix``."""
+        return str(self.spiffe_id) if self.spiffe_id is not None else "unix"
 
 
 class _PeerCache:
@@ -124,11 +152,24 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         self.mint_policy = MintPolicy.from_config(auth)
         self._peers = _PeerCache()
         self.trust_domain = cfg.td
+        limits = cfg.limits
+        self.sign_gate = SignGate(limits.sign_concurrency, limits.sign_queue)
+        self.watch_slots = StreamSlots(
+            "watch_streams",
+            limits.watch_streams,
+            limits.watch_streams_per_caller,
+            limits.watch_streams_per_connection,
+        )
+        self.diagnostic_slots = StreamSlots(
+            "diagnostic_streams", limits.diagnostic_streams, limits.diagnostic_streams_per_caller
+        )
+        self._python_error_logged = -PYTHON_ERROR_LOG_INTERVAL
 
     # -- caller identity ----------------------------------------------------------------------
 
     def _caller(self, context: Context) -> Caller:
-        if context.peer().startswith("unix:"):
+        peer = context.peer()
+        if peer.startswith("unix:"):
             return Caller("unix")
         auth = context.auth_context()
         pems = list(auth.get("x509_pem_cert") or ())
@@ -142,7 +183,18 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         # against it, so only IDs of that trust domain are vouched for (no cross-domain callers)
         if spiffe_id.trust_domain != self.trust_domain:
             raise PermissionDeniedError(f"{spiffe_id} is not in trust domain {self.trust_domain}")
-        return Caller("tcp", spiffe_id, thumbprint)
+        return Caller("tcp", spiffe_id, thumbprint, peer)
+
+    def authorize_diagnostics(self, context: Context, rpc: str) -> Caller:
+        """Health and reflection: every Unix caller; over TCP, a caller that some
+        ``authorization`` list admits (an unknown certificate learns nothing)."""
+        caller = self._caller(context)
+        if caller.spiffe_id is not None and not any(
+            matcher.match(caller.spiffe_id) is not None
+            for matcher in (self.may_verify, self.may_sign, self.may_rotate)
+        ):
+            raise PermissionDeniedError(f"{caller.spiffe_id} may not call {rpc}")
+        return caller
 
     @staticmethod
     def _authorize(caller: Caller, matcher: IdMatcher, rpc: str) -> None:
@@ -152,10 +204,18 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         if matcher.match(caller.spiffe_id) is None:
             raise PermissionDeniedError(f"{caller.spiffe_id} may not call {rpc}")
 
+    async def fail(self, context: Context, exc: Exception) -> NoReturn:
+        """Abort the RPC with the status :data:`STATUS_TABLE` gives ``exc``."""
+        await self._fail(context, exc)
+
     async def _fail(self, context: Context, exc: Exception) -> NoReturn:
         mapped = status_for(exc)
         if mapped is not None:
             code, reason, message = mapped
+            if isinstance(exc, _PYTHON_INPUT_ERRORS) and not isinstance(
+                exc, SignerError | PkiError
+            ):
+                self._note_python_error(exc)
         else:
             if isinstance(exc, SignerError):
                 log.error("unmapped signer error %s", type(exc).__name__)
@@ -165,6 +225,14 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         await context.abort(code, message, trailing_metadata=((REASON_METADATA_KEY, reason),))
         raise AssertionError("unreachable")  # abort raises
 
+    def _note_python_error(self, exc: Exception) -> None:
+        """One WARNING line (no traceback) at most every 10 s: a caller's value that only
+        Python refused shows up without flooding the log."""
+        now = time.monotonic()
+        if now - self._python_error_logged >= PYTHON_ERROR_LOG_INTERVAL:
+            self._python_error_logged = now
+            log.warning("request refused as invalid_argument on %s", type(exc).__name__)
+
     # -- RPCs ---------------------------------------------------------------------------------
 
     async def Sign(
@@ -172,25 +240,43 @@ class SignerService(signer_pb2_grpc.SignerServicer):
     ) -> signer_pb2.SignResponse:
         try:
             caller = self._caller(context)
-            subject, thumbprint = self._sign_subject(caller, request)
-            extra = parse_extra_claims(request.claims_json)
-            # over TCP the caller vouches for what it asks; over the Unix socket the caller is
-            # the local workload, so the token's subject is what the policy is checked against
-            principal = caller.spiffe_id if caller.spiffe_id is not None else subject
-            self.mint_policy.check(principal, extra.keys(), request.audience)
-            ttl = None if request.ttl_seconds == 0 else timedelta(seconds=request.ttl_seconds)
-            signed = await self.store.sign(
-                subject=str(subject),
-                audience=list(request.audience),
-                ttl=ttl,
-                extra=extra,
-                thumbprint=thumbprint,
+            limits = self.cfg.limits
+            # sizes and numbers first: nothing is parsed, signed or sent to Transit before
+            check_audiences(
+                request.audience, max_count=limits.audiences, max_bytes=limits.audience_bytes
             )
+            check_claims_size(request.claims_json, limits.claims_bytes)
+            ttl = self._ttl(request.ttl_seconds)
+            subject, thumbprint = self._sign_subject(caller, request)
+            async with self.sign_gate.slot():
+                extra = parse_extra_claims(request.claims_json, max_bytes=limits.claims_bytes)
+                # over TCP the caller vouches for what it asks; over the Unix socket the caller
+                # is the local workload, so the token's subject is what the policy is checked
+                # against
+                principal = caller.spiffe_id if caller.spiffe_id is not None else subject
+                self.mint_policy.check(principal, extra.keys(), request.audience)
+                signed = await self.store.sign(
+                    subject=str(subject),
+                    audience=list(request.audience),
+                    ttl=ttl,
+                    extra=extra,
+                    thumbprint=thumbprint,
+                )
         except Exception as exc:
             await self._fail(context, exc)
         return signer_pb2.SignResponse(
             token=signed.token, kid=signed.kid, expires_at=signed.expires_at
         )
+
+    def _ttl(self, seconds: int) -> timedelta | None:
+        """``ttl_seconds`` as asked (0: the default), capped at ``tokens.max_ttl`` before it
+        becomes a timedelta, so no int64 overflows."""
+        if seconds < 0:
+            raise InvalidRequestError("ttl_seconds must not be negative")
+        if seconds == 0:
+            return None
+        cap = self.cfg.tokens.max_ttl
+        return min(cap, timedelta(seconds=min(seconds, math.ceil(cap.total_seconds()))))
 
     def _sign_subject(
         self, caller: Caller, request: signer_pb2.SignRequest
@@ -273,11 +359,16 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         self, request: signer_pb2.WatchKeysRequest, context: Context
     ) -> AsyncIterator[signer_pb2.JWKS]:
         try:
-            self._authorize(self._caller(context), self.may_verify, "WatchKeys")
+            caller = self._caller(context)
+            self._authorize(caller, self.may_verify, "WatchKeys")
+            slot = self.watch_slots.acquire(caller.key, caller.connection)
         except Exception as exc:
             await self._fail(context, exc)
-        async for sequence, text in self.store.watch(request.after_sequence):
-            yield self._jwks(sequence, text)
+        try:
+            async for sequence, text in self.store.watch(request.after_sequence):
+                yield self._jwks(sequence, text)
+        finally:
+            slot.release()
 
     def _jwks(self, sequence: int, text: str) -> signer_pb2.JWKS:
         """A key set as pushed: the keys plus the token rules a local verifier must apply."""
@@ -314,3 +405,64 @@ class SignerService(signer_pb2_grpc.SignerServicer):
         except Exception as exc:
             await self._fail(context, exc)
         return signer_pb2.RevokeResponse(revoked_kid=revoked, active_kid=active)
+
+
+# grpc_health and grpc_reflection carry no types: their asyncio servicers are Any to mypy
+_AioHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
+_AioReflectionServicer: Any = reflection.aio.ReflectionServicer  # type: ignore[attr-defined]
+
+
+class GuardedHealth(_AioHealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 behind :meth:`SignerService.authorize_diagnostics`; ``Watch`` streams hold
+    a diagnostic stream slot."""
+
+    def __init__(self, service: SignerService) -> None:
+        super().__init__()
+        self._service = service
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Context
+    ) -> health_pb2.HealthCheckResponse:
+        try:
+            self._service.authorize_diagnostics(context, "Health.Check")
+        except Exception as exc:
+            await self._service.fail(context, exc)
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
+        service = self._service
+        try:
+            caller = service.authorize_diagnostics(context, "Health.Watch")
+            slot = service.diagnostic_slots.acquire(caller.key, None)
+        except Exception as exc:
+            await service.fail(context, exc)
+        try:
+            await super().Watch(request, context)
+        finally:
+            slot.release()
+
+
+class GuardedReflection(_AioReflectionServicer):  # type: ignore[misc]
+    """Server reflection behind :meth:`SignerService.authorize_diagnostics`, one diagnostic
+    stream slot per stream."""
+
+    def __init__(self, service: SignerService, service_names: tuple[str, ...]) -> None:
+        super().__init__(service_names)
+        self._service = service
+
+    async def ServerReflectionInfo(
+        self,
+        request_iterator: AsyncIterable[reflection_pb2.ServerReflectionRequest],
+        context: Context,
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        service = self._service
+        try:
+            caller = service.authorize_diagnostics(context, "ServerReflection")
+            slot = service.diagnostic_slots.acquire(caller.key, None)
+        except Exception as exc:
+            await service.fail(context, exc)
+        try:
+            async for reply in super().ServerReflectionInfo(request_iterator, context):
+                yield reply
+        finally:
+            slot.release()
