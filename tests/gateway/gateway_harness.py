@@ -333,11 +333,7 @@ class GatewayProcess:
     def events(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far (a line still being written is left out)."""
         complete = self.log.read_text().rpartition("\n")[0]
-        out = []
-        for line in complete.splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return [e for e in out if isinstance(e, dict)]
+        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
 
     def messages(self) -> list[str]:
         return [str(e.get("msg", "")) for e in self.events()]
