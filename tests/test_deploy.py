@@ -22,11 +22,10 @@ import grpc
 import pytest
 import yaml
 from support.bao import BaoServer
+from support.pki import Pki
 from support.signer_process import SignerProcess
 from svidgate.gateway.config import GatewayConfig
 from svidgate.gateway.config import load_config as load_gateway_config
-from svidgate.pki.bundle import marshal_pem
-from svidgate.pki.ca import CertificateAuthority
 from svidgate.signer.config import SignerConfig
 from svidgate.signer.config import load_config as load_signer_config
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
@@ -470,16 +469,17 @@ class Vault:
 
 
 @pytest.fixture(scope="module")
-def vault_setup(bao: BaoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def vault_setup(
+    bao: BaoServer, pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
     """deploy/vault/setup.sh, run twice against the session's OpenBao; its output directory.
 
     The script writes its policy under the name the suite's signer tokens use (svidgate-signer,
     scoped to svidgate/signing-keys and svidgate-jwt): the suite's policy is restored after this
     module's tests."""
     out = tmp_path_factory.mktemp("vault-setup")
-    # the k8s API server's CA: any certificate will do, the script only stores it
-    ca = CertificateAuthority.create("k8s.test")
-    (out / "k8s-ca.pem").write_bytes(marshal_pem(ca.bundle()))
+    # the k8s API server's CA: any CA certificate will do, the script only stores it
+    (out / "k8s-ca.pem").write_bytes(pki.bundle().read_bytes())
     env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
         "VAULT_CLI": "bao",
