@@ -181,7 +181,9 @@ async def test_a_key_destroyed_in_vault_or_revoked_fails_at_the_gateway(
     assert await both_routes(stack, test_pki, fresh.token) == OK  # cached again
 
     # the same through the signer itself
-    command = ["signer", "revoke", "--config", str(stack.signer_config), "--kid", fresh.kid]
+    # --kid=KID: a kid (base64url) may begin with "-", which argparse takes for an option in
+    # the two-word form `--kid KID`
+    command = ["signer", "revoke", "--config", str(stack.signer_config), f"--kid={fresh.kid}"]
     done = subprocess.run(
         [sys.executable, "-m", "svidgate.cli", *command],
         capture_output=True,

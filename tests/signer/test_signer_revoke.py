@@ -132,11 +132,16 @@ async def test_revoke_rpc_and_cli(short_dir: Path) -> None:
             err = await rpc_error(stub.Revoke(signer_pb2.RevokeRequest(kid="../state.json")))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-        # the command: revoke the prepared key (the active one stays)
-        done = svidgate("signer", "revoke", "--config", str(config), "--kid", rotated.prepared_kid)
+        # the command: revoke the prepared key (the active one stays); --kid=KID because a kid
+        # (base64url) may begin with "-", which argparse takes for an option in `--kid KID`
+        done = svidgate(
+            "signer", "revoke", "--config", str(config), f"--kid={rotated.prepared_kid}"
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout == f"revoked {rotated.prepared_kid} (active {fresh})\n"
-        done = svidgate("signer", "revoke", "--config", str(config), "--kid", rotated.prepared_kid)
+        done = svidgate(
+            "signer", "revoke", "--config", str(config), f"--kid={rotated.prepared_kid}"
+        )
         assert done.returncode == 2 and done.stdout == ""
         assert done.stderr.startswith(
             f"svidgate: error: Revoke failed: not_found: {rotated.prepared_kid}"
