@@ -11,24 +11,24 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import grpc
 import pytest
 import yaml
-from bao_server import BaoServer
+from support.bao import BaoServer
+from support.pki import Pki
+from support.signer_process import SignerProcess
 from svidgate.gateway.config import GatewayConfig
 from svidgate.gateway.config import load_config as load_gateway_config
-from svidgate.pki.bundle import marshal_pem
-from svidgate.pki.ca import CertificateAuthority
 from svidgate.signer.config import SignerConfig
 from svidgate.signer.config import load_config as load_signer_config
+from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 from svidgate.signer.vault_policy import signer_policy_hcl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -470,31 +470,40 @@ class Vault:
 
 
 @pytest.fixture(scope="module")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BaoServer, Path]]:
+def vault_setup(
+    bao: BaoServer, pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """deploy/vault/setup.sh, run twice against the session's OpenBao; its output directory.
+
+    The script writes its policy under the name the suite's signer tokens use (svidgate-signer,
+    scoped to svidgate/signing-keys and svidgate-jwt): the suite's policy is restored after this
+    module's tests."""
     out = tmp_path_factory.mktemp("vault-setup")
-    ca = CertificateAuthority.create("k8s.test")
-    (out / "k8s-ca.pem").write_bytes(marshal_pem(ca.bundle()))
-    with BaoServer() as server:
-        env = {
-            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "VAULT_CLI": "bao",
-            "BAO_ADDR": server.address,
-            "BAO_TOKEN": server.root_token,
-            "HOME": str(out),
-            "KUBERNETES_CA_CERT": str(out / "k8s-ca.pem"),
-            "TOKEN_FILE": str(out / "signer-token"),
-            "APPROLE_DIR": str(out / "approle"),
-        }
+    # the k8s API server's CA: any CA certificate will do, the script only stores it
+    (out / "k8s-ca.pem").write_bytes(pki.bundle().read_bytes())
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "VAULT_CLI": "bao",
+        "BAO_ADDR": bao.address,
+        "BAO_TOKEN": bao.root_token,
+        "HOME": str(out),
+        "KUBERNETES_CA_CERT": str(out / "k8s-ca.pem"),
+        "TOKEN_FILE": str(out / "signer-token"),
+        "APPROLE_DIR": str(out / "approle"),
+    }
+    try:
         for _ in range(2):  # idempotent: a second run changes nothing and succeeds
             done = subprocess.run(
                 ["sh", str(SETUP)], env=env, capture_output=True, text=True, timeout=60, check=False
             )
             assert done.returncode == 0, done.stderr
-        yield server, out
+        yield out
+    finally:
+        bao.setup_signer()
 
 
-def test_setup_script_token_can_do_the_signers_job(bao: tuple[BaoServer, Path]) -> None:
-    server, out = bao
+def test_setup_script_token_can_do_the_signers_job(bao: BaoServer, vault_setup: Path) -> None:
+    server, out = bao, vault_setup
     token_file = out / "signer-token"
     assert token_file.stat().st_mode & 0o777 == 0o600
     vault = Vault(server, token_file.read_text().strip())
@@ -534,9 +543,9 @@ def test_setup_script_token_can_do_the_signers_job(bao: tuple[BaoServer, Path]) 
     ],
 )
 def test_setup_script_token_cannot_do_anything_else(
-    bao: tuple[BaoServer, Path], method: str, path: str
+    bao: BaoServer, vault_setup: Path, method: str, path: str
 ) -> None:
-    server, out = bao
+    server, out = bao, vault_setup
     vault = Vault(server, (out / "signer-token").read_text().strip())
     body = (
         {"type": "ecdsa-p256", "input": "aGVsbG8=", "data": {"x": "y"}} if method != "GET" else None
@@ -544,8 +553,8 @@ def test_setup_script_token_cannot_do_anything_else(
     assert vault.status(method, path, body) == 403
 
 
-def test_setup_script_approle_and_kubernetes_roles(bao: tuple[BaoServer, Path]) -> None:
-    server, out = bao
+def test_setup_script_approle_and_kubernetes_roles(bao: BaoServer, vault_setup: Path) -> None:
+    server, out = bao, vault_setup
     role_id = (out / "approle" / "role_id").read_text().strip()
     secret_id = (out / "approle" / "secret_id").read_text().strip()
     login = server.api("POST", "auth/approle/login", {"role_id": role_id, "secret_id": secret_id})
@@ -558,28 +567,16 @@ def test_setup_script_approle_and_kubernetes_roles(bao: tuple[BaoServer, Path]) 
     assert config["kubernetes_ca_cert"].startswith("-----BEGIN CERTIFICATE-----")
 
 
-def _serving(socket_path: Path) -> bool:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    if not socket_path.exists():
-        return False
-    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1
-            )
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 @pytest.mark.parametrize("source", ["vault-kv", "vault-transit"])
 def test_real_signer_runs_with_the_setup_token(
-    bao: tuple[BaoServer, Path], compose: dict[str, Any], tmp_path: Path, source: str
+    bao: BaoServer,
+    vault_setup: Path,
+    compose: dict[str, Any],
+    tmp_path: Path,
+    source: str,
+    signer_process: Callable[..., SignerProcess],
 ) -> None:
-    from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
-
-    server, out = bao
+    server, out = bao, vault_setup
     # the compose signer.yaml, pointed at this OpenBao and a local socket / token file
     cfg = yaml_docs(DEPLOY / "compose" / "signer.yaml")[0]
     cfg["listen"]["unix"] = "run/signer.sock"
@@ -590,23 +587,12 @@ def test_real_signer_runs_with_the_setup_token(
     (tmp_path / "run").mkdir()
     config = tmp_path / "signer.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "signer.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "svidgate.cli", "signer", "serve", "--config", str(config)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = signer_process(config, tmp_path / "signer.log")
+    proc.start_sync(timeout=30)
     try:
         socket_path = tmp_path / "run" / "signer.sock"
-        deadline = time.monotonic() + 30
-        while not _serving(socket_path):
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.1)
         with grpc.insecure_channel(f"unix:{socket_path}") as channel:
-            stub = signer_pb2_grpc.SignerStub(channel)
+            stub = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
             jwks = json.loads(stub.GetJWKS(signer_pb2.GetJWKSRequest(), timeout=5).jwks_json)
             assert jwks["keys"]
             token = stub.Sign(
@@ -619,7 +605,6 @@ def test_real_signer_runs_with_the_setup_token(
                 signer_pb2.VerifyRequest(token=token, audience=["echo"]), timeout=10
             )
             assert verified.subject == "spiffe://example.org/ns/demo/sa/client"
-        assert "permission denied" not in log.read_text()
+        assert "permission denied" not in proc.log.read_text()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop(10)

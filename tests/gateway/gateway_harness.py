@@ -1,17 +1,23 @@
 """Helpers for gateway integration tests: a recording echo upstream over real mTLS, the gateway
-in-process on 127.0.0.1, and a raw HTTP/1.1 client that sends exactly the bytes a test writes
-(no URL normalization on the client side). The PKI and identities are tests/support/pki.py's."""
+in-process on 127.0.0.1 or as a real `svidgate gateway serve` child process (GatewayProcess, the
+one gateway launcher of the suite), and a raw HTTP/1.1 client that sends exactly the bytes a test
+writes (no URL normalization on the client side). The PKI and identities are
+tests/support/pki.py's."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import signal
 import ssl
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from aiohttp import web
 from support.pki import (
@@ -26,6 +32,8 @@ from support.pki import (
     B,
     Pki,
 )
+from support.ports import free_port
+from support.waiting import wait_for
 from svidgate.gateway.server import GatewayServer
 
 BUNDLE_A = BUNDLES[A]
@@ -256,6 +264,113 @@ class Harness:
         return await raw_exchange(self.port, self.ctx(client), data)
 
 
+class GatewayProcess:
+    """`svidgate gateway serve` as a child process on two free loopback ports: ``doc`` with
+    ``listen`` / ``admin_listen`` set, written to ``pki.dir``/NAME.yaml; stderr (JSON lines)
+    goes to NAME.log."""
+
+    def __init__(self, pki: LabPki, doc: dict[str, Any], name: str = "gateway") -> None:
+        self.pki = pki
+        self.port, self.admin = free_port(), free_port()
+        doc = {**doc, "listen": f"127.0.0.1:{self.port}", "admin_listen": f"127.0.0.1:{self.admin}"}
+        self.config = pki.dir / f"{name}.yaml"
+        self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        self.log = pki.dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self, ready: str = "/readyz", timeout: float = 20.0) -> None:
+        """Start and wait until the admin endpoint ``ready`` answers 200 (``/healthz`` for a
+        gateway whose signer is meant to be refused: it never becomes ready)."""
+        with self.log.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "svidgate.cli",
+                    "gateway",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+        async def up() -> bool:
+            assert self.running, f"the gateway exited early: {self.log_tail()}"
+            return await self.admin_get(ready) == 200
+
+        await wait_for(up, timeout, f"the gateway's {ready}", interval=0.05)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (a graceful drain), SIGKILL after ``timeout``."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(10)
+
+    def log_tail(self, size: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-size:] if self.log.exists() else ""
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far (a line still being written is left out)."""
+        complete = self.log.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+
+    def messages(self) -> list[str]:
+        return [str(e.get("msg", "")) for e in self.events()]
+
+    def logged(self, event: str) -> bool:
+        return any(e.get("event") == event for e in self.events())
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    async def admin_get(self, path: str) -> int | None:
+        """The status of GET ``path`` on the admin listener; None when nothing answers."""
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{self.admin}{path}") as resp,
+            ):
+                return resp.status
+        except aiohttp.ClientError:
+            return None
+
+    async def readyz(self) -> int | None:
+        return await self.admin_get("/readyz")
+
+    async def get(self, path: str, token: str, client: str = "web") -> tuple[int, str | None]:
+        """GET ``path`` with a bearer token over a fresh mTLS connection as ``client``:
+        (status, Retry-After)."""
+        ctx = self.pki.client_context(*self.pki.files(client))
+        data = build_request("GET", path, [("Authorization", f"Bearer {token}")])
+        resp = await raw_exchange(self.port, ctx, data, timeout=20)
+        assert resp is not None, f"the gateway closed the connection for GET {path}"
+        return resp.status, resp.header("Retry-After")
+
+
 __all__ = [
     "BUNDLE_A",
     "BUNDLE_B",
@@ -268,6 +383,7 @@ __all__ = [
     "A",
     "B",
     "Echo",
+    "GatewayProcess",
     "Harness",
     "LabPki",
     "Response",

@@ -1,216 +1,52 @@
-"""Real processes around a gateway and its signer for red-team and memory tests: a genuine
-`svidgate signer serve` (Unix socket and mTLS TCP, file keys), `svidgate gateway serve`, an
-impostor grpc.aio signer that answers every RPC with "valid", and an L4 switch that decides,
-per TCP connection, which backend answers the signer's address."""
+"""The red-team lab around a gateway and its signer (tests/gateway/test_signer_identity.py and
+the memory test): the lab's genuine signer (a file-key `svidgate signer serve`, optionally also
+on mTLS TCP, started through support.signer_process like every signer process), JWT routes for a
+gateway config, an impostor grpc.aio signer that answers every RPC with "valid", and an L4
+switch that decides, per TCP connection, which backend answers the signer's address. Gateway
+processes are gateway_harness.GatewayProcess."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import grpc
 import jwt
-import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
-from gateway_harness import GATEWAY_ID, LabPki, build_request, parse_response
+from gateway_harness import BUNDLE_A, GATEWAY_ID, LabPki
 from jwt.algorithms import ECAlgorithm
+from support.pki import SIGNER_ID, TD
+from support.ports import free_port
+from support.signer_process import AUDIENCE, SignerProcess
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
-SVIDGATE = [sys.executable, "-m", "svidgate.cli"]
-SIGNER_ID = "spiffe://example.org/signer"
 ISSUER = SIGNER_ID
-AUDIENCE = "orders"
+# the extra claims the memory test puts in its tokens (authorization.claims allows them)
+LAB_CLAIMS = ("roles", "n")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or 'a condition'}"
-        await asyncio.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-class SignerProc:
-    """`svidgate signer serve` with file keys on a Unix socket and, if ``tcp``, on mTLS TCP
-    with the SVID ``signer.crt`` (a DNS SAN ``localhost``) of the lab's trust domain."""
-
-    def __init__(self, pki: LabPki, *, tcp: bool = False) -> None:
-        self.dir = pki.dir / "signer"
-        self.dir.mkdir(exist_ok=True)
-        self.socket = self.dir / "run" / "signer.sock"
-        self.port = free_port() if tcp else 0
-        listen: dict[str, Any] = {"unix": "run/signer.sock"}
-        doc: dict[str, Any] = {
-            "trust_domain": "example.org",
-            "issuer": ISSUER,
-            "listen": listen,
-            "authorization": {
-                "verify": [GATEWAY_ID],
-                "sign": ["spiffe://example.org/**"],
-                # the extra claims the cache-memory test mints (the signer refuses others)
-                "claims": {"roles": ["spiffe://example.org/**"], "n": ["spiffe://example.org/**"]},
-            },
-            "keys": {"source": "file", "algorithm": "ES256", "dir": "keys"},
-            # clock_skew: prepare_ahead 1s >= poll_interval 500ms + clock_skew 500ms
-            "tokens": {"default_ttl": "10m", "max_ttl": "15m", "clock_skew": "500ms"},
-            "rotation": {"period": "24h", "prepare_ahead": "1s", "poll_interval": "500ms"},
-        }
-        if tcp:
-            pki.issue(SIGNER_ID, "signer", dns=["localhost"], ips=["127.0.0.1"])
-            listen["tcp"] = f"127.0.0.1:{self.port}"
-            doc["tls"] = {
-                "cert": str(pki.dir / "signer.crt"),
-                "key": str(pki.dir / "signer.key"),
-                "bundle": str(pki.dir / "bundle.pem"),
-            }
-        self.config = self.dir / "signer.yaml"
-        self.config.write_text(yaml.safe_dump(doc))
-        self.log = self.dir / "signer.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        (self.dir / "run").mkdir(exist_ok=True)
-        self.socket.unlink(missing_ok=True)
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [*SVIDGATE, "signer", "serve", "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            if self.socket.exists():
-                with contextlib.suppress(grpc.RpcError):
-                    await self.sign("spiffe://example.org/ns/shop/sa/web")
-                    return
-            await asyncio.sleep(0.1)
-        raise AssertionError("signer did not start: " + self.log.read_text()[-3000:])
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-    @contextlib.asynccontextmanager
-    async def stub(self) -> AsyncIterator[Any]:
-        async with grpc.aio.insecure_channel(f"unix:{self.socket}") as channel:
-            yield signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
-
-    async def sign(self, subject: str, *, claims: dict[str, Any] | None = None) -> str:
-        async with self.stub() as stub:
-            reply = await stub.Sign(
-                signer_pb2.SignRequest(
-                    subject=subject,
-                    audience=[AUDIENCE],
-                    claims_json=json.dumps(claims) if claims else "",
-                ),
-                timeout=10,
-            )
-        return str(reply.token)
-
-    async def rotate(self) -> None:
-        async with self.stub() as stub:
-            await stub.Rotate(signer_pb2.RotateRequest(), timeout=10)
-
-
-class GatewayProc:
-    """`svidgate gateway serve` as a child process; stderr (JSON lines) goes to ``log``."""
-
-    def __init__(self, pki: LabPki, doc: dict[str, Any], name: str = "gateway") -> None:
-        self.pki = pki
-        self.port, self.admin = free_port(), free_port()
-        doc = {**doc, "listen": f"127.0.0.1:{self.port}", "admin_listen": f"127.0.0.1:{self.admin}"}
-        self.config = pki.dir / f"{name}.yaml"
-        self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
-        self.log = pki.dir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def start(self) -> None:
-        with self.log.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [*SVIDGATE, "gateway", "serve", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        for _ in range(300):
-            if await self.admin_get("/healthz") == 200:
-                return
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            await asyncio.sleep(0.1)
-        raise AssertionError("gateway did not start: " + self.log.read_text()[-3000:])
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-    def messages(self) -> list[str]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(str(json.loads(line).get("msg", "")))
-        return out
-
-    async def admin_get(self, path: str) -> int | None:
-        try:
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://127.0.0.1:{self.admin}{path}") as resp,
-            ):
-                return resp.status
-        except aiohttp.ClientError:
-            return None
-
-    async def get(self, path: str, token: str, client: str = "web") -> tuple[int, str | None]:
-        """One request over a fresh mTLS connection: (status, Retry-After)."""
-        files = self.pki.dir / f"{client}.crt", self.pki.dir / f"{client}.key"
-        ctx = self.pki.client_context(*files)
-        data = build_request("GET", path, [("Authorization", f"Bearer {token}")])
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", self.port, ssl=ctx, server_hostname="localhost"
-        )
-        try:
-            writer.write(data)
-            received = await asyncio.wait_for(reader.read(), 20)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-        resp = parse_response(received)
-        return resp.status, resp.header("Retry-After")
+def lab_signer(pki: LabPki, *, tcp: bool = False) -> SignerProcess:
+    """The lab's genuine signer (unstarted): file keys in ``pki.dir``/signer, the Unix socket
+    there and, with ``tcp``, mTLS on a free port with the session PKI's ``signer`` SVID (DNS SAN
+    ``localhost``); only the gateway may verify."""
+    extra: dict[str, Any] = {
+        "authorization": {
+            "verify": [GATEWAY_ID],
+            "claims": {claim: [f"spiffe://{TD}/**"] for claim in LAB_CLAIMS},
+        },
+        "tokens": {"default_ttl": "10m"},
+        # the memory test's largest tokens (~7 KB) carry more than the default 4 KiB of claims
+        "limits": {"claims_bytes": 6144},
+    }
+    if tcp:
+        cert, key = pki.files("signer")
+        extra["listen"] = {"tcp": f"127.0.0.1:{free_port()}"}
+        extra["tls"] = {"cert": str(cert), "key": str(key), "bundle": str(pki.bundle())}
+    return SignerProcess.file_keys(pki.dir / "signer", extra)
 
 
 def jwt_routes(doc: dict[str, Any], allow: list[str]) -> None:
@@ -289,7 +125,7 @@ async def impostor_server(pki: LabPki, attacker: Attacker) -> AsyncIterator[tupl
     signer_pb2_grpc.add_SignerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     creds = grpc.ssl_server_credentials(
         [((pki.dir / "upstream.key").read_bytes(), (pki.dir / "upstream.crt").read_bytes())],
-        root_certificates=(pki.dir / "bundle.pem").read_bytes(),
+        root_certificates=(pki.dir / BUNDLE_A).read_bytes(),
         require_client_auth=True,
     )
     port = server.add_secure_port("127.0.0.1:0", creds)

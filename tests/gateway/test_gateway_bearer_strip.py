@@ -6,7 +6,6 @@ by a client on a route without `jwt`; the recording upstream must not see it. Ot
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +24,7 @@ from gateway_harness import (
     write_config,
 )
 from multidict import CIMultiDict
+from support.waiting import wait_for
 from svidgate.gateway.config import parse_config
 from svidgate.pki.svid import load_certificates, x5t_s256
 from test_gateway_jwt import AUDIENCE, Signer
@@ -138,10 +138,7 @@ async def test_jwt_routes_keep_the_jwt_forward_rule(
 ) -> None:
     client = bgw.server.app.signer
     assert client is not None
-    for _ in range(100):
-        if client.ready(mode="remote"):
-            break
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: client.ready(mode="remote"), 5, "the key subscription")
     token = await signer.sign(WEB_ID)
     stripped = await bgw.request("GET", "/jwt/strip/1", [("Authorization", f"Bearer {token}")])
     forwarded = await bgw.request("GET", "/jwt/forward/1", [("Authorization", f"Bearer {token}")])

@@ -14,8 +14,9 @@ import itertools
 from collections.abc import Iterator
 
 import aiohttp
-from gateway_harness import WEB_ID, Echo, LabPki, gateway_config
-from signer_lab import GatewayProc, SignerProc, jwt_routes
+from gateway_harness import WEB_ID, Echo, GatewayProcess, LabPki, gateway_config
+from signer_lab import jwt_routes, lab_signer
+from support.signer_process import SignerProcess
 
 MiB = 1024 * 1024
 TOKENS = 2000
@@ -36,17 +37,17 @@ def claims(index: int) -> dict[str, object]:
     return {"roles": roles(index, count), "n": index}
 
 
-async def mint(signer: SignerProc, indexes: range) -> list[str]:
+async def mint(signer: SignerProcess, indexes: range) -> list[str]:
     limit = asyncio.Semaphore(CONCURRENCY)
 
     async def one(index: int) -> str:
         async with limit:
-            return await signer.sign(WEB_ID, claims=claims(index))
+            return await signer.sign_async(WEB_ID, claims=claims(index))
 
     return list(await asyncio.gather(*(one(i) for i in indexes)))
 
 
-async def send_all(gw: GatewayProc, tokens: list[str]) -> list[int]:
+async def send_all(gw: GatewayProcess, tokens: list[str]) -> list[int]:
     """Every token through /jwt/remote and /jwt/local over keep-alive mTLS connections."""
     ctx = gw.pki.client_context(gw.pki.dir / "web.crt", gw.pki.dir / "web.key")
     jobs: Iterator[tuple[str, str]] = (
@@ -72,19 +73,15 @@ async def send_all(gw: GatewayProc, tokens: list[str]) -> list[int]:
 async def test_gateway_rss_stays_bounded_with_2000_large_tokens(
     test_pki: LabPki, echo: Echo
 ) -> None:
-    signer = SignerProc(test_pki)
+    signer = lab_signer(test_pki)
     await signer.start()
     doc = gateway_config(test_pki, echo.port)
     doc["signer"] = {"address": f"unix:{signer.socket}", "timeout": "5s"}
     doc["access_log"] = False
     jwt_routes(doc, [WEB_ID])
-    gw = GatewayProc(test_pki, doc)
+    gw = GatewayProcess(test_pki, doc)
     try:
-        await gw.start()
-        for _ in range(200):
-            if await gw.admin_get("/readyz") == 200:
-                break
-            await asyncio.sleep(0.1)
+        await gw.start("/readyz")
         warm = await mint(signer, range(TOKENS, TOKENS + WARM_UP))
         tokens = await mint(signer, range(TOKENS))
         small = [len(t) for i, t in enumerate(tokens) if i % 4]
@@ -103,4 +100,5 @@ async def test_gateway_rss_stays_bounded_with_2000_large_tokens(
         assert growth <= 64 * MiB, f"VmRSS grew by {growth / MiB:.1f} MiB"
     finally:
         gw.stop()
-        signer.stop()
+        if signer.running:
+            signer.stop()

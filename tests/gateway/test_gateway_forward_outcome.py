@@ -18,6 +18,7 @@ from aiohttp import web
 from gateway_harness import WEB_ID, Echo, Harness, LabPki, build_request, gateway_config
 from multidict import CIMultiDict
 from prometheus_client.exposition import generate_latest
+from support.waiting import wait_for
 from svidgate.gateway.config import parse_config
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
 
@@ -224,10 +225,7 @@ async def test_broken_off_body_is_counted_and_logged(
     caplog.set_level(logging.INFO)
     resp = await gw.request("GET", "/raw/x")
     assert resp is None or len(resp.body) < BIG  # cut, never completed
-    for _ in range(100):
-        if _access_lines(caplog):
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: bool(_access_lines(caplog)), 2, "the access log line")
     (line,) = _access_lines(caplog)
     assert (line["status"], line["upstream"], line["error"]) == (
         200,

@@ -6,15 +6,14 @@ import base64
 import hashlib
 
 from cryptography.hazmat.primitives.serialization import Encoding
+from support.pki import Pki
 from svidgate.gateway.identity import PeerIdentity
-from svidgate.pki.ca import CertificateAuthority
 from svidgate.pki.spiffe_id import parse_spiffe_id
 from svidgate.pki.svid import X509Svid, x5t_s256
 
 
-def test_identity_values() -> None:
-    ca = CertificateAuthority.create("example.org")
-    issued = ca.issue("spiffe://example.org/ns/shop/sa/web")
+def test_identity_values(pki: Pki) -> None:
+    issued = pki.ca.issue("spiffe://example.org/ns/shop/sa/web")
     svid = X509Svid(issued.spiffe_id, issued.leaf, ())
     gateway = parse_spiffe_id("spiffe://example.org/gateway")
     ident = PeerIdentity.from_svid(svid, gateway)

@@ -7,14 +7,11 @@ import asyncio
 import base64
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-import yaml
 from gateway_harness import (
     WEB_ID,
     WRITER_ID,
@@ -26,35 +23,19 @@ from gateway_harness import (
 from support.signer_process import SignerProcess
 from support.waiting import wait_for
 from svidgate.pki.svid import load_certificates, x5t_s256
-from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
 AUDIENCE = "orders"
 
 
 class Signer:
-    """A real signer process (tests/support's SignerProcess) and a gRPC client for minting
-    tokens over its Unix socket."""
+    """A real file-key signer process (support.signer_process, its FILE_KEYS_SIGNER config) and
+    async minting over its Unix socket."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.socket = directory / "run" / "signer.sock"
-        config = directory / "signer.yaml"
-        directory.mkdir(parents=True, exist_ok=True)
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "trust_domain": "example.org",
-                    "issuer": "spiffe://example.org/signer",
-                    "listen": {"unix": "run/signer.sock"},
-                    "authorization": {"sign": ["spiffe://example.org/**"]},
-                    "keys": {"source": "file", "algorithm": "ES256", "dir": "keys"},
-                    # prepare_ahead 1s >= poll_interval 500ms + clock_skew 500ms
-                    "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "500ms"},
-                    "rotation": {"period": "24h", "prepare_ahead": "1s", "poll_interval": "500ms"},
-                }
-            )
-        )
-        self.process = SignerProcess(config, directory / "signer.log", socket=self.socket)
+        self.process = SignerProcess.file_keys(directory)
+        assert self.process.socket is not None
+        self.socket: Path = self.process.socket
 
     async def start(self) -> None:
         await self.process.start()
@@ -63,26 +44,13 @@ class Signer:
         if self.process.running:
             await asyncio.to_thread(self.process.stop, 10)
 
-    def _call(self, method: str, request: Any) -> Any:
-        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-            stub = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
-            return getattr(stub, method)(request, timeout=5)
-
     async def sign(
         self, subject: str, audience: str = AUDIENCE, *, thumbprint: str = "", ttl: int = 0
     ) -> str:
-        request = signer_pb2.SignRequest(
-            audience=[audience],
-            subject=subject,
-            ttl_seconds=ttl,
-            bind_certificate=bool(thumbprint),
-            certificate_thumbprint=thumbprint,
-        )
-        response = await asyncio.to_thread(self._call, "Sign", request)
-        return str(response.token)
+        return await self.process.sign_async(subject, audience, thumbprint=thumbprint, ttl=ttl)
 
     async def rotate(self) -> Any:
-        return await asyncio.to_thread(self._call, "Rotate", signer_pb2.RotateRequest())
+        return await self.process.rotate_async()
 
 
 @pytest.fixture(scope="module")
@@ -274,16 +242,17 @@ async def test_signer_stopped_503_then_recovers(jgw: Harness, echo: Echo, signer
     ready, reason = readiness()
     assert not ready and reason.startswith("signer_not_ready")
     await signer.start()
-    status = None
-    deadline = time.monotonic() + 15  # bounded: the client reconnects with a backoff of <= 2 s
-    while time.monotonic() < deadline:
+    statuses: list[int | None] = []
+
+    async def verified() -> bool:
         resp = await jgw.request("GET", "/jwt/subject/1", _bearer(token))
-        status = resp.status if resp else None
-        if status == 200:
-            break
-        assert status == 503
-        await asyncio.sleep(0.1)
-    assert status == 200
+        statuses.append(resp.status if resp else None)
+        assert statuses[-1] in (200, 503), statuses  # 503 until the signer answers again
+        return statuses[-1] == 200
+
+    # bounded: the client reconnects with a backoff of <= 2 s
+    await wait_for(verified, 15, "a 200 once the signer is back", interval=0.1)
+    assert statuses[-1] == 200
     assert echo.targets == ["/jwt/subject/1"]
     # the key subscription reconnects with a bounded backoff
     await wait_for(lambda: readiness() == (True, "ok"), 6, "readiness after the restart")

@@ -4,90 +4,44 @@ the port with SO_REUSEPORT."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from cryptography import x509
 from gateway_harness import (
     GATEWAY_ID,
     Echo,
+    GatewayProcess,
     LabPki,
     build_request,
     gateway_config,
     raw_exchange,
-    write_config,
 )
-from support.ports import free_port
 from support.waiting import wait_for
-
-
-class Proc:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin: int, log: Path) -> None:
-        self.proc, self.port, self.admin, self.log = proc, port, admin, log
-
-    def events(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far (a line still being written is left out)."""
-        complete = self.log.read_text().rpartition("\n")[0]
-        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
-
-    def logged(self, event: str) -> bool:
-        return any(e.get("event") == event for e in self.events())
-
-    async def readyz(self) -> int | None:
-        try:
-            async with (
-                aiohttp.ClientSession() as s,
-                s.get(f"http://127.0.0.1:{self.admin}/readyz") as r,
-            ):
-                return r.status
-        except aiohttp.ClientError:
-            return None
 
 
 @pytest.fixture
 async def serve(test_pki: LabPki) -> AsyncIterator[Callable[..., Any]]:
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[GatewayProcess] = []
 
-    async def start(doc: dict[str, Any]) -> Proc:
-        port, admin = free_port(), free_port()
-        doc = {**doc, "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}"}
-        path = write_config(test_pki, doc)
-        log = test_pki.dir / f"gateway-{len(procs)}.log"
-        with log.open("wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "svidgate.cli", "gateway", "serve", "--config", str(path)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        procs.append(proc)
-        p = Proc(proc, port, admin, log)
-
-        async def ready() -> bool:
-            assert proc.poll() is None, log.read_text()
-            return await p.readyz() == 200
-
-        await wait_for(ready, 10, "the gateway's /readyz")
-        return p
+    async def start(doc: dict[str, Any]) -> GatewayProcess:
+        gw = GatewayProcess(test_pki, doc, f"gateway-{len(procs)}")
+        procs.append(gw)
+        await gw.start(timeout=10)
+        return gw
 
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+    for gw in procs:
+        gw.kill()
 
 
 async def test_sigterm_drains_in_flight_requests(
     test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
 ) -> None:
-    gw: Proc = await serve(gateway_config(test_pki, echo.port))
+    gw: GatewayProcess = await serve(gateway_config(test_pki, echo.port))
     echo.hold = asyncio.Event()  # the upstream answers once the test has seen the drain
     ctx = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")
     in_flight = asyncio.create_task(raw_exchange(gw.port, ctx, build_request("GET", "/orders/1")))
@@ -111,7 +65,7 @@ async def test_sigterm_drains_in_flight_requests(
 async def test_sighup_reloads_certificate(
     test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
 ) -> None:
-    gw: Proc = await serve(gateway_config(test_pki, echo.port))
+    gw: GatewayProcess = await serve(gateway_config(test_pki, echo.port))
     ctx = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")
 
     async def serial() -> int:
@@ -138,7 +92,7 @@ async def test_sighup_reloads_certificate(
 async def test_workers_share_the_port(
     test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
 ) -> None:
-    gw: Proc = await serve(gateway_config(test_pki, echo.port, workers=2))
+    gw: GatewayProcess = await serve(gateway_config(test_pki, echo.port, workers=2))
 
     def listening() -> set[int]:
         return {e["pid"] for e in gw.events() if e.get("event") == "listening"}
@@ -168,7 +122,7 @@ def _alive(pid: int) -> bool:
 async def test_crashed_worker_is_restarted(
     test_pki: LabPki, echo: Echo, serve: Callable[..., Any]
 ) -> None:
-    gw: Proc = await serve(gateway_config(test_pki, echo.port, workers=2))
+    gw: GatewayProcess = await serve(gateway_config(test_pki, echo.port, workers=2))
 
     def worker_pids() -> list[int]:
         return [e["pid"] for e in gw.events() if e.get("event") == "listening"]

@@ -10,41 +10,47 @@ the gateway drops the cached verifications of that kid.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import grpc
 import pytest
 import yaml
-from gateway_harness import WEB_ID, Echo, LabPki, build_request, gateway_config, raw_exchange
+from gateway_harness import (
+    WEB_ID,
+    Echo,
+    GatewayProcess,
+    LabPki,
+    build_request,
+    gateway_config,
+    raw_exchange,
+)
 from support.bao import BaoServer, bao_binary
-from support.ports import free_port
-from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
+from support.signer_process import AUDIENCE, SignerProcess
+from support.waiting import wait_for
+from svidgate.signer.v1 import signer_pb2
 
-AUDIENCE = "orders"
 POLL = 0.5  # the signer's rotation.poll_interval
 DEADLINE = POLL + 5.0
 
 
 class Stack:
+    """A vault-kv signer on the session's OpenBao and a gateway process verifying through it."""
+
     def __init__(self, directory: Path, bao: BaoServer) -> None:
         self.dir = directory
         self.bao = bao
         self.socket = directory / "signer.sock"
         self.signer_config = directory / "signer.yaml"
         self.kv_path = f"svidgate/revocation-{uuid.uuid4().hex[:8]}"
-        self.gateway_port = free_port()
-        self.admin_port = free_port()
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.signer = SignerProcess(
+            self.signer_config, directory / "signer.log", socket=self.socket
+        )
+        self.gateway: GatewayProcess | None = None
 
     def write_signer_config(self) -> None:
         token = self.dir / "vault-token"
@@ -72,34 +78,12 @@ class Stack:
             )
         )
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        with (self.dir / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "svidgate.cli", *args], stdout=log, stderr=log
-            )
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.dir / f"{name}.log").read_text()[-3000:]
-
     async def start_signer(self) -> None:
         self.write_signer_config()
-        proc = self.spawn("signer", "signer", "serve", "--config", str(self.signer_config))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, self.log("signer")
-            with contextlib.suppress(grpc.RpcError):
-                if self.socket.exists():
-                    await self.sign()
-                    return
-            await asyncio.sleep(0.1)
-        raise AssertionError("signer did not start: " + self.log("signer"))
+        await self.signer.start()
 
     async def start_gateway(self, pki: LabPki, echo: Echo) -> None:
         doc: dict[str, Any] = gateway_config(pki, echo.port)
-        doc["listen"] = f"127.0.0.1:{self.gateway_port}"
-        doc["admin_listen"] = f"127.0.0.1:{self.admin_port}"
         doc["signer"] = {"address": f"unix:{self.socket}", "timeout": "1s"}
         for verify in ("remote", "local"):
             doc["routes"].append(
@@ -111,48 +95,26 @@ class Stack:
                     "jwt": {"required": True, "audience": AUDIENCE, "verify": verify},
                 }
             )
-        config = pki.dir / "gateway-revocation.yaml"
-        config.write_text(yaml.safe_dump(doc, sort_keys=False))
-        proc = self.spawn("gateway", "gateway", "serve", "--config", str(config))
-        url = f"http://127.0.0.1:{self.admin_port}/readyz"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, self.log("gateway")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with aiohttp.ClientSession() as s, s.get(url) as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-        raise AssertionError("gateway did not become ready: " + self.log("gateway"))
+        self.gateway = GatewayProcess(pki, doc, "gateway-revocation")
+        await self.gateway.start()
 
     async def sign(self) -> signer_pb2.SignResponse:
-        def call() -> signer_pb2.SignResponse:
-            with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-                stub = signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
-                request = signer_pb2.SignRequest(subject=WEB_ID, audience=[AUDIENCE])
-                reply: signer_pb2.SignResponse = stub.Sign(request, timeout=5)
-                return reply
-
-        return await asyncio.to_thread(call)
+        return await self.signer.sign_reply_async(WEB_ID)
 
     async def get(self, pki: LabPki, path: str, token: str) -> tuple[int, str]:
-        ctx = pki.client_context(pki.dir / "web.crt", pki.dir / "web.key")
+        assert self.gateway is not None
+        ctx = pki.client_context(*pki.files("web"))
         request = build_request("GET", path, [("Authorization", f"Bearer {token}")])
-        resp = await raw_exchange(self.gateway_port, ctx, request)
+        resp = await raw_exchange(self.gateway.port, ctx, request)
         assert resp is not None
         reason = str(resp.json().get("reason", "")) if resp.status != 200 else ""
         return resp.status, reason
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if self.gateway is not None:
+            self.gateway.stop()
+        if self.signer.running:
+            self.signer.stop()
 
 
 @pytest.fixture
@@ -176,14 +138,16 @@ async def until_both(
     stack: Stack, pki: LabPki, token: str, wanted: list[tuple[int, str]], what: str
 ) -> None:
     """Retry both routes until they answer ``wanted`` (a deadline, no fixed sleep)."""
-    deadline = time.monotonic() + DEADLINE
     got: list[tuple[int, str]] = []
-    while time.monotonic() < deadline:
-        got = await both_routes(stack, pki, token)
-        if got == wanted:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what}: both routes still answer {got}")
+
+    async def answered() -> bool:
+        got[:] = await both_routes(stack, pki, token)
+        return got == wanted
+
+    try:
+        await wait_for(answered, DEADLINE, what, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"{what}: both routes still answer {got}") from None
 
 
 REVOKED = [(401, "unknown_kid"), (401, "unknown_kid")]
@@ -217,7 +181,9 @@ async def test_a_key_destroyed_in_vault_or_revoked_fails_at_the_gateway(
     assert await both_routes(stack, test_pki, fresh.token) == OK  # cached again
 
     # the same through the signer itself
-    command = ["signer", "revoke", "--config", str(stack.signer_config), "--kid", fresh.kid]
+    # --kid=KID: a kid (base64url) may begin with "-", which argparse takes for an option in
+    # the two-word form `--kid KID`
+    command = ["signer", "revoke", "--config", str(stack.signer_config), f"--kid={fresh.kid}"]
     done = subprocess.run(
         [sys.executable, "-m", "svidgate.cli", *command],
         capture_output=True,

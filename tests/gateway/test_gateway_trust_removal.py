@@ -14,19 +14,15 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
 import ssl
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from gateway_harness import (
     B,
     Echo,
+    GatewayProcess,
     Harness,
     LabPki,
     Response,
@@ -36,11 +32,14 @@ from gateway_harness import (
     raw_exchange,
     write_config,
 )
+from support.waiting import wait_for
 from svidgate.pki.bundle import BundleSet, marshal_pem
 from svidgate.pki.ca import CertificateAuthority
 
 # Generous bounds for a loaded 2-core machine; the gateway acts within one reload poll.
 CLOSE_WITHIN = 5.0
+# How long a "slow" upstream takes to answer: drain_timeout (300 ms) must cut it off first.
+SLOW_UPSTREAM = 1.5
 
 
 class KeepAlive:
@@ -110,11 +109,11 @@ def _without_b(pki: LabPki, echo: Echo, **overrides: Any) -> dict[str, Any]:
 
 
 async def _wait_generation(gw: Harness, generation: int) -> None:
-    for _ in range(100):
-        if gw.server.holder.current.generation >= generation:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no reload to generation {generation}")
+    await wait_for(
+        lambda: gw.server.holder.current.generation >= generation,
+        5,
+        f"a reload to generation {generation}",
+    )
 
 
 async def test_removed_trust_domain_closes_its_idle_keep_alive_connection_on_file_poll(
@@ -167,15 +166,15 @@ async def test_in_flight_request_finishes_then_the_connection_closes(
     gw: Harness = await start_gateway(gateway_config(test_pki, echo.port))
     removed: KeepAlive = await conns(gw.port, gw.ctx("b-web"))
     assert (await removed.get("/public/1")).status == 200  # type: ignore[union-attr]
-    echo.hold = asyncio.Event()  # the upstream answers only once the reload is done
+    echo.hold = asyncio.Event()  # the upstream answers once the re-check has refused the peer
     in_flight = asyncio.create_task(removed.get("/public/2"))
-    for _ in range(100):
-        if len(echo.seen) == 2:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for(lambda: len(echo.seen) == 2, 2, "the second request at the upstream")
     assert len(echo.seen) == 2, "the second request reached the upstream"
     write_config(test_pki, _without_b(test_pki, echo))
     assert gw.server.reload()
+    sweep = gw.server.app.trust_sweep
+    assert sweep is not None
+    await sweep  # the re-check has refused the busy connection: now the request may finish
     echo.hold.set()
     resp = await in_flight
     assert resp is not None and resp.status == 200, "an in-flight request may finish"
@@ -188,19 +187,21 @@ async def test_in_flight_request_gets_drain_timeout_at_most(
 ) -> None:
     gw: Harness = await start_gateway(gateway_config(test_pki, echo.port, drain_timeout="300ms"))
     removed: KeepAlive = await conns(gw.port, gw.ctx("b-web"))
-    echo.hold = asyncio.Event()  # the upstream never answers while the test waits
-    in_flight = asyncio.create_task(removed.get("/public/slow"))
-    for _ in range(100):
-        if echo.seen:
-            break
-        await asyncio.sleep(0.02)
+    echo.hold = asyncio.Event()  # the upstream does not answer while the test watches
+    in_flight = asyncio.create_task(removed.get("/public/slow", timeout=30))
+    await wait_for(lambda: bool(echo.seen), 2, "the request at the upstream")
     assert echo.seen, "the request reached the upstream"
     write_config(test_pki, _without_b(test_pki, echo, drain_timeout="300ms"))
     assert gw.server.reload()
+    # closed within SLOW_UPSTREAM (an upstream that slow would have answered by then), not at
+    # the client's own read timeout
     try:
-        assert await in_flight is None, "a slow in-flight request outlived drain_timeout"
+        done = await asyncio.wait_for(in_flight, SLOW_UPSTREAM)
+    except TimeoutError:
+        done = "still open"  # type: ignore[assignment]
     finally:
         echo.hold.set()
+    assert done is None, "a slow in-flight request outlived drain_timeout"
 
 
 async def test_reload_that_keeps_trust_closes_nothing(
@@ -236,63 +237,24 @@ def test_trust_digest_tells_trust_changes_apart() -> None:
 # -- the same attack against a real `svidgate gateway serve` process, reloaded with SIGHUP --
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _ready(admin: int) -> bool:
-    try:
-        async with (
-            aiohttp.ClientSession() as s,
-            s.get(f"http://127.0.0.1:{admin}/readyz") as r,
-        ):
-            return r.status == 200
-    except aiohttp.ClientError:
-        return False
-
-
 @pytest.fixture
-async def process(
-    test_pki: LabPki, echo: Echo
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    port, admin = _free_port(), _free_port()
-    doc = {
-        **gateway_config(test_pki, echo.port),
-        "listen": f"127.0.0.1:{port}",
-        "admin_listen": f"127.0.0.1:{admin}",
-    }
-    path = write_config(test_pki, doc)
-    log = test_pki.dir / "gateway.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "svidgate.cli", "gateway", "serve", "--config", str(path)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
+async def process(test_pki: LabPki, echo: Echo) -> AsyncIterator[GatewayProcess]:
+    gw = GatewayProcess(test_pki, gateway_config(test_pki, echo.port))
     try:
-        for _ in range(100):
-            if await _ready(admin):
-                break
-            assert proc.poll() is None, log.read_text()
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("gateway did not become ready: " + log.read_text())
-        yield proc, port, log
+        await gw.start()
+        yield gw
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        gw.kill()
 
 
 async def test_sighup_with_a_replaced_bundle_closes_the_open_connection(
     test_pki: LabPki,
     echo: Echo,
-    process: tuple[subprocess.Popen[bytes], int, Path],
+    process: GatewayProcess,
     conns: Callable[..., Any],
 ) -> None:
-    proc, port, log = process
+    proc, port, log = process.proc, process.port, process.log
+    assert proc is not None
     ctx_b = test_pki.client_context(test_pki.dir / "b-web.crt", test_pki.dir / "b-web.key")
     ctx_a = test_pki.client_context(test_pki.dir / "web.crt", test_pki.dir / "web.key")
     removed: KeepAlive = await conns(port, ctx_b)
@@ -301,7 +263,7 @@ async def test_sighup_with_a_replaced_bundle_closes_the_open_connection(
     assert (await stays.get("/orders/1")).status == 200  # type: ignore[union-attr]
     # The operator replaces other.org's bundle with another CA's and sends SIGHUP.
     other_ca = CertificateAuthority.create(B)
-    (test_pki.bundle("other.org")).write_bytes(marshal_pem(other_ca.bundle()))
+    test_pki.bundle(B).write_bytes(marshal_pem(other_ca.bundle()))
     proc.send_signal(signal.SIGHUP)
     assert await removed.closed_by_server(), "the connection outlived its trust"
     assert await removed.get("/public/2") is None

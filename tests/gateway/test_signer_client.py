@@ -1,6 +1,7 @@
 """The gateway's signer client: pure parts (key set, local verification rules, cache) and, over a
-real signer process on a Unix socket / mTLS TCP, remote and local verification end to end. The
-verification core itself (pki.jwt_svid) is tested in tests/pki/test_pki_jwt_svid.py."""
+real signer process (support.signer_process) on a Unix socket / mTLS TCP with the session PKI,
+remote and local verification end to end. The verification core itself (pki.jwt_svid) is tested
+in tests/pki/test_pki_jwt_svid.py."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import socket
-import subprocess
-import sys
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -19,12 +17,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import grpc
 import jwt
 import pytest
-import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from support.pki import ADMIN_ID, GATEWAY_ID, SIGNER_ID, Pki
+from support.ports import free_port
+from support.signer_process import SignerProcess, deep_merge
+from support.waiting import wait_for
 from svidgate.gateway.config import SignerCacheConfig, SignerClientConfig, parse_config
 from svidgate.gateway.errors import SignerUnavailable, TokenRejected
 from svidgate.gateway.signer_client import (
@@ -448,143 +448,39 @@ async def test_unstarted_client_is_unavailable(es: Signer) -> None:
 # ---------------------------------------------------------------------------------------------
 # Against a real signer process (`svidgate signer serve`, file keys) on a Unix socket / mTLS TCP
 
-SIGNER_ID = "spiffe://example.org/signer"
-GATEWAY_ID = "spiffe://example.org/gateway"
 MODES = ("remote", "local")
+# this module's signer: only the gateway may verify, the admin may rotate; no clock skew, so
+# exp is exact in both modes
+SIGNER_CONFIG: dict[str, Any] = {
+    "authorization": {"verify": [GATEWAY_ID], "rotate": [ADMIN_ID]},
+    "tokens": {"clock_skew": "0s"},
+    "rotation": {"poll_interval": "1s"},
+}
 
 
-class SignerProcess:
-    """`svidgate signer serve` as a child process, plus a blocking client to mint tokens."""
-
-    def __init__(self, directory: Path, *, tcp_port: int | None = None) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.socket = self.dir / "run" / "signer.sock"
-        self.config = self.dir / "signer.yaml"
-        self.log = self.dir / "signer.log"
-        self.tcp_port = tcp_port
-        cfg: dict[str, Any] = {
-            "trust_domain": "example.org",
-            "issuer": ISS,
-            "listen": {"unix": "run/signer.sock"},
-            "authorization": {
-                "verify": [GATEWAY_ID],
-                "sign": ["spiffe://example.org/**"],
-                "rotate": ["spiffe://example.org/admin"],
-            },
-            "keys": {"source": "file", "algorithm": "ES256", "dir": "keys"},
-            "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "0s"},
-            "rotation": {"period": "24h", "prepare_ahead": "1s", "poll_interval": "1s"},
-        }
-        if tcp_port is not None:
-            cfg["listen"]["tcp"] = f"127.0.0.1:{tcp_port}"
-            cfg["tls"] = {"cert": "signer.crt", "key": "signer.key", "bundle": "bundle.pem"}
-        self.config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        (self.dir / "run").mkdir(exist_ok=True)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "svidgate.cli",
-                    "signer",
-                    "serve",
-                    "--config",
-                    str(self.config),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-2000:]
-            if self.socket.exists() and self._serving():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"signer not ready: {self.log.read_text()[-2000:]}")
-
-    def _serving(self) -> bool:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=1
-                )
-            except grpc.RpcError:
-                return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-    def _stub(self, channel: grpc.Channel) -> Any:
-        from svidgate.signer.v1 import signer_pb2_grpc
-
-        return signer_pb2_grpc.SignerStub(channel)  # type: ignore[no-untyped-call]
-
-    def sign(
-        self, *, subject: str = SUB, audience: str = AUD, ttl: int = 0, thumbprint: str = ""
-    ) -> str:
-        from svidgate.signer.v1 import signer_pb2
-
-        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-            reply = self._stub(channel).Sign(
-                signer_pb2.SignRequest(
-                    subject=subject,
-                    audience=[audience],
-                    ttl_seconds=ttl,
-                    certificate_thumbprint=thumbprint,
-                    bind_certificate=bool(thumbprint),
-                ),
-                timeout=5,
-            )
-        return str(reply.token)
-
-    def rotate(self) -> None:
-        from svidgate.signer.v1 import signer_pb2
-
-        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-            self._stub(channel).Rotate(signer_pb2.RotateRequest(), timeout=5)
-
-    def client(self, **kwargs: Any) -> SignerClient:
-        kwargs.setdefault("issuer", ISS)
-        kwargs.setdefault("clock_skew", timedelta(0))
-        return SignerClient(address=f"unix:{self.socket}", timeout=timedelta(seconds=2), **kwargs)
-
-
-async def wait_until(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
+def client_of(proc: SignerProcess, **kwargs: Any) -> SignerClient:
+    """A gateway signer client of ``proc``'s Unix socket with this module's local rules."""
+    kwargs.setdefault("issuer", ISS)
+    kwargs.setdefault("clock_skew", timedelta(0))
+    return SignerClient(address=f"unix:{proc.socket}", timeout=timedelta(seconds=2), **kwargs)
 
 
 @pytest.fixture(scope="module")
 def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SignerProcess]:
-    proc = SignerProcess(tmp_path_factory.mktemp("signer"))
-    proc.start()
+    proc = SignerProcess.file_keys(tmp_path_factory.mktemp("signer"), SIGNER_CONFIG)
+    proc.start_sync()
     yield proc
-    proc.stop()
+    if proc.running:
+        proc.stop()
 
 
 @pytest.fixture
 def own_signer(tmp_path: Path) -> Iterator[SignerProcess]:
-    proc = SignerProcess(tmp_path / "s")
-    proc.start()
+    proc = SignerProcess.file_keys(tmp_path / "s", SIGNER_CONFIG)
+    proc.start_sync()
     yield proc
-    proc.stop()
+    if proc.running:
+        proc.stop()
 
 
 def claims_of(token: str) -> dict[str, Any]:
@@ -595,8 +491,8 @@ def claims_of(token: str) -> dict[str, Any]:
 @pytest.mark.parametrize("mode", MODES)
 async def test_real_signer_valid_token(signer: SignerProcess, mode: str) -> None:
     token = signer.sign()
-    async with signer.client() as client:
-        await wait_until(lambda: client.ready(mode=mode))  # type: ignore[arg-type]
+    async with client_of(signer) as client:
+        await wait_for(lambda: client.ready(mode=mode), 15, "the key set")  # type: ignore[arg-type]
         got = await client.verify(token, audience=AUD, mode=mode, expected_subject=SUB)  # type: ignore[arg-type]
     assert got.subject == SUB
     assert got.expires_at == claims_of(token)["exp"]
@@ -654,8 +550,8 @@ REJECTIONS: dict[str, Any] = {
 @pytest.mark.parametrize("case", sorted(REJECTIONS))
 async def test_real_signer_rejections(signer: SignerProcess, mode: str, case: str) -> None:
     token, kwargs = REJECTIONS[case](signer)
-    async with signer.client() as client:
-        await wait_until(lambda: client.ready(mode=mode))  # type: ignore[arg-type]
+    async with client_of(signer) as client:
+        await wait_for(lambda: client.ready(mode=mode), 15, "the key set")  # type: ignore[arg-type]
         with pytest.raises(TokenRejected) as info:
             await client.verify(token, audience=AUD, mode=mode, **kwargs)  # type: ignore[arg-type]
     assert info.value.reason == case.split("-", maxsplit=1)[0]
@@ -664,9 +560,9 @@ async def test_real_signer_rejections(signer: SignerProcess, mode: str, case: st
 async def test_real_signer_expired_in_both_modes(signer: SignerProcess) -> None:
     token = signer.sign(ttl=1)
     exp = claims_of(token)["exp"]
-    async with signer.client() as client:
-        await wait_until(lambda: client.ready(mode="local"))
-        await wait_until(lambda: time.time() >= exp + 0.05, timeout=5)
+    async with client_of(signer) as client:
+        await wait_for(lambda: client.ready(mode="local"), 15, "the key set")
+        await wait_for(lambda: time.time() >= exp + 0.05, 5, "the token's exp to pass")
         for mode in MODES:
             with pytest.raises(TokenRejected) as info:
                 await client.verify(token, audience=AUD, mode=mode)  # type: ignore[arg-type]
@@ -675,29 +571,29 @@ async def test_real_signer_expired_in_both_modes(signer: SignerProcess) -> None:
 
 async def test_signer_stopped_then_restarted(own_signer: SignerProcess) -> None:
     cached, fresh = own_signer.sign(), own_signer.sign()
-    async with own_signer.client() as client:
-        await wait_until(client.ready)
+    async with client_of(own_signer) as client:
+        await wait_for(client.ready, 15, "the key subscription")
         await client.verify(cached, audience=AUD, mode="remote")
         own_signer.stop()
         # a verification cached before the outage still answers; anything new fails closed
         assert (await client.verify(cached, audience=AUD, mode="remote")).subject == SUB
         with pytest.raises(SignerUnavailable):
             await client.verify(fresh, audience=AUD, mode="remote")
-        await wait_until(lambda: not client.ready())
+        await wait_for(lambda: not client.ready(), 15, "the signer to be gone")
         # local mode keeps the last good key set while the signer is away
         assert client.ready(mode="local")
         assert (await client.verify(fresh, audience=AUD, mode="local")).subject == SUB
 
-        own_signer.start()  # same key directory: same keys
-        await wait_until(client.ready)
+        await own_signer.start()  # same key directory: same keys
+        await wait_for(client.ready, 15, "the key subscription")
         assert (await client.verify(fresh, audience=AUD, mode="remote")).subject == SUB
         newer = own_signer.sign()
         assert (await client.verify(newer, audience=AUD, mode="remote")).subject == SUB
 
 
 async def test_rotation_without_failures(own_signer: SignerProcess) -> None:
-    async with own_signer.client() as client:
-        await wait_until(lambda: client.ready(mode="local"))
+    async with client_of(own_signer) as client:
+        await wait_for(lambda: client.ready(mode="local"), 15, "the key set")
         kids: list[str] = []
         failures: list[str] = []
         rotated_at: float | None = None
@@ -741,29 +637,25 @@ def _tls_config(tmp: Path, spiffe_id: str, cert: str = "gateway") -> SignerClien
 
 
 @pytest.fixture
-def tcp_signer(tmp_path: Path) -> Iterator[SignerProcess]:
-    from svidgate.pki.bundle import marshal_pem
-    from svidgate.pki.ca import CertificateAuthority
-
-    ca = CertificateAuthority.create("example.org")
-    proc = SignerProcess(tmp_path / "tcp", tcp_port=_free_port())
-    (proc.dir / "bundle.pem").write_bytes(marshal_pem(ca.bundle()))
-    ca.issue(SIGNER_ID, dns=["localhost"]).write(proc.dir / "signer")
-    ca.issue(GATEWAY_ID).write(proc.dir / "gateway")
-    ca.issue("spiffe://example.org/ns/shop/sa/web").write(proc.dir / "web")
-    proc.start()
+def tcp_signer(tmp_path: Path, pki: Pki) -> Iterator[SignerProcess]:
+    """This module's signer, also on mTLS TCP with the session PKI's ``signer`` SVID (DNS SAN
+    ``localhost``)."""
+    cert, key = pki.files("signer")
+    tcp = {
+        "listen": {"tcp": f"127.0.0.1:{free_port()}"},
+        "tls": {"cert": str(cert), "key": str(key), "bundle": str(pki.bundle())},
+    }
+    proc = SignerProcess.file_keys(tmp_path / "tcp", deep_merge(SIGNER_CONFIG, tcp))
+    proc.start_sync()
     yield proc
-    proc.stop()
+    if proc.running:
+        proc.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tcp_client(proc: SignerProcess, spiffe_id: str, cert: str = "gateway") -> SignerClient:
-    cfg = _tls_config(proc.dir, spiffe_id, cert).model_copy(
+def _tcp_client(
+    pki: Pki, proc: SignerProcess, spiffe_id: str, cert: str = "gateway"
+) -> SignerClient:
+    cfg = _tls_config(pki.dir, spiffe_id, cert).model_copy(
         update={"address": f"127.0.0.1:{proc.tcp_port}"}
     )
     client = SignerClient.from_config(cfg)
@@ -771,26 +663,34 @@ def _tcp_client(proc: SignerProcess, spiffe_id: str, cert: str = "gateway") -> S
     return client
 
 
-async def test_tcp_mtls_checks_the_signer_identity(tcp_signer: SignerProcess) -> None:
+async def test_tcp_mtls_checks_the_signer_identity(tcp_signer: SignerProcess, pki: Pki) -> None:
     token = tcp_signer.sign()
-    async with _tcp_client(tcp_signer, SIGNER_ID) as client:
-        await wait_until(client.ready)
+    async with _tcp_client(pki, tcp_signer, SIGNER_ID) as client:
+        await wait_for(client.ready, 15, "the key subscription")
         for mode in MODES:
             got = await client.verify(token, audience=AUD, mode=mode)  # type: ignore[arg-type]
             assert got.subject == SUB
     # the same signer, but the gateway expects another SPIFFE ID: never used
-    async with _tcp_client(tcp_signer, "spiffe://example.org/not-the-signer") as client:
-        await asyncio.sleep(1.0)
+    unexpected = "spiffe://example.org/not-the-signer"
+    async with _tcp_client(pki, tcp_signer, unexpected) as client:
+        # the event: the client dialled the signer and refused it on its SPIFFE ID
+        await wait_for(lambda: client.identity_error is not None, 15, "the identity refusal")
+        assert f"presented {SIGNER_ID}, expected {unexpected}" in str(client.identity_error)
         assert not client.ready() and not client.ready(mode="local")
         for mode in MODES:
             with pytest.raises(SignerUnavailable):
                 await client.verify(token, audience=AUD, mode=mode)  # type: ignore[arg-type]
 
 
-async def test_tcp_caller_not_allowed_to_verify(tcp_signer: SignerProcess) -> None:
+async def test_tcp_caller_not_allowed_to_verify(tcp_signer: SignerProcess, pki: Pki) -> None:
     token = tcp_signer.sign()
-    async with _tcp_client(tcp_signer, SIGNER_ID, cert="web") as client:
-        await asyncio.sleep(1.0)
+    async with _tcp_client(pki, tcp_signer, SIGNER_ID, cert="web") as client:
+        # the event: the signer refused this caller on the client's verified connection
+        with pytest.raises(SignerUnavailable, match="signer Verify failed: PERMISSION_DENIED"):
+            await client.verify(token, audience=AUD, mode="remote")
+        # a non-event cannot be awaited: a short grace for the key subscription's GetJWKS (sent
+        # before that Verify, refused the same way) to have been answered; it must not be ready
+        await asyncio.sleep(0.2)
         assert not client.ready()
         with pytest.raises(SignerUnavailable):
             await client.verify(token, audience=AUD, mode="remote")
@@ -798,8 +698,8 @@ async def test_tcp_caller_not_allowed_to_verify(tcp_signer: SignerProcess) -> No
 
 async def test_unknown_kid_refetches_once_rate_limited(signer: SignerProcess) -> None:
     token = signer.sign()
-    async with signer.client() as client:
-        await wait_until(lambda: client.ready(mode="local"))
+    async with client_of(signer) as client:
+        await wait_for(lambda: client.ready(mode="local"), 15, "the key set")
         empty = KeySet.parse('{"keys": []}', 0, max_ttl_seconds=900)
         # a stale key set (as if a push was missed): the unknown kid triggers one GetJWKS
         client._state.keyset = empty
@@ -976,7 +876,7 @@ def _out_of_band_token(s: SignerProcess, lifetime: int) -> str:
     """A token signed with the signer's own key file, but not by the signer (no max_ttl cap)."""
     from cryptography.hazmat.primitives import serialization
 
-    pem = sorted((s.dir / "keys").glob("*.pem"))[-1]
+    pem = sorted((s.config.parent / "keys").glob("*.pem"))[-1]
     key = serialization.load_pem_private_key(pem.read_bytes(), password=None)
     now = int(time.time())
     claims = {"iss": ISS, "sub": SUB, "aud": AUD, "iat": now - 5, "exp": now - 5 + lifetime}
@@ -986,8 +886,8 @@ def _out_of_band_token(s: SignerProcess, lifetime: int) -> str:
 async def test_real_signer_pushes_max_ttl_and_both_modes_refuse_longer_tokens(
     signer: SignerProcess,
 ) -> None:
-    async with signer.client() as client:
-        await wait_until(lambda: client.ready(mode="local"))
+    async with client_of(signer) as client:
+        await wait_for(lambda: client.ready(mode="local"), 15, "the key set")
         assert client.keyset is not None
         assert client.keyset.max_ttl == timedelta(minutes=15)
         assert client.keyset.clock_skew == timedelta(0)

@@ -12,6 +12,7 @@ import shutil
 import ssl
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -20,18 +21,20 @@ from typing import Any
 import pytest
 import yaml
 from cryptography.hazmat.primitives.serialization import Encoding
-from gateway_harness import UPSTREAM_ID, WEB_ID, Echo, LabPki, gateway_config
-from signer_lab import (
-    SIGNER_ID,
-    SVIDGATE,
-    Attacker,
-    GatewayProc,
-    L4Switch,
-    SignerProc,
-    impostor_server,
-    jwt_routes,
-    wait_until,
+from gateway_harness import (
+    BUNDLE_A,
+    UPSTREAM_ID,
+    WEB_ID,
+    A,
+    B,
+    Echo,
+    GatewayProcess,
+    LabPki,
+    gateway_config,
 )
+from signer_lab import SIGNER_ID, Attacker, L4Switch, impostor_server, jwt_routes, lab_signer
+from support.signer_process import SignerProcess
+from support.waiting import wait_for
 from svidgate.gateway.config import SignerTLS
 from svidgate.gateway.signer_channel import (
     SignerConnector,
@@ -42,6 +45,7 @@ from svidgate.pki.bundle import BundleSet, load_bundle
 from svidgate.pki.ca import CertificateAuthority
 from svidgate.pki.spiffe_id import parse_spiffe_id
 
+SVIDGATE = [sys.executable, "-m", "svidgate.cli"]
 IDENTITY_LOG = (
     "signer identity check failed: signer presented spiffe://example.org/orders, "
     f"expected {SIGNER_ID}; connection closed"
@@ -62,7 +66,7 @@ def tcp_doc(pki: LabPki, echo: Echo, port: int, **tls: Any) -> dict[str, Any]:
         "tls": {
             "cert": "signer-client.crt",
             "key": "signer-client.key",
-            "bundle": "bundle.pem",
+            "bundle": BUNDLE_A,
             "spiffe_id": SIGNER_ID,
             **tls,
         },
@@ -72,43 +76,52 @@ def tcp_doc(pki: LabPki, echo: Echo, port: int, **tls: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def signer(test_pki: LabPki) -> AsyncIterator[SignerProc]:
-    proc = SignerProc(test_pki, tcp=True)
+async def signer(test_pki: LabPki) -> AsyncIterator[SignerProcess]:
+    proc = lab_signer(test_pki, tcp=True)
     await proc.start()
     yield proc
-    proc.stop()
+    await asyncio.to_thread(proc.stop)
 
 
 @pytest.fixture
-async def gateways() -> AsyncIterator[list[GatewayProc]]:
-    procs: list[GatewayProc] = []
+async def gateways() -> AsyncIterator[list[GatewayProcess]]:
+    procs: list[GatewayProcess] = []
     yield procs
     for proc in procs:
         proc.stop()
 
 
-async def _start(procs: list[GatewayProc], pki: LabPki, doc: dict[str, Any]) -> GatewayProc:
-    gw = GatewayProc(pki, doc)
+async def _start(
+    procs: list[GatewayProcess], pki: LabPki, doc: dict[str, Any], ready: str = "/healthz"
+) -> GatewayProcess:
+    """A gateway process, started once it is live (``/healthz``): with an impostor at the
+    signer's address it never becomes ready."""
+    gw = GatewayProcess(pki, doc)
     procs.append(gw)
-    await gw.start()
+    await gw.start(ready)
     return gw
 
 
+def _key_set_pushed(gw: GatewayProcess) -> bool:
+    return any(m.startswith("signer key set") for m in gw.messages())
+
+
 async def test_impostor_reached_after_the_identity_check_never_gets_a_200(
-    test_pki: LabPki, echo: Echo, signer: SignerProc, gateways: list[GatewayProc]
+    test_pki: LabPki, echo: Echo, signer: SignerProcess, gateways: list[GatewayProcess]
 ) -> None:
     """Check-then-use: an L4 switch sends the gateway's first connection to the genuine signer
     and every later one to the impostor (a compromised backend behind the same address)."""
     attacker = Attacker()
     async with impostor_server(test_pki, attacker) as (impostor_port, impostor):
-        switch = L4Switch(lambda index: signer.port if index == 0 else impostor_port)
+        switch = L4Switch(lambda index: signer.tcp_port if index == 0 else impostor_port)
         await switch.start()
         try:
             gw = await _start(gateways, test_pki, tcp_doc(test_pki, echo, switch.port))
-            await wait_until(lambda: len(switch.backends) >= 1, what="a signer connection")
-            await asyncio.sleep(1.5)  # whatever the gateway opens on its own, it has opened
+            await wait_for(lambda: len(switch.backends) >= 1, 20, "a signer connection")
+            # the gateway's channel is up on that first connection: its key set came over it
+            await wait_for(lambda: _key_set_pushed(gw), 20, "the key set over WatchKeys")
             forged = attacker.token(WEB_ID)
-            genuine = await signer.sign(WEB_ID)
+            genuine = await signer.sign_async(WEB_ID)
             for path in ("/jwt/remote/1", "/jwt/local/1"):
                 assert (await gw.get(path, forged))[0] == 401, path
                 assert (await gw.get(path, genuine))[0] == 200, path
@@ -116,19 +129,19 @@ async def test_impostor_reached_after_the_identity_check_never_gets_a_200(
             for attempt in range(8):
                 status, retry_after = await gw.get(f"/jwt/remote/{attempt}", forged)
                 assert (status, retry_after) == (503, "1"), attempt
-                fresh = await signer.sign(WEB_ID)  # not cached: it needs a Verify
+                fresh = await signer.sign_async(WEB_ID)  # not cached: it needs a Verify
                 assert (await gw.get(f"/jwt/remote/{attempt}", fresh))[0] == 503
                 # local mode keeps the genuine key set: the forged token's kid is unknown
                 assert (await gw.get(f"/jwt/local/{attempt}", forged))[0] == 401
             assert impostor_port in switch.backends[1:]  # the impostor was dialled ...
             assert impostor.calls == []  # ... and never received a single RPC
-            await wait_until(lambda: IDENTITY_LOG in gw.messages(), what="the identity log line")
+            await wait_for(lambda: IDENTITY_LOG in gw.messages(), 20, "the identity log line")
         finally:
             await switch.close()
 
 
 async def test_impostor_at_the_signer_address_gets_503_and_readyz_says_why(
-    test_pki: LabPki, echo: Echo, gateways: list[GatewayProc]
+    test_pki: LabPki, echo: Echo, gateways: list[GatewayProcess]
 ) -> None:
     attacker = Attacker()
     async with impostor_server(test_pki, attacker) as (impostor_port, impostor):
@@ -148,7 +161,7 @@ def test_tcp_signer_without_spiffe_id_is_refused(test_pki: LabPki) -> None:
     doc = gateway_config(test_pki, 9)
     doc["signer"] = {
         "address": "127.0.0.1:7443",
-        "tls": {"cert": "gateway.crt", "key": "gateway.key", "bundle": "bundle.pem"},
+        "tls": {"cert": "gateway.crt", "key": "gateway.key", "bundle": BUNDLE_A},
     }
     path = test_pki.dir / "gateway.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -166,49 +179,49 @@ def test_tcp_signer_without_spiffe_id_is_refused(test_pki: LabPki) -> None:
 
 
 async def test_genuine_signer_over_tcp_remote_local_and_watch_keys(
-    test_pki: LabPki, echo: Echo, signer: SignerProc, gateways: list[GatewayProc]
+    test_pki: LabPki, echo: Echo, signer: SignerProcess, gateways: list[GatewayProcess]
 ) -> None:
-    gw = await _start(gateways, test_pki, tcp_doc(test_pki, echo, signer.port))
-    for _ in range(200):
-        if await gw.admin_get("/readyz") == 200:
-            break
-        await asyncio.sleep(0.1)
+    gw = await _start(gateways, test_pki, tcp_doc(test_pki, echo, signer.tcp_port), "/readyz")
     assert await gw.admin_get("/readyz") == 200
-    token = await signer.sign(WEB_ID)
+    token = await signer.sign_async(WEB_ID)
     for verify in ("remote", "local"):
         assert (await gw.get(f"/jwt/{verify}/1", token))[0] == 200, verify
         assert (await gw.get(f"/jwt/{verify}/1", "e30.e30.e30"))[0] == 401, verify
     # WatchKeys over the verified connection: a rotation reaches the gateway unasked
-    await signer.rotate()
-    await wait_until(
+    rotated = await signer.rotate_async()
+    await wait_for(
         lambda: any(m.startswith("signer key set") and "," in m for m in gw.messages()),
-        what="the pushed key set with two kids",
+        20,
+        "the pushed key set with two kids",
     )
-    await asyncio.sleep(1.5)  # prepare_ahead: the new key signs from now on
-    newer = await signer.sign(WEB_ID)
+
+    async def prepared_key_signs() -> bool:  # prepare_ahead (1 s) after the rotation
+        return (await signer.sign_reply_async(WEB_ID)).kid == rotated.prepared_kid
+
+    await wait_for(prepared_key_signs, 20, "the prepared key to sign", interval=0.1)
+    newer = await signer.sign_async(WEB_ID)
     assert newer.split(".")[0] != token.split(".")[0]  # another kid in the header
     for verify in ("remote", "local"):
         assert (await gw.get(f"/jwt/{verify}/2", newer))[0] == 200, verify
 
 
 async def test_reloaded_client_certificate_applies_to_new_signer_connections(
-    test_pki: LabPki, echo: Echo, signer: SignerProc, gateways: list[GatewayProc]
+    test_pki: LabPki, echo: Echo, signer: SignerProcess, gateways: list[GatewayProcess]
 ) -> None:
     """The signer admits only the gateway's ID: once signer-client.crt holds another SVID, the
     next connection is refused by the signer (503); restored, the next one works again. Each
     request carries a fresh token, so every answer is a Verify on the current connection."""
-    switch = L4Switch(lambda index: signer.port)
+    switch = L4Switch(lambda index: signer.tcp_port)
     await switch.start()
 
     async def status() -> int:
-        return (await gw.get("/jwt/remote/x", await signer.sign(WEB_ID)))[0]
+        return (await gw.get("/jwt/remote/x", await signer.sign_async(WEB_ID)))[0]
 
     async def eventually_200() -> None:
-        for _ in range(100):
-            if await status() == 200:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError("the gateway never verified through the signer")
+        async def verified() -> bool:
+            return await status() == 200
+
+        await wait_for(verified, 20, "the gateway to verify through the signer", interval=0.1)
 
     try:
         gw = await _start(gateways, test_pki, tcp_doc(test_pki, echo, switch.port))
@@ -234,20 +247,20 @@ def _chain(issued: Any) -> list[bytes]:
 
 
 def test_check_signer_identity_wants_the_pinned_svid_of_the_bundle(test_pki: LabPki) -> None:
-    bundles = BundleSet.from_bundles([load_bundle(test_pki.dir / "bundle.pem", "example.org")])
+    bundles = BundleSet.from_bundles([load_bundle(test_pki.bundle(A), A)])
     expected = parse_spiffe_id(SIGNER_ID)
     now = datetime.now(UTC)
-    genuine = test_pki.ca.issue(SIGNER_ID)
+    genuine = test_pki.cas[A].issue(SIGNER_ID)
     svid = check_signer_identity(_chain(genuine), bundles, expected, now=now)
     assert svid.spiffe_id == expected
     rogue_ca = CertificateAuthority.create("example.org")  # same trust domain, other keys
     cases = {
-        "signer presented spiffe://example.org/orders": _chain(test_pki.ca.issue(UPSTREAM_ID)),
+        "signer presented spiffe://example.org/orders": _chain(test_pki.cas[A].issue(UPSTREAM_ID)),
         "does not chain": _chain(rogue_ca.issue(SIGNER_ID)),
         "no trust bundle for trust domain other.org": _chain(
-            test_pki.cas["other.org"].issue("spiffe://other.org/signer")
+            test_pki.cas[B].issue("spiffe://other.org/signer")
         ),
-        "expired": _chain(test_pki.ca.issue(SIGNER_ID, now=now - timedelta(hours=2))),
+        "expired": _chain(test_pki.cas[A].issue(SIGNER_ID, now=now - timedelta(hours=2))),
         "presented no certificate": [],
         "malformed certificate": [b"not DER"],
     }
@@ -257,7 +270,7 @@ def test_check_signer_identity_wants_the_pinned_svid_of_the_bundle(test_pki: Lab
 
 
 def _signer_tls(pki: LabPki, **extra: Any) -> SignerTLS:
-    doc = {"cert": "gateway.crt", "key": "gateway.key", "bundle": "bundle.pem"}
+    doc = {"cert": "gateway.crt", "key": "gateway.key", "bundle": BUNDLE_A}
     return SignerTLS.model_validate(
         {**doc, "spiffe_id": SIGNER_ID, **extra}, context={"base_dir": pki.dir}
     )
@@ -274,7 +287,7 @@ async def _tls_server(
         cert, key = pki.dir / f"{name}.crt", pki.dir / f"{name}.key"
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(cert), str(key))
-        ctx.load_verify_locations(cafile=str(pki.dir / "bundle.pem"))
+        ctx.load_verify_locations(cafile=str(pki.bundle(A)))
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.set_alpn_protocols(["h2"])
     server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ctx)
@@ -351,7 +364,7 @@ async def test_connector_closes_a_wrong_signer_before_relaying_a_byte(
         rogue.issue(SIGNER_ID, dns=["localhost"]).write(test_pki.dir / name)
     elif name == "expired":
         old = datetime.now(UTC) - timedelta(hours=2)
-        test_pki.ca.issue(SIGNER_ID, dns=["localhost"], now=old).write(test_pki.dir / name)
+        test_pki.cas[A].issue(SIGNER_ID, dns=["localhost"], now=old).write(test_pki.dir / name)
     received: list[bytes] = []
 
     async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -368,7 +381,7 @@ async def test_connector_closes_a_wrong_signer_before_relaying_a_byte(
         assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing relayed
         writer.close()
         if name == "upstream":  # the TLS handshake itself succeeded
-            await wait_until(lambda: bool(received), what="the impostor's side to close")
+            await wait_for(lambda: bool(received), 20, "the impostor's side to close")
         assert b"".join(received) == b""
         assert connector.identity_error == f"signer identity check failed: {WRONG_SIGNERS[name]}"
 
@@ -389,7 +402,7 @@ async def test_connector_bounds_connections_and_handshake_time(test_pki: LabPki)
         assert connector.active == 2
         for _, writer in opened:
             writer.close()
-        await wait_until(lambda: connector.active == 0, what="the relays to end")
+        await wait_for(lambda: connector.active == 0, 20, "the relays to end")
         assert await _round_trip(path, b"again") == b"again"
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -408,7 +421,7 @@ async def test_connector_bounds_connections_and_handshake_time(test_pki: LabPki)
 
 
 async def test_gateway_recovers_once_the_genuine_signer_answers_again(
-    test_pki: LabPki, echo: Echo, signer: SignerProc, gateways: list[GatewayProc]
+    test_pki: LabPki, echo: Echo, signer: SignerProcess, gateways: list[GatewayProcess]
 ) -> None:
     """A refused impostor does not lock the gateway out: when the address leads to the genuine
     signer again, the next connection is verified and verification resumes."""
@@ -419,16 +432,18 @@ async def test_gateway_recovers_once_the_genuine_signer_answers_again(
         await switch.start()
         try:
             gw = await _start(gateways, test_pki, tcp_doc(test_pki, echo, switch.port))
-            await wait_until(lambda: IDENTITY_LOG in gw.messages(), what="the refusal")
-            assert (await gw.get("/jwt/remote/1", await signer.sign(WEB_ID)))[0] == 503
-            backend[0] = signer.port
-            for _ in range(150):
-                if await gw.admin_get("/readyz") == 200:
-                    break
-                await asyncio.sleep(0.1)
+            await wait_for(lambda: IDENTITY_LOG in gw.messages(), 20, "the refusal")
+            assert (await gw.get("/jwt/remote/1", await signer.sign_async(WEB_ID)))[0] == 503
+            backend[0] = signer.tcp_port
+
+            async def ready() -> bool:
+                return await gw.admin_get("/readyz") == 200
+
+            await wait_for(ready, 15, "the gateway's /readyz", interval=0.1)
             assert await gw.admin_get("/readyz") == 200
             for verify in ("remote", "local"):
-                assert (await gw.get(f"/jwt/{verify}/2", await signer.sign(WEB_ID)))[0] == 200
+                token = await signer.sign_async(WEB_ID)
+                assert (await gw.get(f"/jwt/{verify}/2", token))[0] == 200
             assert impostor.calls == []
         finally:
             await switch.close()

@@ -23,7 +23,7 @@ from support.pki import (
     TD,
     Pki,
 )
-from support.signer_process import SignerProcess
+from support.signer_process import SignerProcess, deep_merge
 from support.waiting import wait_for
 from svidgate.signer.config import SignerConfig, load_config
 from svidgate.signer.keystore import Clock
@@ -31,16 +31,6 @@ from svidgate.signer.server import SignerServer
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
 ISSUER = SIGNER_ID
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def base_config(socket: Path, keys_dir: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ attack runs against a real `svidgate signer serve` process over both transports;
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from signer_harness import (
     unix_stub,
     write_config,
 )
+from support.ports import free_port
 from svidgate.signer.config import parse_config
 
 from svidgate.config import ConfigError
@@ -49,12 +49,6 @@ REGISTERED = [
     '{"nbf": 0}',
     '{"iat": 0}',
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def claims_config(pki: Pki, short_dir: Path, port: int) -> dict[str, Any]:
@@ -84,7 +78,8 @@ async def refused(call: Any, code: grpc.StatusCode, reason: str) -> str:
 
 
 @pytest.fixture
-async def signer_process(pki: Pki, short_dir: Path) -> Any:
+async def signer_port(pki: Pki, short_dir: Path) -> Any:
+    """A signer process with this module's claims policy, also on mTLS TCP: its port."""
     port = free_port()
     config = short_dir / "signer.yaml"
     config.write_text(yaml.safe_dump(claims_config(pki, short_dir, port)))
@@ -97,9 +92,9 @@ async def signer_process(pki: Pki, short_dir: Path) -> Any:
 
 
 async def test_tcp_extra_claims_need_authorization_claims(
-    pki: Pki, short_dir: Path, signer_process: int
+    pki: Pki, short_dir: Path, signer_port: int
 ) -> None:
-    port = signer_process
+    port = signer_port
     async with tls_stub(pki, "client", port) as client, tls_stub(pki, "gateway", port) as gw:
         # an ordinary caller (allowed to Sign for itself) tries to make itself admin
         request = signer_pb2.SignRequest(audience=["orders"], claims_json=ROLE)
@@ -131,7 +126,7 @@ async def test_tcp_extra_claims_need_authorization_claims(
             assert "registered claims" in details
 
 
-async def test_unix_socket_checks_the_token_subject(short_dir: Path, signer_process: int) -> None:
+async def test_unix_socket_checks_the_token_subject(short_dir: Path, signer_port: int) -> None:
     async with unix_stub(short_dir / "s.sock") as stub:
         attack = signer_pb2.SignRequest(subject=CLIENT_ID, audience=["orders"], claims_json=ROLE)
         details = await refused(

@@ -28,6 +28,7 @@ from signer_harness import (
     signer_pb2,
     unix_stub,
 )
+from support.ports import free_port
 from svidgate.signer.config import load_config
 
 
@@ -151,12 +152,6 @@ async def test_cli_falls_back_to_mtls_tcp(pki: Pki, short_dir: Path) -> None:
         done = await asyncio.to_thread(svidgate, "signer", "rotate", "--config", str(config))
         assert done.returncode == 2
         assert "Rotate failed: permission_denied" in done.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _check(config: Path, data: dict[str, Any]) -> subprocess.CompletedProcess[str]:

@@ -308,9 +308,11 @@ async def test_health_streams_need_authorization_and_are_capped(
         rss_before = rss_kib(pid)
         watches = [stranger.Watch(request) for _ in range(300)]
         firsts = await asyncio.wait_for(asyncio.gather(*map(first_message, watches)), 30)
-        assert {getattr(m, "code", lambda: None)() for m in firsts} == {
-            grpc.StatusCode.PERMISSION_DENIED
-        }
+        codes = {getattr(m, "code", lambda: None)() for m in firsts}
+        # none is served: each is refused by the signer, or (300 streams opened at once on one
+        # connection, above streams_per_connection) by gRPC itself with REFUSED_STREAM
+        assert grpc.StatusCode.PERMISSION_DENIED in codes
+        assert codes <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE}
         assert (rss_kib(pid) - rss_before) / 1024 < 16
     async with tls_channel(pki, "gateway", port) as channel:
         gateway = health_pb2_grpc.HealthStub(channel)

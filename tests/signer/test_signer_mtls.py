@@ -215,7 +215,7 @@ async def test_unix_socket_needs_explicit_subject_even_with_tcp(pki: Pki, short_
 async def test_callers_of_another_trust_domain_are_refused(pki: Pki, short_dir: Path) -> None:
     """tls.bundle is the signer's own trust domain bundle: even when another domain's root is
     in it and a pattern names that domain, its callers are not vouched for."""
-    other = CertificateAuthority.create("other.org")
+    other = pki.cas["other.org"]
     other.issue("spiffe://other.org/gateway").write(short_dir / "foreign")
     bundle = short_dir / "mixed-bundle.pem"
     bundle.write_bytes((pki.dir / "bundle.pem").read_bytes() + marshal_pem(other.bundle()))

@@ -16,9 +16,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +48,7 @@ from svidgate.signer.server import SignerServer
 # keys.vault.timeout 5s): revocation must not
 TIMING = {"rotation": {"period": "1h", "prepare_ahead": "40s", "poll_interval": "250ms"}}
 HEALTH_SOURCE = "svidgate.signer.v1.Signer.KeySource"
-SETTLE = 5.0  # poll_interval + a few seconds: every deadline below
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = SETTLE
-) -> None:
-    """Retry ``check`` until it holds (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+SETTLE = 5.0  # poll_interval + a few seconds: every deadline below (support.waiting)
 
 
 def sign(subject: str = CLIENT_ID) -> signer_pb2.SignRequest:
@@ -134,7 +120,7 @@ async def test_revoke_rpc_and_cli(short_dir: Path) -> None:
                 message = await asyncio.wait_for(watch.read(), SETTLE)
                 return old.kid not in message.jwks_json
 
-            await eventually(pushed_without_old, "a WatchKeys push without the revoked kid")
+            await wait_for(pushed_without_old, SETTLE, "a WatchKeys push without the revoked kid")
             watch.cancel()
             # deleted from the source: the file is gone, state.json no longer names it
             assert not (keys_dir / f"{old.kid}.pem").exists()
@@ -147,11 +133,16 @@ async def test_revoke_rpc_and_cli(short_dir: Path) -> None:
             err = await rpc_error(stub.Revoke(signer_pb2.RevokeRequest(kid="../state.json")))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-        # the command: revoke the prepared key (the active one stays)
-        done = svidgate("signer", "revoke", "--config", str(config), "--kid", rotated.prepared_kid)
+        # the command: revoke the prepared key (the active one stays); --kid=KID because a kid
+        # (base64url) may begin with "-", which argparse takes for an option in `--kid KID`
+        done = svidgate(
+            "signer", "revoke", "--config", str(config), f"--kid={rotated.prepared_kid}"
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout == f"revoked {rotated.prepared_kid} (active {fresh})\n"
-        done = svidgate("signer", "revoke", "--config", str(config), "--kid", rotated.prepared_kid)
+        done = svidgate(
+            "signer", "revoke", "--config", str(config), f"--kid={rotated.prepared_kid}"
+        )
         assert done.returncode == 2 and done.stdout == ""
         assert done.stderr.startswith(
             f"svidgate: error: Revoke failed: not_found: {rotated.prepared_kid}"
@@ -206,9 +197,9 @@ async def test_a_deleted_key_file_is_gone_at_the_next_poll(short_dir: Path) -> N
             async def gone() -> bool:
                 return await verify_reason(stub, old.token) == "unknown_kid"
 
-            await eventually(gone, "the deleted key to stop verifying")
+            await wait_for(gone, SETTLE, "the deleted key to stop verifying")
             # a fresh key signs at once (not prepare_ahead = 40 s later)
-            await eventually(lambda: _signs_with_other(stub, old.kid), "a fresh key")
+            await wait_for(lambda: _signs_with_other(stub, old.kid), SETTLE, "a fresh key")
             new = await stub.Sign(sign())
             assert new.kid != old.kid and old.kid not in await kids(stub)
 
@@ -220,7 +211,7 @@ async def test_a_deleted_key_file_is_gone_at_the_next_poll(short_dir: Path) -> N
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=HEALTH_SOURCE))
                 return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
-            await eventually(unhealthy, "the key source to be reported down")
+            await wait_for(unhealthy, SETTLE, "the key source to be reported down")
             assert await verify_reason(stub, new.token) == ""
             assert await kids(stub) == {new.kid}
             assert not keys_dir.exists()  # not re-created empty
@@ -229,7 +220,7 @@ async def test_a_deleted_key_file_is_gone_at_the_next_poll(short_dir: Path) -> N
             async def healthy() -> bool:
                 return not await unhealthy()
 
-            await eventually(healthy, "the key source to recover")
+            await wait_for(healthy, SETTLE, "the key source to recover")
             assert await kids(stub) == {new.kid}
     finally:
         assert proc.stop() == 0
@@ -292,9 +283,9 @@ async def test_kv_revoke_reaches_every_replica(bao: BaoServer, short_dir: Path) 
             async def b_forgets() -> bool:
                 return await verify_reason(sb, old.token) == "unknown_kid"
 
-            await eventually(b_forgets, "replica b to drop the revoked kid")
+            await wait_for(b_forgets, SETTLE, "replica b to drop the revoked kid")
             # b signs with a's fresh key and creates none of its own
-            await eventually(lambda: _signs_with(sb, reply.active_kid), "b to sign with it")
+            await wait_for(lambda: _signs_with(sb, reply.active_kid), SETTLE, "b to sign with it")
         versions = kv_versions(bao, kv_path)
         assert [v["destroyed"] for _, v in sorted(versions.items())] == [True, False]
     finally:
@@ -321,8 +312,10 @@ async def test_kv_operator_destroy_and_metadata_delete(bao: BaoServer, short_dir
             async def first_gone() -> bool:
                 return await verify_reason(stub, first.token) == "unknown_kid"
 
-            await eventually(first_gone, "the destroyed version's key to stop verifying")
-            await eventually(lambda: _signs_with_other(stub, first.kid), "a fresh key at once")
+            await wait_for(first_gone, SETTLE, "the destroyed version's key to stop verifying")
+            await wait_for(
+                lambda: _signs_with_other(stub, first.kid), SETTLE, "a fresh key at once"
+            )
             second = await stub.Sign(sign())
             assert await kids(stub) == {second.kid}
             # a soft delete counts too (the version's deletion time has passed)
@@ -331,8 +324,10 @@ async def test_kv_operator_destroy_and_metadata_delete(bao: BaoServer, short_dir
             async def second_gone() -> bool:
                 return await verify_reason(stub, second.token) == "unknown_kid"
 
-            await eventually(second_gone, "the deleted version's key to stop verifying")
-            await eventually(lambda: _signs_with_other(stub, second.kid), "a fresh key at once")
+            await wait_for(second_gone, SETTLE, "the deleted version's key to stop verifying")
+            await wait_for(
+                lambda: _signs_with_other(stub, second.kid), SETTLE, "a fresh key at once"
+            )
             third = await stub.Sign(sign())
             assert third.kid not in (first.kid, second.kid)
             # the whole secret deleted: no key is left, a new one is bootstrapped
@@ -341,8 +336,8 @@ async def test_kv_operator_destroy_and_metadata_delete(bao: BaoServer, short_dir
             async def third_gone() -> bool:
                 return await verify_reason(stub, third.token) == "unknown_kid"
 
-            await eventually(third_gone, "every key to be gone with the metadata")
-            await eventually(lambda: _signs_with_other(stub, third.kid), "a bootstrapped key")
+            await wait_for(third_gone, SETTLE, "every key to be gone with the metadata")
+            await wait_for(lambda: _signs_with_other(stub, third.kid), SETTLE, "a bootstrapped key")
     finally:
         assert proc.stop() == 0
     log = (short_dir / "signer.log").read_text()
@@ -425,8 +420,8 @@ async def test_transit_revoke_and_operator_trim(bao: BaoServer, short_dir: Path)
         async def v3_gone() -> bool:
             return await verify_reason(stub, t3.token) == "unknown_kid"
 
-        await eventually(v3_gone, "the archived version to stop verifying")
-        await eventually(lambda: _signs_with(stub, v4), "v4, now the oldest, to sign at once")
+        await wait_for(v3_gone, SETTLE, "the archived version to stop verifying")
+        await wait_for(lambda: _signs_with(stub, v4), SETTLE, "v4, now the oldest, to sign at once")
 
 
 async def test_transit_revoke_under_the_least_privilege_policy(

@@ -15,6 +15,7 @@ import pytest
 from signer_harness import (
     CLIENT_ID,
     BaoServer,
+    Pki,
     base_config,
     deep_merge,
     reason_of,
@@ -27,8 +28,6 @@ from signer_harness import (
     write_config,
 )
 from support.waiting import sleep_until
-from svidgate.pki.bundle import marshal_pem
-from svidgate.pki.ca import CertificateAuthority
 from svidgate.pki.jose import ALGORITHMS
 from svidgate.signer.config import VaultConfig
 from svidgate.signer.errors import KeySourceError, SourceConflictError
@@ -242,19 +241,20 @@ async def test_signer_keeps_working_past_token_max_ttl(bao: BaoServer, short_dir
         await stub.Rotate(signer_pb2.RotateRequest())
 
 
-async def test_kubernetes_auth_failure_is_one_clear_error(bao: BaoServer, short_dir: Path) -> None:
+async def test_kubernetes_auth_failure_is_one_clear_error(
+    bao: BaoServer, short_dir: Path, pki: Pki
+) -> None:
     """Kubernetes auth needs a real API server for TokenReview; without one, the login reaches
     OpenBao's kubernetes mount with the configured role and JWT file and fails closed."""
     mounts = bao.api("GET", "sys/auth")
     if "kubernetes/" not in mounts.get("data", mounts):
         bao.api("POST", "sys/auth/kubernetes", {"type": "kubernetes"})
-    k8s_ca = CertificateAuthority.create("k8s.test")
     bao.api(
         "POST",
         "auth/kubernetes/config",
         {
             "kubernetes_host": "https://127.0.0.1:1",
-            "kubernetes_ca_cert": marshal_pem(k8s_ca.bundle()).decode(),
+            "kubernetes_ca_cert": pki.bundle().read_text(),  # any CA: nothing dials the host
             "disable_local_ca_jwt": True,
         },
     )
