@@ -72,10 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value may begin with "-": a key id is base64url (RFC 7638 thumbprint), so about
+# one in 64 starts with "-", which argparse would take for an option ("expected one argument").
+DASH_VALUE_OPTIONS = frozenset({"--kid"})
+
+
+def join_dash_values(argv: Sequence[str]) -> list[str]:
+    """``--kid -abc`` → ``--kid=-abc`` for the options in DASH_VALUE_OPTIONS."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        value = next(args, None) if arg in DASH_VALUE_OPTIONS else None
+        out.append(arg if value is None else f"{arg}={value}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -90,3 +90,23 @@ def test_version() -> None:
     assert proc.stdout == f"svidgate {version('svidgate')}\n"
     assert run("--version").stdout == proc.stdout
     assert "--version" in run("--help").stdout
+
+
+def test_a_kid_that_starts_with_a_dash_is_a_value_not_an_option(tmp_path: Path) -> None:
+    """Kids are base64url thumbprints: about 1 in 64 starts with "-"; `--kid -abc` must revoke
+    that kid, as documented, not fail with argparse's "expected one argument"."""
+    from svidgate.cli import build_parser, join_dash_values
+
+    argv = ["signer", "revoke", "--config", "s.yaml", "--kid", "-Ab_c"]
+    args = build_parser().parse_args(join_dash_values(argv))
+    assert args.kid == "-Ab_c"
+    config = str(tmp_path / "missing.yaml")
+    done = subprocess.run(
+        [sys.executable, "-m", "svidgate.cli", "signer", "revoke", "--config", config, *argv[-2:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "expected one argument" not in done.stderr
+    assert done.returncode == 2 and "missing.yaml" in done.stderr  # the config, not the kid
