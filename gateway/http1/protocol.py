@@ -45,6 +45,18 @@ Handler = Callable[[ConnectionInfo[P], Request, Body, Responder], Awaitable[None
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+_TLS_SHUT = frozenset({"FLUSHING", "SHUTDOWN", "UNWRAPPED"})
+
+
+def _tls_shut(transport: asyncio.BaseTransport) -> bool:
+    """Whether asyncio's TLS layer already saw the peer close (EOF or close_notify) while we
+    paused reading: it then drops every write silently and reports nothing until reading
+    resumes, so a response streamed to a client that left would run to its end unseen."""
+    ssl_protocol = getattr(transport, "_ssl_protocol", None)
+    state = getattr(ssl_protocol, "_state", None)
+    return state is not None and getattr(state, "name", "") in _TLS_SHUT
+
+
 class ConnectionOwner(Protocol[P]):
     """What a connection needs from whoever accepted it (the listener)."""
 
@@ -315,7 +327,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
 
     def send(self, data: bytes) -> None:
         transport = self._transport
-        if self._state is State.CLOSED or transport.is_closing():
+        if self._state is State.CLOSED or transport.is_closing() or _tls_shut(transport):
             raise ClientDisconnected("client_disconnected")
         transport.write(data)
 
