@@ -131,6 +131,8 @@ class UpstreamConfig(ConfigModel):
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     retries: int = Field(default=1, ge=0, le=5)
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    max_connections: int = Field(default=256, ge=1)  # in use at once, per worker
+    queue_timeout: Duration = timedelta(seconds=1)  # waiting longer for a connection: 503
 
     @field_validator("url")
     @classmethod

@@ -74,6 +74,10 @@ class UpstreamTimeout(RequestError):
     """The upstream did not answer within the read timeout."""
 
 
+class UpstreamBusy(RequestError):
+    """Every connection of the upstream's pool stayed in use for the queue timeout."""
+
+
 class CircuitOpen(RequestError):
     """The upstream's circuit breaker is open: fail fast."""
 
@@ -99,6 +103,7 @@ _TABLE: dict[type[GatewayError], ResponseSpec] = {
     UpstreamError: ResponseSpec(502, "bad_gateway"),
     SignerUnavailable: ResponseSpec(503, "signer_unavailable", (("Retry-After", "1"),)),
     CircuitOpen: ResponseSpec(503, "upstream_unavailable", (("Retry-After", "1"),)),
+    UpstreamBusy: ResponseSpec(503, "upstream_busy", (("Retry-After", "1"),)),
     UpstreamTimeout: ResponseSpec(504, "gateway_timeout"),
     GatewayError: ResponseSpec(500, "internal"),
 }

@@ -21,7 +21,7 @@ from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from svidgate.gateway.config import UpstreamConfig
-from svidgate.gateway.errors import CircuitOpen, UpstreamError, UpstreamTimeout
+from svidgate.gateway.errors import CircuitOpen, UpstreamBusy, UpstreamError, UpstreamTimeout
 from svidgate.gateway.headers import response_header_pairs
 from svidgate.gateway.http1 import Body, BodyError, Request, Responder, ResponseError
 from svidgate.gateway.upstream_client import (
@@ -30,6 +30,7 @@ from svidgate.gateway.upstream_client import (
     ConnectTimeout,
     Disconnected,
     IdentityMismatch,
+    PoolTimeout,
     ReadTimeout,
     UpstreamClientError,
     UpstreamConnection,
@@ -116,6 +117,8 @@ class Upstream:
             connect_timeout=cfg.timeouts.connect.total_seconds(),
             read_timeout=cfg.timeouts.read.total_seconds(),
             idle_timeout=30.0,
+            max_connections=cfg.max_connections,
+            queue_timeout=cfg.queue_timeout.total_seconds(),
         )
 
     async def close(self) -> None:
@@ -156,9 +159,11 @@ class Upstream:
                     if upload is not None:
                         body_task = loop.create_task(upload.run(conn, chunked))
                     message, payload = await waiter
+                except PoolTimeout:
+                    raise UpstreamBusy("upstream_busy", "every connection is in use") from None
                 except (ConnectTimeout, ConnectFailed, Disconnected) as exc:
                     if conn is not None:
-                        conn.discard()
+                        self.pool.discard(conn)
                         conn = None
                     if upload is not None and upload.error is not None:
                         raise upload.error from None
@@ -191,16 +196,17 @@ class Upstream:
                 request, responder, message, payload, started=started, upload=upload
             )
             if body_task is not None and not body_task.done():
-                conn.discard()  # the upstream answered before taking the whole body
-            if outcome.error is None:
+                # the upstream answered before taking the whole body: never pooled
+                self.pool.discard(conn)
+            elif outcome.error is None:
                 self.pool.release(conn)  # closed instead when anything is left unread
             else:
-                conn.discard()
+                self.pool.discard(conn)
             conn = None
             return outcome
         finally:
             if conn is not None:
-                conn.discard()  # never pooled after an error (a client that stopped reading …)
+                self.pool.discard(conn)  # never pooled after an error (a client not reading …)
             if body_task is not None and not body_task.done():
                 body_task.cancel()
 

@@ -350,3 +350,41 @@ async def test_a_client_that_never_reads_frees_the_upstream_connection(
     writer.transport.abort()
     await _still_served(gw)
     assert gw.server.app.upstreams["raw"].pool.idle_count == 0
+
+
+async def test_pool_bound_waits_then_503(
+    test_pki: LabPki, echo: Echo, start_gateway: StartGateway, raw_upstream: Callable[..., Any]
+) -> None:
+    release = asyncio.Event()
+    concurrent = peak = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal concurrent, peak
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                concurrent += 1
+                peak = max(peak, concurrent)
+                if b"/raw/hold" in head:
+                    await release.wait()
+                concurrent -= 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    port = await raw_upstream(handle)
+    doc = _raw_route(test_pki, echo.port, port, max_connections=1, queue_timeout="300ms")
+    gw: Harness = await start_gateway(doc)
+    held = asyncio.create_task(gw.request("GET", "/raw/hold"))
+    await asyncio.sleep(0.3)
+    busy = await gw.request("GET", "/raw/other")
+    assert busy is not None and busy.status == 503
+    assert busy.json()["reason"] == "upstream_busy" and busy.header("Retry-After") == "1"
+    queued = asyncio.create_task(gw.request("GET", "/raw/queued"))
+    await asyncio.sleep(0.1)
+    release.set()  # the held one finishes within the queued one's queue_timeout
+    first, second = await held, await queued
+    assert first is not None and first.status == 200
+    assert second is not None and second.status == 200
+    assert peak == 1  # never more than max_connections at the upstream
+    assert gw.server.app.upstreams["raw"].pool.in_use == 0
