@@ -146,7 +146,7 @@ class _Exchange:
     """What the pipeline learned about one request, as it learned it: for the error response,
     the metrics and the access line (the request object carries no gateway state)."""
 
-    __slots__ = ("error", "outcome", "path", "route", "started")
+    __slots__ = ("error", "outcome", "path", "request_id", "route", "started")
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -154,6 +154,7 @@ class _Exchange:
         self.route: str | None = None  # route name, once policy found one
         self.outcome: ForwardOutcome | None = None  # once forwarded
         self.error: str | None = None  # reason code of a failed request
+        self.request_id: str | None = None  # the X-Request-Id sent upstream, once forwarded
 
 
 class GatewayApp:
@@ -340,7 +341,7 @@ class GatewayApp:
             log.exception("unexpected error while handling a request")
             status = self._error_response(responder, GatewayError("internal"), exchange.route)
             exchange.error = "internal"
-        self._record(request, exchange, status, peer.identity, state.config.access_log)
+        self._record(conn, request, exchange, status, state.config.access_log)
 
     async def _checked_pipeline(
         self,
@@ -440,10 +441,10 @@ class GatewayApp:
 
     def _record(
         self,
+        conn: ConnectionInfo[Peer],
         request: Request,
         exchange: _Exchange,
         status: int,
-        identity: PeerIdentity | None,
         access: bool,
     ) -> None:
         """Metrics for every request; the access line when ``access_log`` is on."""
@@ -453,14 +454,17 @@ class GatewayApp:
         if outcome is not None:
             self.metrics.upstream_seconds(outcome.upstream).observe(outcome.upstream_seconds)
         if access:
+            identity = conn.peer.identity
             emit(
                 access_log,
                 event="access",
+                request_id=exchange.request_id,
+                client=conn.peername[0] if conn.peername else None,
                 method=request.method,
                 path=exchange.path or "-",
                 status=status,
                 route=route,
-                spiffe_id=identity.id_text if identity else None,
+                spiffe_id=identity.id_text,
                 upstream=outcome.upstream if outcome is not None else None,
                 bytes_in=outcome.bytes_in if outcome is not None else None,
                 bytes_out=outcome.bytes_out if outcome is not None else None,
@@ -515,6 +519,7 @@ class GatewayApp:
             client_address=client_address,
             preserve_host=route.preserve_host,
         )
+        exchange.request_id = headers["X-Request-Id"]
         if route.jwt is not None:
             if not route.jwt.forward:
                 # The bearer token was verified here; like Envoy's jwt_authn it is not passed

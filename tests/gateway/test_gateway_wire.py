@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import re
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -388,3 +390,41 @@ async def test_pool_bound_waits_then_503(
     assert second is not None and second.status == 200
     assert peak == 1  # never more than max_connections at the upstream
     assert gw.server.app.upstreams["raw"].pool.in_use == 0
+
+
+async def test_access_line_names_request_id_and_client(
+    gw: Harness, echo: Echo, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="svidgate.access")
+    resp = await gw.request("GET", "/orders/1", headers=[("X-Request-Id", "req-1")])
+    assert resp is not None and resp.status == 200
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "svidgate.access"]
+    assert line["request_id"] == "req-1" and line["client"] == "127.0.0.1"
+
+
+async def test_failed_handshakes_and_refused_identities_are_counted(
+    gw: Harness, echo: Echo
+) -> None:
+    assert await gw.request("GET", "/public/x", client=None) is None  # no client certificate
+    listener = gw.server.listener
+    assert listener is not None
+    for _ in range(100):
+        if listener.counters.handshake_failed:
+            break
+        await asyncio.sleep(0.02)
+    metrics = generate_latest(gw.server.metrics.registry).decode()
+    assert 'svidgate_gateway_handshake_failures_total{reason="handshake"} 1.0' in metrics
+    await _still_served(gw)
+
+
+async def test_upgrade_is_never_forwarded(gw: Harness, echo: Echo) -> None:
+    headers = [
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+    ]
+    resp = await gw.request("GET", "/orders/ws", headers=headers)
+    assert resp is not None and resp.status == 200  # a plain request: no 101
+    (seen,) = echo.seen
+    assert _headers(seen, "Upgrade") == [] and _headers(seen, "Connection") == []
