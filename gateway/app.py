@@ -530,6 +530,9 @@ class GatewayApp:
             # client's certificate), so it is not passed on; other schemes (Basic, …) are.
             strip_bearer(headers)
         upstream = self.upstreams[route.upstream]
+        if route.websocket and _wants_websocket(request):
+            idle = self.listener.limits.idle_timeout if self.listener is not None else 60.0
+            return await upstream.tunnel(request, responder, target.forward(), headers, idle)
         return await upstream.forward(request, body, responder, target.forward(), headers)
 
     def _authorize(
@@ -643,6 +646,16 @@ def _header_dict(request: Request) -> CIMultiDict[str]:
 @lru_cache(maxsize=1024)
 def _spelling(name: bytes) -> str:
     return "-".join(part[:1].upper() + part[1:] for part in name.decode("latin-1").split("-"))
+
+
+def _wants_websocket(request: Request) -> bool:
+    """An HTTP/1.1 GET without a body asking ``Connection: Upgrade`` + ``Upgrade: websocket``."""
+    if request.method != "GET" or request.version != (1, 1) or request.has_body:
+        return False
+    upgrade = b",".join(request.header_values(b"upgrade")).lower()
+    connection = b",".join(request.header_values(b"connection")).lower()
+    tokens = {t.strip() for t in connection.split(b",")}
+    return b"upgrade" in tokens and b"websocket" in {t.strip() for t in upgrade.split(b",")}
 
 
 def _limit_body(request: Request, body: Body, limit: int) -> None:

@@ -197,6 +197,7 @@ class RouteConfig(ConfigModel):
     forward_authorization: bool = False
     max_body_bytes: int | None = Field(default=None, ge=1)  # None: limits.max_body_bytes
     preserve_host: bool = False  # send the client's Host upstream (default: the upstream's)
+    websocket: bool = False  # relay `Upgrade: websocket` (after policy and JWT)
 
     @property
     def requires_jwt(self) -> bool:

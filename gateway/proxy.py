@@ -24,6 +24,7 @@ from svidgate.gateway.config import UpstreamConfig
 from svidgate.gateway.errors import CircuitOpen, UpstreamBusy, UpstreamError, UpstreamTimeout
 from svidgate.gateway.headers import response_header_pairs
 from svidgate.gateway.http1 import Body, BodyError, Request, Responder, ResponseError
+from svidgate.gateway.tunnel import Tunnel, UpstreamSide
 from svidgate.gateway.upstream_client import (
     BadResponse,
     ConnectFailed,
@@ -209,6 +210,71 @@ class Upstream:
                 self.pool.discard(conn)  # never pooled after an error (a client not reading …)
             if body_task is not None and not body_task.done():
                 body_task.cancel()
+
+    async def tunnel(
+        self,
+        request: Request,
+        responder: Responder,
+        target: str,
+        headers: CIMultiDict[str],
+        idle_timeout: float,
+    ) -> ForwardOutcome:
+        """A WebSocket upgrade: ask the upstream on a fresh connection; on its 101 answer the
+        client with 101 and relay bytes both ways until either side closes or goes idle."""
+        loop = asyncio.get_running_loop()
+        self.breaker.before(loop.time())
+        headers["Connection"] = "Upgrade"
+        headers["Upgrade"] = "websocket"
+        try:
+            head, _chunked = encode_request_head(
+                request.method, target, headers, default_host=self._host_header, has_body=False
+            )
+        except ValueError as exc:
+            raise UpstreamError("bad_request_header", str(exc)) from None
+        started = time.perf_counter()
+        try:
+            transport = await self.pool.connect()
+        except ConnectTimeout:
+            self.breaker.failure(loop.time())
+            raise UpstreamError("connect_timeout") from None
+        except IdentityMismatch as exc:
+            self.breaker.failure(loop.time())
+            raise UpstreamError("upstream_identity", str(exc)) from None
+        except UpstreamClientError as exc:
+            self.breaker.failure(loop.time())
+            raise UpstreamError("upstream_unreachable", type(exc).__name__) from None
+        side = UpstreamSide(transport)
+        transport.set_protocol(side)
+        transport.write(head)
+        try:
+            answer = await side.answer(self.cfg.timeouts.read.total_seconds())
+        except UpstreamError:
+            self.breaker.failure(loop.time())
+            raise
+        if answer.status != 101:
+            transport.close()
+            self.breaker.success()
+            raise UpstreamError("upgrade_refused", f"the upstream answered {answer.status}")
+        self.breaker.success()
+        seconds = time.perf_counter() - started
+        relay = Tunnel(side, idle_timeout)
+        try:
+            client, rest = responder.switch_protocols(answer.headers, b"websocket", relay)
+        except ResponseError:
+            relay.close()
+            raise
+        relay.start(client, rest)
+        if answer.rest:
+            relay.from_upstream(answer.rest)
+        await relay.done.wait()
+        return ForwardOutcome(
+            upstream=self.name,
+            status=101,
+            upstream_seconds=seconds,
+            bytes_in=relay.bytes_in,
+            bytes_out=relay.bytes_out,
+            streamed=True,
+        )
 
     async def _relay(
         self,

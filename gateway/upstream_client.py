@@ -514,6 +514,14 @@ class UpstreamPool:
         for conn in idle:
             conn.close()
 
+    async def connect(self) -> asyncio.Transport:
+        """A new connection of its own (connect timeout, TLS identity pinned), outside the
+        pool and its bound: for a tunnel, which never comes back. The caller sets its
+        protocol."""
+        conn = await self._connect(asyncio.get_running_loop())
+        assert conn.transport is not None
+        return conn.transport
+
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
         read_timeout = self._read_timeout
 

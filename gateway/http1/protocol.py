@@ -35,7 +35,7 @@ from svidgate.gateway.http1.flow import Deadline, WriteFlow
 from svidgate.gateway.http1.limits import Counters, Limits
 from svidgate.gateway.http1.message import Admission, ConnectionInfo, Request
 from svidgate.gateway.http1.parse import HeadParser, check_partial_head
-from svidgate.gateway.http1.respond import HeaderPairs, Responder, error_response
+from svidgate.gateway.http1.respond import HeaderPairs, Responder, TunnelEnd, error_response
 from svidgate.gateway.http1.state import Event, State, transition
 
 log = logging.getLogger("svidgate.gateway.http1")
@@ -97,6 +97,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         "_state",
         "_task",
         "_transport",
+        "_tunnel",
         "_writes",
     )
 
@@ -130,6 +131,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         self._reading = True
         self._writes = WriteFlow(loop, limits.write_timeout, self._write_timed_out)
         self._draining = False
+        self._tunnel: TunnelEnd | None = None
         self._continue = False
         self._served = 0
         self._deadline = Deadline(loop, self._on_deadline)
@@ -164,6 +166,8 @@ class H1Connection(asyncio.Protocol, Generic[P]):
             buf = self._buf + data if self._buf else data
             self._buf = b""
             self._process(buf)
+        elif state is State.TUNNEL and self._tunnel is not None:
+            self._tunnel.from_client(data)
         # HANDSHAKE / REFUSED / CLOSING / CLOSED: nothing is read any more
 
     def eof_received(self) -> bool | None:
@@ -343,9 +347,31 @@ class H1Connection(asyncio.Protocol, Generic[P]):
 
     def pause_writing(self) -> None:
         self._writes.pause()
+        if self._tunnel is not None:
+            self._tunnel.client_paused(True)
 
     def resume_writing(self) -> None:
         self._writes.resume()
+        if self._tunnel is not None:
+            self._tunnel.client_paused(False)
+
+    # -- switching protocols --------------------------------------------------------------------
+
+    def upgrade(self, tunnel: TunnelEnd) -> tuple[asyncio.Transport, bytes]:
+        """After a 101 is written: from now on every byte the client sends goes to ``tunnel``
+        (and the write pauses of this connection too); returns the transport and the bytes the
+        client sent after the request head (the tunnel's first bytes). The header, idle and
+        body timeouts stop: the tunnel keeps its own idle timeout."""
+        if self._state is not State.BUSY:
+            raise ClientDisconnected("client_disconnected")
+        self._to(Event.UPGRADE)
+        self._deadline.cancel()
+        self._tunnel = tunnel
+        rest, self._buf = self._buf, b""
+        if not self._reading:
+            self._reading = True
+            self._transport.resume_reading()
+        return self._transport, rest
 
     # -- timeouts, refusals, closing --------------------------------------------------------------
 
@@ -405,3 +431,5 @@ class H1Connection(asyncio.Protocol, Generic[P]):
             self._expiry = None
         self._body.fail(BodyIncomplete("client_disconnected"))
         self._writes.lose()
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
