@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -352,6 +353,8 @@ async def test_a_client_that_never_reads_frees_the_upstream_connection(
     writer.transport.abort()
     await _still_served(gw)
     assert gw.server.app.upstreams["raw"].pool.idle_count == 0
+    metrics = generate_latest(gw.server.metrics.registry).decode()
+    assert 'svidgate_gateway_limit_trips_total{limit="write_timeout"} 1.0' in metrics
 
 
 async def test_pool_bound_waits_then_503(
@@ -428,3 +431,36 @@ async def test_upgrade_is_never_forwarded(gw: Harness, echo: Echo) -> None:
     assert resp is not None and resp.status == 200  # a plain request: no 101
     (seen,) = echo.seen
     assert _headers(seen, "Upgrade") == [] and _headers(seen, "Connection") == []
+
+
+async def test_silent_tcp_client_is_reset_after_the_handshake_timeout(
+    test_pki: LabPki, echo: Echo, start_gateway: StartGateway
+) -> None:
+    gw: Harness = await start_gateway(_limited(test_pki, echo.port, handshake_timeout="1s"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)  # no ClientHello
+    await _still_served(gw)
+    started = asyncio.get_running_loop().time()
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert asyncio.get_running_loop().time() - started < 3
+    writer.close()
+    metrics = generate_latest(gw.server.metrics.registry).decode()
+    assert 'svidgate_gateway_handshake_failures_total{reason="handshake"} 1.0' in metrics
+
+
+async def test_idle_keep_alive_connection_is_closed_after_idle_timeout(
+    test_pki: LabPki, echo: Echo, start_gateway: StartGateway
+) -> None:
+    gw: Harness = await start_gateway(_limited(test_pki, echo.port, idle_timeout="1s"))
+    reader, writer = await _open(gw)
+    writer.write(b"GET /orders/1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(parse_response(head).header("Content-Length") or 0)
+    await reader.readexactly(length)
+    await _still_served(gw)
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
+    writer.close()
+    metrics = generate_latest(gw.server.metrics.registry).decode()
+    assert 'svidgate_gateway_limit_trips_total{limit="idle_timeout"} 1.0' in metrics
