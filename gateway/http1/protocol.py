@@ -45,18 +45,6 @@ Handler = Callable[[ConnectionInfo[P], Request, Body, Responder], Awaitable[None
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-_TLS_SHUT = frozenset({"FLUSHING", "SHUTDOWN", "UNWRAPPED"})
-
-
-def _tls_shut(transport: asyncio.BaseTransport) -> bool:
-    """Whether asyncio's TLS layer already saw the peer close (EOF or close_notify) while we
-    paused reading: it then drops every write silently and reports nothing until reading
-    resumes, so a response streamed to a client that left would run to its end unseen."""
-    ssl_protocol = getattr(transport, "_ssl_protocol", None)
-    state = getattr(ssl_protocol, "_state", None)
-    return state is not None and getattr(state, "name", "") in _TLS_SHUT
-
-
 class ConnectionOwner(Protocol[P]):
     """What a connection needs from whoever accepted it (the listener)."""
 
@@ -221,11 +209,13 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         state = self._state
         if state is State.BUSY:
             body = self._body
-            want = (
-                not body.complete
-                and not body.failed
-                and body.buffered < self._limits.body_buffer_high
-            )
+            if body.complete:
+                # Keep reading until a pipelined byte arrives (then it waits, one read at most):
+                # a client that leaves while its response streams is seen (EOF) at once,
+                # instead of the TLS layer dropping the writes unseen.
+                want = not self._buf and not body.failed
+            else:
+                want = not body.failed and body.buffered < self._limits.body_buffer_high
         else:
             want = state is State.IDLE or state is State.HEAD
         if want != self._reading:
@@ -331,7 +321,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
 
     def send(self, data: bytes) -> None:
         transport = self._transport
-        if self._state is State.CLOSED or transport.is_closing() or _tls_shut(transport):
+        if self._state is State.CLOSED or transport.is_closing():
             raise ClientDisconnected("client_disconnected")
         transport.write(data)
 
