@@ -37,10 +37,6 @@ class BadRequest(RequestError):
     """The request is ambiguous or malformed (path, Host, target form)."""
 
 
-class MethodNotAllowed(RequestError):
-    """CONNECT / TRACE: never proxied."""
-
-
 class NoRoute(RequestError):
     """No route's path prefix matches the canonical path."""
 
@@ -97,9 +93,6 @@ _TABLE: dict[type[GatewayError], ResponseSpec] = {
     ),
     Forbidden: ResponseSpec(403, "forbidden"),
     NoRoute: ResponseSpec(404, "no_route"),
-    MethodNotAllowed: ResponseSpec(
-        405, "method_not_allowed", (("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),)
-    ),
     UpstreamError: ResponseSpec(502, "bad_gateway"),
     SignerUnavailable: ResponseSpec(503, "signer_unavailable", (("Retry-After", "1"),)),
     CircuitOpen: ResponseSpec(503, "upstream_unavailable", (("Retry-After", "1"),)),
