@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -79,6 +81,56 @@ class Metrics:
             "TLS connections refused after the handshake by per-trust-domain re-verification.",
             registry=self.registry,
         )
+        self._listener = ListenerCollector(lambda: None)
+        self.registry.register(self._listener)
+
+    def watch_listener(self, view: ListenerView) -> None:
+        """Report the data-plane listener through ``view()`` → (open connections, counters)."""
+        self._listener.view = view
+
+
+ListenerView = Callable[[], tuple[int, dict[str, int]] | None]
+# The core's counters (gateway.http1.limits.Counters) under the metric that reports them.
+_HANDSHAKE_FAILURES = {"handshake_failed": "handshake", "identity_refused": "identity"}
+_REFUSED = {"over_capacity": "max_connections", "identity_over_cap": "max_connections_per_identity"}
+_LIMITS = {
+    "head_too_large": "max_header_bytes",
+    "body_too_large": "max_body_bytes",
+    "header_timeouts": "header_timeout",
+    "body_timeouts": "body_timeout",
+    "write_timeouts": "write_timeout",
+    "idle_closed": "idle_timeout",
+    "bad_requests": "bad_request",
+}
+
+
+class ListenerCollector(Collector):
+    """The data-plane listener's figures, read at scrape time (the core keeps plain integers):
+    open connections, failed handshakes by reason, connections refused by a limit, and how
+    often each request limit tripped."""
+
+    def __init__(self, view: ListenerView) -> None:
+        self.view = view
+
+    def collect(self) -> Iterator[Metric]:
+        seen = self.view()
+        if seen is None:
+            return
+        open_now, counters = seen
+        yield GaugeMetricFamily(
+            "svidgate_gateway_connections_open", "Open data-plane connections.", value=open_now
+        )
+        for name, doc, label, table in (
+            ("handshake_failures", "Failed TLS handshakes and refused identities.", "reason",
+             _HANDSHAKE_FAILURES),
+            ("connections_refused", "Connections refused by a connection limit.", "limit",
+             _REFUSED),
+            ("limit_trips", "Requests or connections cut by a request limit.", "limit", _LIMITS),
+        ):  # fmt: skip
+            family = CounterMetricFamily(f"svidgate_gateway_{name}", doc, labels=[label])
+            for key, value in table.items():
+                family.add_metric([value], counters.get(key, 0))
+            yield family
 
 
 def admin_app(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> web.Application:

@@ -1,13 +1,17 @@
-"""The request pipeline, in the documented order, and the per-connection identity gate.
+"""The request pipeline, in the documented order, and the per-connection identity check.
 
-Per connection (:class:`PeerGate`): re-verify the client's SVID against its own trust domain
+The data plane is :class:`~svidgate.gateway.listener.Listener` → the HTTP/1.1 core
+(:mod:`svidgate.gateway.http1`: framing, limits, timeouts) → :meth:`GatewayApp.handle`.
+Per connection (:meth:`GatewayApp.identify`, called by the listener after the TLS handshake,
+before any HTTP byte is parsed): re-verify the client's SVID against its own trust domain
 (or find the same presented chain already verified in this generation), compute its identity
 once, and close the connection at the certificate's notAfter. A reload that changes trust
 (bundles, trust domains) re-checks every open connection's stored chain: a background sweep
 closes idle ones that no longer verify, a request on one not yet swept is checked first, and a
 refused connection answers 403 ``trust_revoked`` and closes (in-flight requests get up to
 ``drain_timeout`` to finish).
-Per request (:meth:`GatewayApp.handle`): method → Host / target form → canonical path →
+Per request (:meth:`GatewayApp.handle`; the core already refused malformed heads, CONNECT /
+TRACE, a missing or repeated Host and a mismatched absolute-form target): canonical path →
 policy (:meth:`Policy.authorize`: default deny, every decision audited) → JWT (when the route
 requires it) → header hygiene → forward. Every :class:`GatewayError` becomes a response through
 the one table in ``gateway.errors``. The metrics and the access line are built from what the
@@ -17,31 +21,36 @@ pipeline learned (:class:`_Exchange`) and the :class:`ForwardOutcome` the proxy 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from json.encoder import encode_basestring_ascii
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
 from svidgate.gateway.admin import Metrics
 from svidgate.gateway.config import JwtConfig
 from svidgate.gateway.credentials import GatewayState, StateHolder
-from svidgate.gateway.errors import (
-    BadRequest,
-    Forbidden,
-    GatewayError,
-    MethodNotAllowed,
-    TokenRejected,
-    response_spec,
-)
+from svidgate.gateway.errors import Forbidden, GatewayError, TokenRejected, response_spec
 from svidgate.gateway.headers import identity_header_names, strip_bearer, upstream_request_headers
+from svidgate.gateway.http1 import (
+    Admission,
+    Body,
+    BodyError,
+    BodyTooLarge,
+    ConnectionInfo,
+    H1Connection,
+    Refused,
+    Request,
+    Responder,
+    ResponseError,
+)
 from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
 from svidgate.gateway.policy import Decision, PolicyDenial
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
@@ -50,6 +59,7 @@ from svidgate.gateway.tls import peer_chain_der, verify_peer
 from svidgate.pki.errors import PkiError
 
 if TYPE_CHECKING:
+    from svidgate.gateway.listener import Listener
     from svidgate.gateway.signer_client import SignerClient
 
 log = logging.getLogger("svidgate.gateway")
@@ -57,7 +67,6 @@ access_log = logging.getLogger("svidgate.access")
 audit_log = logging.getLogger("svidgate.audit")
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *$")
-_NEVER_PROXIED = frozenset({"CONNECT", "TRACE"})
 _SWEEP_BATCH = 64  # connections re-checked between two yields to the event loop
 SERVER_HEADER = "svidgate"  # the gateway's own responses name no software version
 
@@ -110,108 +119,34 @@ def authorization_line(
     )
 
 
-class PeerGate(asyncio.Protocol):
-    """Stands in front of aiohttp's per-connection protocol: nothing reaches HTTP parsing before
-    the peer's SVID is re-verified against the bundle of its own trust domain. Once it is, the
-    transport is handed to aiohttp's protocol directly (``set_protocol``), so request bytes do
-    not pass through this wrapper; a refused connection is aborted and never handed over."""
-
-    __slots__ = ("_app", "_inner")
-
-    def __init__(self, app: GatewayApp, inner: asyncio.Protocol) -> None:
-        self._app = app
-        self._inner = inner
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        state = self._app.holder.current
-        ssl_object = transport.get_extra_info("ssl_object")
-        now = datetime.now(UTC)
-        try:
-            if ssl_object is None:
-                raise PkiError("not a TLS connection")
-            ders = peer_chain_der(ssl_object)
-            if ders:
-                identity = self._app.chains.identify(
-                    ders,
-                    generation=state.generation,
-                    bundles=state.bundles,
-                    gateway_id=state.gateway_id,
-                    now=now,
-                )
-            else:  # a resumed session (or no certificate): never cached, fails closed
-                identity = PeerIdentity.from_svid(
-                    verify_peer(ssl_object, state.bundles, now=now), state.gateway_id
-                )
-        except PkiError as exc:
-            self._app.metrics.connections_rejected.inc()
-            peer = transport.get_extra_info("peername")
-            emit(
-                audit_log,
-                durable=True,
-                event="connection",
-                decision="deny",
-                reason=str(exc),
-                peer=peer,
-            )
-            cast(asyncio.Transport, transport).abort()
-            return
-        lifetime = max((identity.not_after - now).total_seconds(), 0.0)
-        expiry = asyncio.get_running_loop().call_later(lifetime, transport.close)
-        # A resumed session has no presented chain: its leaf alone is what was verified.
-        chain = tuple(ders) if ders else (identity.leaf_der,)
-        self._app.peers[transport] = Peer(identity, chain, state.generation)
-        self._app.expiries[transport] = expiry
-        # Verified: from here on the transport talks to aiohttp's protocol directly. Its
-        # connection_lost reaches GatewayApp.connection_lost through GatewayWebServer.
-        transport.set_protocol(self._inner)
-        self._inner.connection_made(transport)
-
-    # Only a refused connection (aborted in connection_made) still has this protocol.
-    def data_received(self, data: bytes) -> None:
-        return None
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        return None
-
-
 class Peer:
     """One verified client connection: its identity, the chain it presented (kept for the
     re-check after a trust change), the state generation it was last verified against, how
-    many of its requests are in the pipeline, and whether a re-check refused it."""
+    many of its requests are in the pipeline, whether a re-check refused it, and its transport
+    (to close it when refused)."""
 
-    __slots__ = ("busy", "chain", "checked", "identity", "revoked")
+    __slots__ = ("busy", "chain", "checked", "identity", "revoked", "transport")
 
-    def __init__(self, identity: PeerIdentity, chain: tuple[bytes, ...], checked: int) -> None:
+    def __init__(
+        self,
+        identity: PeerIdentity,
+        chain: tuple[bytes, ...],
+        checked: int,
+        transport: asyncio.BaseTransport,
+    ) -> None:
         self.identity = identity
         self.chain = chain
         self.checked = checked
         self.busy = 0
         self.revoked = False
-
-
-class GatewayWebServer(web.Server):
-    """aiohttp's connection manager, telling the gateway when a handed-over connection ends
-    (to drop its identity and its certificate-expiry timer)."""
-
-    def __init__(self, app: GatewayApp, **kwargs: Any) -> None:
-        super().__init__(app.handle, **kwargs)
-        self._gateway = app
-
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        transport = handler.transport
-        super().connection_lost(handler, exc)
-        if transport is not None:
-            self._gateway.connection_lost(transport)
+        self.transport = transport
 
 
 class _Exchange:
     """What the pipeline learned about one request, as it learned it: for the error response,
     the metrics and the access line (the request object carries no gateway state)."""
 
-    __slots__ = ("error", "outcome", "path", "route", "started")
+    __slots__ = ("error", "outcome", "path", "request_id", "route", "started")
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
@@ -219,6 +154,7 @@ class _Exchange:
         self.route: str | None = None  # route name, once policy found one
         self.outcome: ForwardOutcome | None = None  # once forwarded
         self.error: str | None = None  # reason code of a failed request
+        self.request_id: str | None = None  # the X-Request-Id sent upstream, once forwarded
 
 
 class GatewayApp:
@@ -230,8 +166,8 @@ class GatewayApp:
         self.holder = holder
         self.metrics = metrics
         self.signer = signer
-        self.peers: dict[asyncio.BaseTransport, Peer] = {}
-        self.expiries: dict[asyncio.BaseTransport, asyncio.TimerHandle] = {}
+        self.peers: dict[asyncio.BaseTransport, Peer] = {}  # open, admitted connections
+        self.listener: Listener[Peer] | None = None  # set by the server once listening
         self.chains = VerifiedChainCache()
         # Generation of the last state that changed trust: a connection verified before it is
         # re-checked (by the sweep, or first thing on its next request).
@@ -308,82 +244,133 @@ class GatewayApp:
                     return False, f"signer_not_ready:{mode}"
         return True, "ok"
 
-    def connection_lost(self, transport: asyncio.BaseTransport) -> None:
-        """A verified connection ended: forget its identity, cancel its expiry timer."""
-        self.peers.pop(transport, None)
-        expiry = self.expiries.pop(transport, None)
-        if expiry is not None:
-            expiry.cancel()
+    def identify(self, transport: asyncio.BaseTransport) -> Admission[Peer]:
+        """The listener's identity check, right after the TLS handshake: nothing reaches HTTP
+        parsing before the peer's SVID is re-verified against the bundle of its own trust
+        domain (or the same chain is found verified in this generation). A refusal is audited
+        and raised as :class:`Refused`; the core closes the connection at the certificate's
+        notAfter (``expires_in``)."""
+        state = self.holder.current
+        ssl_object = transport.get_extra_info("ssl_object")
+        now = datetime.now(UTC)
+        try:
+            if ssl_object is None:
+                raise PkiError("not a TLS connection")
+            ders = peer_chain_der(ssl_object)
+            if ders:
+                identity = self.chains.identify(
+                    ders,
+                    generation=state.generation,
+                    bundles=state.bundles,
+                    gateway_id=state.gateway_id,
+                    now=now,
+                )
+            else:  # a resumed session (or no certificate): never cached, fails closed
+                identity = PeerIdentity.from_svid(
+                    verify_peer(ssl_object, state.bundles, now=now), state.gateway_id
+                )
+        except PkiError as exc:
+            self.metrics.connections_rejected.inc()
+            emit(
+                audit_log,
+                durable=True,
+                event="connection",
+                decision="deny",
+                reason=str(exc),
+                peer=transport.get_extra_info("peername"),
+            )
+            raise Refused(str(exc)) from None
+        lifetime = max((identity.not_after - now).total_seconds(), 0.0)
+        # A resumed session has no presented chain: its leaf alone is what was verified.
+        chain = tuple(ders) if ders else (identity.leaf_der,)
+        peer = Peer(identity, chain, state.generation, transport)
+        self.peers[transport] = peer
+        return Admission(peer, identity.id_text, lifetime)
 
-    def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
-        def factory() -> asyncio.Protocol:
-            return PeerGate(self, server())
-
-        return factory
+    def connection_closed(self, peer: Peer) -> None:
+        """An admitted connection ended (or was refused by the per-identity cap): forget it."""
+        self.peers.pop(peer.transport, None)
 
     # -- the pipeline ---------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(
+        self, conn: ConnectionInfo[Peer], request: Request, body: Body, responder: Responder
+    ) -> None:
+        """The core's handler for one request: the pipeline, then the access line and
+        metrics. Every failure before the response is committed is answered here."""
         exchange = _Exchange()
         state = self.holder.current
-        transport = request.transport
-        peer = self.peers.get(transport) if transport is not None else None
+        peer = conn.peer
+        status = 500
         try:
-            outcome = await self._checked_pipeline(request, state, peer, exchange)
-            response = outcome.response
+            outcome = await self._checked_pipeline(
+                conn, request, body, responder, state=state, exchange=exchange
+            )
             exchange.outcome = outcome
             exchange.error = outcome.error
+            status = outcome.status
         except GatewayError as err:
-            response = self._error_response(err, exchange.route)
+            if peer.revoked:
+                _close_after_response(peer.transport)  # answer, then close: it is done
+            status = self._error_response(responder, err, exchange.route)
             exchange.error = err.reason
-            if peer is None or peer.revoked:
-                response.force_close()  # answer, then close: this connection is done
-        except asyncio.CancelledError:
-            raise
-        except ConnectionError as exc:
-            if transport is not None and not transport.is_closing():
-                raise  # not the client going away: let aiohttp handle it as before
-            # The client went away mid-request (often "Cannot write to closing transport"):
-            # one line, no traceback; 499 (client closed request) is only for logs and metrics.
+        except BodyError as err:
+            # The client's body failed (stalled 408, too large 413, malformed 400, cut): its
+            # own fault, answered by the core's table and never counted against the upstream.
+            status = err.status
+            exchange.error = err.reason
+            if not responder.started:
+                with contextlib.suppress(ResponseError):
+                    responder.simple(err.status, err.body(), err.headers)
+            elif not responder.done:
+                responder.abort()
+        except ResponseError as exc:
+            # The client went away or stopped reading (write timeout): the connection is cut.
+            # 499 (client closed request) is only for logs and metrics.
             log.info(
                 "client disconnected during %s (route %s): %s",
                 request.method,
                 exchange.route or "-",
                 type(exc).__name__,
             )
-            response = web.Response(status=499, headers={"Server": SERVER_HEADER})
+            status = 499
             exchange.error = "client_disconnected"
         except Exception:
             # Never after a committed response: forward owns one to its end (only the client
             # going away is raised past it), so an error response can always be sent here.
             log.exception("unexpected error while handling a request")
-            response = self._error_response(GatewayError("internal"), exchange.route)
+            status = self._error_response(responder, GatewayError("internal"), exchange.route)
             exchange.error = "internal"
-        status = exchange.outcome.status if exchange.outcome is not None else response.status
-        identity = peer.identity if peer is not None else None
-        self._record(request, exchange, status, identity, state.config.access_log)
-        return response
+        self._record(conn, request, exchange, status, state.config.access_log)
 
     async def _checked_pipeline(
         self,
-        request: web.BaseRequest,
+        conn: ConnectionInfo[Peer],
+        request: Request,
+        body: Body,
+        responder: Responder,
+        *,
         state: GatewayState,
-        peer: Peer | None,
         exchange: _Exchange,
     ) -> ForwardOutcome:
         """The pipeline for a connection whose chain verifies under the current trust: one
         verified before the last trust change is re-checked here first (fail closed)."""
-        if peer is None:  # cannot happen: PeerGate refuses such connections
-            raise Forbidden("no_identity")
+        peer = conn.peer
         if peer.checked < self.trust_generation and not peer.revoked:
-            transport = request.transport
-            assert transport is not None  # a peer is only ever found by its transport
-            self._recheck(transport, peer, state, datetime.now(UTC), close_now=False)
+            self._recheck(peer.transport, peer, state, datetime.now(UTC), close_now=False)
         if peer.revoked:
             raise Forbidden("trust_revoked", "the certificate no longer verifies after a reload")
         peer.busy += 1
         try:
-            return await self._pipeline(request, state, peer.identity, exchange)
+            return await self._pipeline(
+                conn,
+                request,
+                body,
+                responder,
+                state=state,
+                identity=peer.identity,
+                exchange=exchange,
+            )
         finally:
             peer.busy -= 1
 
@@ -423,7 +410,7 @@ class GatewayApp:
             )
             if close_now:
                 grace = state.config.drain_timeout.total_seconds()
-                _close_connection(transport, busy=peer.busy > 0, grace=grace)
+                _close_connection(transport, grace=grace)
             return
         peer.checked = state.generation
 
@@ -440,7 +427,7 @@ class GatewayApp:
                 state, now = self.holder.current, datetime.now(UTC)
             if peer.revoked or peer.checked >= self.trust_generation:
                 continue  # already refused, or checked by its own request meanwhile
-            if transport not in self.peers or transport.is_closing():
+            if transport.is_closing():
                 continue
             checked += 1
             self._recheck(transport, peer, state, now, close_now=True)
@@ -454,10 +441,10 @@ class GatewayApp:
 
     def _record(
         self,
-        request: web.BaseRequest,
+        conn: ConnectionInfo[Peer],
+        request: Request,
         exchange: _Exchange,
         status: int,
-        identity: PeerIdentity | None,
         access: bool,
     ) -> None:
         """Metrics for every request; the access line when ``access_log`` is on."""
@@ -467,14 +454,17 @@ class GatewayApp:
         if outcome is not None:
             self.metrics.upstream_seconds(outcome.upstream).observe(outcome.upstream_seconds)
         if access:
+            identity = conn.peer.identity
             emit(
                 access_log,
                 event="access",
+                request_id=exchange.request_id,
+                client=conn.peername[0] if conn.peername else None,
                 method=request.method,
                 path=exchange.path or "-",
                 status=status,
                 route=route,
-                spiffe_id=identity.id_text if identity else None,
+                spiffe_id=identity.id_text,
                 upstream=outcome.upstream if outcome is not None else None,
                 bytes_in=outcome.bytes_in if outcome is not None else None,
                 bytes_out=outcome.bytes_out if outcome is not None else None,
@@ -484,24 +474,25 @@ class GatewayApp:
 
     async def _pipeline(
         self,
-        request: web.BaseRequest,
+        conn: ConnectionInfo[Peer],
+        request: Request,
+        body: Body,
+        responder: Responder,
+        *,
         state: GatewayState,
         identity: PeerIdentity,
         exchange: _Exchange,
     ) -> ForwardOutcome:
         method = request.method
-        if method in _NEVER_PROXIED:
-            raise MethodNotAllowed("method_not_allowed", f"{method} is never proxied")
-        hosts = request.headers.getall("Host", [])
-        if len(hosts) != 1:
-            raise BadRequest("bad_host", "exactly one Host header is required")
-        target = parse_target(_origin_form(request.raw_path, hosts[0]))
+        raw = request.path if request.query is None else f"{request.path}?{request.query}"
+        target = parse_target(raw)
         exchange.path = target.path
         route = self._authorize(state, identity, method, target.path, exchange)
+        incoming = _header_dict(request)
         claims: Mapping[str, Any] | None = None
         if route.jwt is not None:
             try:
-                claims = await self._check_jwt(request, route.jwt, identity, target.query)
+                claims = await self._check_jwt(incoming, route.jwt, identity, target.query)
             except TokenRejected as err:
                 self.metrics.decision_count("deny", f"token:{err.reason}").inc()
                 emit(
@@ -514,16 +505,21 @@ class GatewayApp:
                     route=route.name,
                 )
                 raise
+        _limit_body(request, body, route.max_body_bytes or state.config.limits.max_body_bytes)
         ih = state.config.identity_headers
+        client_address = str(conn.peername[0]) if conn.peername else None
         headers = upstream_request_headers(
-            request.headers,
+            incoming,
             identity,
             owned=self._owned,
             xfcc=ih.xfcc,
             client_cert=ih.client_cert,
             claim_headers=ih.claims,
             claims=claims,
+            client_address=client_address,
+            preserve_host=route.preserve_host,
         )
+        exchange.request_id = headers["X-Request-Id"]
         if route.jwt is not None:
             if not route.jwt.forward:
                 # The bearer token was verified here; like Envoy's jwt_authn it is not passed
@@ -533,7 +529,11 @@ class GatewayApp:
             # No JWT route: a bearer token was not verified here (it may be bound to another
             # client's certificate), so it is not passed on; other schemes (Basic, …) are.
             strip_bearer(headers)
-        return await self.upstreams[route.upstream].forward(request, target.forward(), headers)
+        upstream = self.upstreams[route.upstream]
+        if route.websocket and _wants_websocket(request):
+            idle = self.listener.limits.idle_timeout if self.listener is not None else 60.0
+            return await upstream.tunnel(request, responder, target.forward(), headers, idle)
+        return await upstream.forward(request, body, responder, target.forward(), headers)
 
     def _authorize(
         self,
@@ -560,14 +560,14 @@ class GatewayApp:
 
     async def _check_jwt(
         self,
-        request: web.BaseRequest,
+        incoming: CIMultiDict[str],
         jwt: JwtConfig,
         identity: PeerIdentity,
         query: str | None,
     ) -> Mapping[str, Any]:
         if query and any(k == "access_token" for k, _ in parse_qsl(query, True)):
             raise TokenRejected("token_in_query", "send the token in the Authorization header")
-        values = request.headers.getall("Authorization", [])
+        values = incoming.getall("Authorization", [])
         if not values:
             raise TokenRejected("missing_token")
         if len(values) > 1:
@@ -622,38 +622,73 @@ class GatewayApp:
         )
 
     @staticmethod
-    def _error_response(err: GatewayError, route: str | None) -> web.Response:
+    def _error_response(responder: Responder, err: GatewayError, route: str | None) -> int:
+        """Answer ``err`` through the one table (unless a response already started: then the
+        connection is cut); returns the status for the logs."""
         spec = response_spec(err)
-        body = {"error": spec.error, "route": route, "reason": err.reason}
-        resp = web.json_response(body, status=spec.status)
-        for name, value in spec.headers:
-            resp.headers[name] = value
-        resp.headers["Server"] = SERVER_HEADER  # not aiohttp's "Python/x.y aiohttp/x.y.z"
-        return resp
+        if responder.started:
+            if not responder.done:
+                responder.abort()
+            return spec.status
+        doc = {"error": spec.error, "route": route, "reason": err.reason}
+        extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in spec.headers]
+        with contextlib.suppress(ResponseError):
+            responder.simple(spec.status, doc, extra)
+        return spec.status
 
 
-def _close_connection(transport: asyncio.BaseTransport, *, busy: bool, grace: float) -> None:
-    """Close a refused connection: an idle one at once; a busy one once its in-flight request
-    has finished (aiohttp reads no further request and closes after the response), or after
-    ``grace`` seconds (``drain_timeout``) if it has not."""
+def _header_dict(request: Request) -> CIMultiDict[str]:
+    """The request's headers as text (latin-1, the client's order); the core lower-cased the
+    names, they go upstream in the conventional spelling (``x-request-id`` → ``X-Request-Id``)."""
+    return CIMultiDict((_spelling(k), v.decode("latin-1")) for k, v in request.headers)
+
+
+@lru_cache(maxsize=1024)
+def _spelling(name: bytes) -> str:
+    return "-".join(part[:1].upper() + part[1:] for part in name.decode("latin-1").split("-"))
+
+
+def _wants_websocket(request: Request) -> bool:
+    """An HTTP/1.1 GET without a body asking ``Connection: Upgrade`` + ``Upgrade: websocket``."""
+    if request.method != "GET" or request.version != (1, 1) or request.has_body:
+        return False
+    upgrade = b",".join(request.header_values(b"upgrade")).lower()
+    connection = b",".join(request.header_values(b"connection")).lower()
+    tokens = {t.strip() for t in connection.split(b",")}
+    return b"upgrade" in tokens and b"websocket" in {t.strip() for t in upgrade.split(b",")}
+
+
+def _limit_body(request: Request, body: Body, limit: int) -> None:
+    """The body limit of this request; a declared Content-Length over it is refused (413)
+    before any upstream connection is taken."""
+    if not request.has_body:
+        return
+    body.set_limit(limit)
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge("body_too_large")
+
+
+def _connection_of(transport: asyncio.BaseTransport) -> H1Connection[Any] | None:
     protocol = transport.get_protocol()
-    if not isinstance(protocol, RequestHandler):
-        transport.close()
-    elif busy:
-        protocol.close()
-        asyncio.get_running_loop().call_later(grace, protocol.force_close)  # no-op once closed
+    return protocol if isinstance(protocol, H1Connection) else None
+
+
+def _close_after_response(transport: asyncio.BaseTransport) -> None:
+    """No further request on this connection: it closes after the response in flight."""
+    conn = _connection_of(transport)
+    if conn is not None:
+        conn.shutdown()
     else:
-        protocol.force_close()
+        transport.close()
 
 
-def _origin_form(raw: str, host: str) -> str:
-    """The origin-form target; an absolute-form target must name the Host it is sent with."""
-    if raw.startswith("/"):
-        return raw
-    scheme, sep, rest = raw.partition("://")
-    if not sep or scheme.lower() not in ("http", "https"):
-        raise BadRequest("bad_target", "expected an origin-form or absolute-form target")
-    authority, slash, path = rest.partition("/")
-    if authority.lower() != host.lower():
-        raise BadRequest("host_mismatch", "the absolute-form target does not match Host")
-    return slash + path if slash else "/"
+def _close_connection(transport: asyncio.BaseTransport, *, grace: float) -> None:
+    """Close a refused connection: an idle one at once; a busy one once its in-flight request
+    has finished (the core reads no further request and closes after the response), or after
+    ``grace`` seconds (``drain_timeout``) if it has not."""
+    conn = _connection_of(transport)
+    if conn is None:
+        transport.close()
+        return
+    conn.shutdown()
+    asyncio.get_running_loop().call_later(grace, conn.abort)  # a no-op once closed

@@ -113,6 +113,9 @@ class UpstreamTLS(ConfigModel):
 class UpstreamTimeouts(ConfigModel):
     connect: Duration = timedelta(seconds=1)
     read: Duration = timedelta(seconds=30)
+    # a client that does not read its response for this long is cut and the upstream
+    # connection is closed (freed), never pooled
+    write: Duration = timedelta(seconds=30)
 
 
 class CircuitBreakerConfig(ConfigModel):
@@ -128,6 +131,8 @@ class UpstreamConfig(ConfigModel):
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     retries: int = Field(default=1, ge=0, le=5)
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    max_connections: int = Field(default=256, ge=1)  # in use at once, per worker
+    queue_timeout: Duration = timedelta(seconds=1)  # waiting longer for a connection: 503
 
     @field_validator("url")
     @classmethod
@@ -190,6 +195,9 @@ class RouteConfig(ConfigModel):
     # routes without jwt.required: pass the client's `Authorization: Bearer` upstream unverified
     # (default: strip it; other schemes always pass)
     forward_authorization: bool = False
+    max_body_bytes: int | None = Field(default=None, ge=1)  # None: limits.max_body_bytes
+    preserve_host: bool = False  # send the client's Host upstream (default: the upstream's)
+    websocket: bool = False  # relay `Upgrade: websocket` (after policy and JWT)
 
     @property
     def requires_jwt(self) -> bool:
@@ -222,6 +230,35 @@ class AuditConfig(ConfigModel):
     allow: bool = True
 
 
+class H2Limits(ConfigModel):
+    """Limits of HTTP/2 (planned: accepted and validated, not used yet)."""
+
+    max_concurrent_streams: int = Field(default=100, ge=1)
+    max_header_list_bytes: int = Field(default=16384, ge=1)
+
+
+class LimitsConfig(ConfigModel):
+    """What one peer may hold on one worker (DESIGN.md "Limits"); every value positive."""
+
+    max_connections: int = Field(default=4096, ge=1)
+    max_connections_per_identity: int = Field(default=512, ge=1)
+    handshake_timeout: Duration = timedelta(seconds=5)
+    header_timeout: Duration = timedelta(seconds=10)
+    idle_timeout: Duration = timedelta(seconds=60)
+    max_header_bytes: int = Field(default=16384, ge=256)
+    max_headers: int = Field(default=100, ge=1)
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    body_timeout: Duration = timedelta(seconds=30)
+    h2: H2Limits = H2Limits()
+
+    @field_validator("handshake_timeout", "header_timeout", "idle_timeout", "body_timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than 0s")
+        return value
+
+
 class GatewayConfig(ConfigModel):
     """The whole of ``gateway.yaml``."""
 
@@ -235,6 +272,7 @@ class GatewayConfig(ConfigModel):
     routes: ListOf[RouteConfig] = ()
     routing: RoutingConfig = RoutingConfig()
     identity_headers: IdentityHeaders = IdentityHeaders()
+    limits: LimitsConfig = LimitsConfig()
     # Additions beyond the documented keys (all optional):
     drain_timeout: Duration = timedelta(seconds=10)
     reload_interval: Duration = timedelta(seconds=2)  # file-change polling; 0s disables it

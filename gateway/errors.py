@@ -37,10 +37,6 @@ class BadRequest(RequestError):
     """The request is ambiguous or malformed (path, Host, target form)."""
 
 
-class MethodNotAllowed(RequestError):
-    """CONNECT / TRACE: never proxied."""
-
-
 class NoRoute(RequestError):
     """No route's path prefix matches the canonical path."""
 
@@ -74,6 +70,10 @@ class UpstreamTimeout(RequestError):
     """The upstream did not answer within the read timeout."""
 
 
+class UpstreamBusy(RequestError):
+    """Every connection of the upstream's pool stayed in use for the queue timeout."""
+
+
 class CircuitOpen(RequestError):
     """The upstream's circuit breaker is open: fail fast."""
 
@@ -93,12 +93,10 @@ _TABLE: dict[type[GatewayError], ResponseSpec] = {
     ),
     Forbidden: ResponseSpec(403, "forbidden"),
     NoRoute: ResponseSpec(404, "no_route"),
-    MethodNotAllowed: ResponseSpec(
-        405, "method_not_allowed", (("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),)
-    ),
     UpstreamError: ResponseSpec(502, "bad_gateway"),
     SignerUnavailable: ResponseSpec(503, "signer_unavailable", (("Retry-After", "1"),)),
     CircuitOpen: ResponseSpec(503, "upstream_unavailable", (("Retry-After", "1"),)),
+    UpstreamBusy: ResponseSpec(503, "upstream_busy", (("Retry-After", "1"),)),
     UpstreamTimeout: ResponseSpec(504, "gateway_timeout"),
     GatewayError: ResponseSpec(500, "internal"),
 }

@@ -1,7 +1,11 @@
 """Header hygiene for both directions of the proxy.
 
 Towards the upstream: hop-by-hop headers (and every header named in ``Connection``) go first,
-then every client-supplied identity header in any spelling, then the gateway sets its own.
+then every client-supplied identity header and forwarding header (``Forwarded``,
+``X-Forwarded-*``, ``X-Real-IP``, ``X-Original-URL``, method overrides …) in any spelling, then
+the gateway sets its own: ``X-Forwarded-For`` / ``X-Forwarded-Proto``, ``X-Request-Id`` (the
+client's when well-formed, else a new one), the identity headers, and ``Host`` (the upstream's
+authority unless the route preserves the client's).
 A bearer token the gateway did not verify is removed by :func:`strip_bearer` (the pipeline
 decides when: routes without a JWT, unless ``forward_authorization``).
 From the upstream: hop-by-hop headers go, and a header with CR, LF or NUL is refused (502).
@@ -11,10 +15,11 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from svidgate.gateway.errors import UpstreamError
 from svidgate.gateway.identity import PeerIdentity
 
@@ -34,9 +39,31 @@ HOP_BY_HOP = frozenset(
 IDENTITY_HEADERS = frozenset(
     {"x-forwarded-client-cert", "x-spiffe-id", "client-cert", "client-cert-chain"}
 )
+# Set by the gateway or never passed on: a client's values would let it pose as a proxy hop,
+# rewrite the URL or method behind the policy check, or claim another address.
+FORWARDING_HEADERS = frozenset(
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-request-id",
+    }
+)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Framing headers a client cannot get removed by naming them in Connection.
 _PROTECTED = frozenset({"host", "content-length"})
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
+_BAD_BYTES = re.compile(rb"[\r\n\x00]")
+_HOP_BY_HOP_BYTES = frozenset(name.encode("ascii") for name in HOP_BY_HOP)
 _SAFE_CLAIM = re.compile(r"^[\x20-\x7e]*$")
 
 
@@ -47,10 +74,18 @@ def normalize_name(name: str) -> str:
 
 def identity_header_names(claim_headers: Iterable[str]) -> frozenset[str]:
     """The normalized names the gateway owns: stripped from clients, set by the gateway."""
-    return IDENTITY_HEADERS | {normalize_name(h) for h in claim_headers}
+    return IDENTITY_HEADERS | FORWARDING_HEADERS | {normalize_name(h) for h in claim_headers}
 
 
-def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
+def request_id(values: list[str]) -> str:
+    """The client's ``X-Request-Id`` when it sent exactly one well-formed value, else a new
+    random one (32 hex digits)."""
+    if len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
+        return values[0]
+    return secrets.token_hex(16)
+
+
+def _connection_named(headers: CIMultiDict[str]) -> set[str]:
     named: set[str] = set()
     for value in headers.getall("Connection", []):
         for raw in value.split(","):
@@ -61,7 +96,7 @@ def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def upstream_request_headers(
-    incoming: CIMultiDictProxy[str],
+    incoming: CIMultiDict[str],
     identity: PeerIdentity,
     *,
     owned: frozenset[str],
@@ -69,15 +104,24 @@ def upstream_request_headers(
     client_cert: bool,
     claim_headers: Mapping[str, str],
     claims: Mapping[str, Any] | None,
+    client_address: str | None,
+    preserve_host: bool = False,
 ) -> CIMultiDict[str]:
-    """The headers sent upstream, built in the documented order."""
+    """The headers sent upstream, built in the documented order. Without ``preserve_host``
+    the client's Host is dropped (the upstream client then sends the upstream's authority)."""
     drop = HOP_BY_HOP | _connection_named(incoming)
+    if not preserve_host:
+        drop = drop | {"host"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
         if lower in drop or normalize_name(name) in owned:
             continue
         out.add(name, value)
+    if client_address is not None:
+        out["X-Forwarded-For"] = client_address
+    out["X-Forwarded-Proto"] = "https"
+    out["X-Request-Id"] = request_id(incoming.getall("X-Request-Id", []))
     if xfcc:
         out["X-Forwarded-Client-Cert"] = identity.xfcc
     if client_cert:
@@ -116,21 +160,18 @@ def claim_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
-def downstream_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> CIMultiDict[str]:
-    """Headers for the client from the upstream's raw headers; raises :class:`UpstreamError`."""
-    pairs: list[tuple[str, str]] = []
-    connection_named: set[str] = set()
-    for raw_name, raw_value in raw:
-        name = raw_name.decode("latin-1")
-        value = raw_value.decode("latin-1")
-        if _BAD_VALUE.search(name) or _BAD_VALUE.search(value):
+def response_header_pairs(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers for the client from the upstream's raw headers, minus hop-by-hop ones and the
+    framing the HTTP/1.1 core sets itself (Content-Length); raises :class:`UpstreamError` for
+    CR, LF or NUL in a name or value."""
+    pairs: list[tuple[bytes, bytes]] = []
+    connection_named: set[bytes] = set()
+    for name, value in raw:
+        if _BAD_BYTES.search(name) or _BAD_BYTES.search(value):
             raise UpstreamError("bad_upstream_header", "CR, LF or NUL in an upstream header")
-        if name.lower() == "connection":
-            connection_named |= {t.strip().lower() for t in value.split(",") if t.strip()}
+        lower = name.lower()
+        if lower == b"connection":
+            connection_named |= {t.strip().lower() for t in value.split(b",") if t.strip()}
         pairs.append((name, value))
-    drop = HOP_BY_HOP | (connection_named - _PROTECTED)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in pairs:
-        if name.lower() not in drop:
-            out.add(name, value)
-    return out
+    drop = _HOP_BY_HOP_BYTES | (connection_named - {b"host"}) | {b"content-length"}
+    return [(name, value) for name, value in pairs if name.lower() not in drop]

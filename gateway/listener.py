@@ -57,11 +57,16 @@ class Listener(Generic[P]):
         handler: Handler[P],
         identify: Identify[P],
         limits: Limits | None = None,
+        *,
+        on_close: Callable[[P], None] | None = None,
     ) -> None:
+        """``on_close(peer)`` is called once for every admission ``identify`` returned, when
+        its connection ends (or at once, when the per-identity cap refuses it)."""
         self._sock = sock
         self._ssl = ssl_context
         self._handler = handler
         self._identify = identify
+        self._on_close = on_close
         self._limits = limits or Limits()
         self._counters = Counters()
         self._connections: set[H1Connection[P]] = set()
@@ -212,6 +217,8 @@ class Listener(Generic[P]):
         count = self._per_key.get(key, 0)
         if count >= self._limits.max_connections_per_identity:
             self._counters.identity_over_cap += 1
+            if self._on_close is not None:
+                self._on_close(admission.peer)
             return None
         self._per_key[key] = count + 1
         self._keys[conn] = key
@@ -224,6 +231,9 @@ class Listener(Generic[P]):
         key = self._keys.pop(conn, None)
         if key is None:
             return
+        info = conn.info
+        if self._on_close is not None and info is not None:
+            self._on_close(info.peer)
         left = self._per_key[key] - 1
         if left:
             self._per_key[key] = left

@@ -17,19 +17,21 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from aiohttp import web
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 from svidgate.gateway.config import UpstreamConfig
-from svidgate.gateway.errors import BadRequest, CircuitOpen, UpstreamError, UpstreamTimeout
-from svidgate.gateway.headers import downstream_response_headers
+from svidgate.gateway.errors import CircuitOpen, UpstreamBusy, UpstreamError, UpstreamTimeout
+from svidgate.gateway.headers import response_header_pairs
+from svidgate.gateway.http1 import Body, BodyError, Request, Responder, ResponseError
+from svidgate.gateway.tunnel import Tunnel, UpstreamSide
 from svidgate.gateway.upstream_client import (
     BadResponse,
     ConnectFailed,
     ConnectTimeout,
     Disconnected,
     IdentityMismatch,
+    PoolTimeout,
     ReadTimeout,
     UpstreamClientError,
     UpstreamConnection,
@@ -47,20 +49,20 @@ log = logging.getLogger("svidgate.gateway")
 
 @dataclass(frozen=True, slots=True)
 class ForwardOutcome:
-    """What one forwarded exchange did: the response for the client, and the figures the
-    access log and the metrics report.
+    """What one forwarded exchange did (its response already went to the client's
+    :class:`Responder`): the figures the access log and the metrics report.
 
     ``error`` is set only when the response was already committed (its status line sent) and
     the exchange then broke off: the client connection was cut, since no error response can
     follow. Failures before that point are raised as gateway errors instead."""
 
-    response: web.StreamResponse
     upstream: str  # the upstream's name in the config
     status: int  # the status the client was sent
     upstream_seconds: float  # request out → the upstream's head (its whole body when buffered)
     bytes_in: int  # request-body bytes sent upstream
     bytes_out: int  # response-body bytes relayed to the client
     error: str | None = None
+    streamed: bool = False  # the body was relayed piece by piece (not read whole first)
 
 
 class CircuitBreaker:
@@ -116,6 +118,8 @@ class Upstream:
             connect_timeout=cfg.timeouts.connect.total_seconds(),
             read_timeout=cfg.timeouts.read.total_seconds(),
             idle_timeout=30.0,
+            max_connections=cfg.max_connections,
+            queue_timeout=cfg.queue_timeout.total_seconds(),
         )
 
     async def close(self) -> None:
@@ -123,17 +127,21 @@ class Upstream:
 
     async def forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
+        body: Body,
+        responder: Responder,
         target: str,
         headers: CIMultiDict[str],
     ) -> ForwardOutcome:
         """Send the request upstream and relay the answer to the client; what happened comes
-        back as the outcome. Failures before the response is committed are raised."""
+        back as the outcome. Failures before the response is committed are raised; a client
+        whose body fails (stalled, too large, cut) gets its :class:`BodyError` raised, never
+        counted against the upstream."""
         loop = asyncio.get_running_loop()
         breaker = self.breaker
         breaker.before(loop.time())
         method = request.method
-        upload = _Upload(request) if request.body_exists else None
+        upload = _Upload(body) if request.has_body else None
         try:
             head, chunked = encode_request_head(
                 method, target, headers, default_host=self._host_header, has_body=upload is not None
@@ -152,14 +160,14 @@ class Upstream:
                     if upload is not None:
                         body_task = loop.create_task(upload.run(conn, chunked))
                     message, payload = await waiter
+                except PoolTimeout:
+                    raise UpstreamBusy("upstream_busy", "every connection is in use") from None
                 except (ConnectTimeout, ConnectFailed, Disconnected) as exc:
                     if conn is not None:
-                        conn.discard()
+                        self.pool.discard(conn)
                         conn = None
-                    if upload is not None and upload.client_failed:
-                        raise BadRequest(
-                            "incomplete_body", "the request body ended early"
-                        ) from None
+                    if upload is not None and upload.error is not None:
+                        raise upload.error from None
                     retryable = not isinstance(exc, Disconnected) or exc.before_response
                     if retryable and attempt + 1 < attempts:
                         continue
@@ -173,6 +181,8 @@ class Upstream:
                     breaker.failure(loop.time())
                     raise UpstreamError("upstream_identity", str(exc)) from None
                 except ReadTimeout:
+                    if upload is not None and upload.error is not None:
+                        raise upload.error from None
                     breaker.failure(loop.time())
                     raise UpstreamTimeout("read_timeout") from None
                 except BadResponse:
@@ -183,46 +193,119 @@ class Upstream:
                     raise UpstreamError("upstream_error", type(exc).__name__) from None
                 break
             assert conn is not None
-            outcome = await self._relay(request, message, payload, started, upload)
+            outcome = await self._relay(
+                request, responder, message, payload, started=started, upload=upload
+            )
             if body_task is not None and not body_task.done():
-                conn.discard()  # the upstream answered before taking the whole body
-            self.pool.release(conn)
+                # the upstream answered before taking the whole body: never pooled
+                self.pool.discard(conn)
+            elif outcome.error is None:
+                self.pool.release(conn)  # closed instead when anything is left unread
+            else:
+                self.pool.discard(conn)
             conn = None
             return outcome
         finally:
             if conn is not None:
-                conn.discard()
+                self.pool.discard(conn)  # never pooled after an error (a client not reading …)
             if body_task is not None and not body_task.done():
                 body_task.cancel()
 
+    async def tunnel(
+        self,
+        request: Request,
+        responder: Responder,
+        target: str,
+        headers: CIMultiDict[str],
+        idle_timeout: float,
+    ) -> ForwardOutcome:
+        """A WebSocket upgrade: ask the upstream on a fresh connection; on its 101 answer the
+        client with 101 and relay bytes both ways until either side closes or goes idle."""
+        loop = asyncio.get_running_loop()
+        self.breaker.before(loop.time())
+        headers["Connection"] = "Upgrade"
+        headers["Upgrade"] = "websocket"
+        try:
+            head, _chunked = encode_request_head(
+                request.method, target, headers, default_host=self._host_header, has_body=False
+            )
+        except ValueError as exc:
+            raise UpstreamError("bad_request_header", str(exc)) from None
+        started = time.perf_counter()
+        try:
+            transport = await self.pool.connect()
+        except ConnectTimeout:
+            self.breaker.failure(loop.time())
+            raise UpstreamError("connect_timeout") from None
+        except IdentityMismatch as exc:
+            self.breaker.failure(loop.time())
+            raise UpstreamError("upstream_identity", str(exc)) from None
+        except UpstreamClientError as exc:
+            self.breaker.failure(loop.time())
+            raise UpstreamError("upstream_unreachable", type(exc).__name__) from None
+        side = UpstreamSide(transport)
+        transport.set_protocol(side)
+        transport.write(head)
+        try:
+            answer = await side.answer(self.cfg.timeouts.read.total_seconds())
+        except UpstreamError:
+            self.breaker.failure(loop.time())
+            raise
+        if answer.status != 101:
+            transport.close()
+            self.breaker.success()
+            raise UpstreamError("upgrade_refused", f"the upstream answered {answer.status}")
+        self.breaker.success()
+        seconds = time.perf_counter() - started
+        relay = Tunnel(side, idle_timeout)
+        try:
+            client, rest = responder.switch_protocols(answer.headers, b"websocket", relay)
+        except ResponseError:
+            relay.close()
+            raise
+        relay.start(client, rest)
+        if answer.rest:
+            relay.from_upstream(answer.rest)
+        await relay.done.wait()
+        return ForwardOutcome(
+            upstream=self.name,
+            status=101,
+            upstream_seconds=seconds,
+            bytes_in=relay.bytes_in,
+            bytes_out=relay.bytes_out,
+            streamed=True,
+        )
+
     async def _relay(
         self,
-        request: web.BaseRequest,
+        request: Request,
+        responder: Responder,
         message: RawResponseMessage,
         payload: StreamReader,
+        *,
         started: float,
         upload: _Upload | None,
     ) -> ForwardOutcome:
         loop = asyncio.get_running_loop()
         breaker = self.breaker
         try:
-            out_headers = downstream_response_headers(message.raw_headers)
+            out_headers = response_header_pairs(message.raw_headers)
         except UpstreamError:
             breaker.failure(loop.time())
             raise
         status = message.code
+        reason = message.reason.encode("latin-1", "replace") if message.reason else None
+        length = _content_length(message)
         if request.method == "HEAD" or status in _NO_BODY_STATUS:
             breaker.success()
             seconds = time.perf_counter() - started
-            out = web.StreamResponse(status=status, reason=message.reason, headers=out_headers)
-            await out.prepare(request)
-            _sent, error = await _stream_body(request, None, out)
-            return self._outcome(out, seconds, upload, 0, error)
-        length = _content_length(message)
+            responder.start(status, out_headers, content_length=length, reason=reason)
+            await responder.end()
+            return self._outcome(status, seconds, upload, 0)
         if length is not None and length <= BUFFER_LIMIT:
             # Small body: read it whole, then headers + body leave in one write.
             try:
-                body = await payload.read() if length else b""
+                data = await payload.read() if length else b""
             except ReadTimeout:
                 breaker.failure(loop.time())
                 raise UpstreamTimeout("read_timeout") from None
@@ -231,61 +314,57 @@ class Upstream:
                 raise UpstreamError("bad_upstream_response") from None
             breaker.success()
             seconds = time.perf_counter() - started
-            response = web.Response(
-                status=status, reason=message.reason, headers=out_headers, body=body
-            )
-            return self._outcome(response, seconds, upload, len(body))
+            responder.respond(status, out_headers, data, reason)
+            return self._outcome(status, seconds, upload, len(data))
         breaker.success()
         seconds = time.perf_counter() - started
-        out = web.StreamResponse(status=status, reason=message.reason, headers=out_headers)
-        if "Content-Length" not in out_headers and request.version >= (1, 1):
-            out.enable_chunked_encoding()
-        await out.prepare(request)
-        sent, error = await _stream_body(request, payload, out)
+        responder.start(status, out_headers, content_length=length, reason=reason)
+        sent, error = await _stream_body(payload, responder)
         if error is not None and error != "internal":
             log.warning(
                 "upstream %s broke off mid-body (%s): client connection cut", self.name, error
             )
-        return self._outcome(out, seconds, upload, sent, error)
+        return self._outcome(status, seconds, upload, sent, error, streamed=True)
 
     def _outcome(
         self,
-        response: web.StreamResponse,
+        status: int,
         upstream_seconds: float,
         upload: _Upload | None,
         bytes_out: int,
         error: str | None = None,
+        *,
+        streamed: bool = False,
     ) -> ForwardOutcome:
         return ForwardOutcome(
-            response=response,
             upstream=self.name,
-            status=response.status,
+            status=status,
             upstream_seconds=upstream_seconds,
             bytes_in=upload.sent if upload is not None else 0,
             bytes_out=bytes_out,
             error=error,
+            streamed=streamed,
         )
 
 
-async def _stream_body(
-    request: web.BaseRequest, payload: StreamReader | None, out: web.StreamResponse
-) -> tuple[int, str | None]:
-    """Relay the body (if any) of a committed response: (bytes sent, error reason or None).
+async def _stream_body(payload: StreamReader, responder: Responder) -> tuple[int, str | None]:
+    """Relay the body of a committed response: (bytes sent, error reason or None), with
+    back-pressure (each write waits for a slow client, bounded by the write timeout).
 
-    The status line is out, so no error response can follow: when the exchange breaks off the
+    The status line is out, so no error response can follow: when the upstream breaks off the
     client connection is cut (the only honest signal left) and the reason is returned. The
-    client going away (ConnectionError) is raised, like anywhere else in the pipeline."""
+    client going away or not reading (:class:`ResponseError`) is raised."""
     sent = 0
     try:
-        while payload is not None:
+        while True:
             chunk = await payload.readany()
             if not chunk:
                 break
-            await out.write(chunk)
+            await responder.write(chunk)
             sent += len(chunk)
-        await out.write_eof()
+        await responder.end()
         return sent, None
-    except ConnectionError:
+    except ResponseError:
         raise
     except ReadTimeout:
         error = "read_timeout"
@@ -294,8 +373,7 @@ async def _stream_body(
     except Exception:
         log.exception("unexpected error while relaying a response body")
         error = "internal"
-    if request.transport is not None:
-        request.transport.abort()
+    responder.abort()
     return sent, error
 
 
@@ -311,28 +389,30 @@ def _content_length(message: RawResponseMessage) -> int | None:
 
 class _Upload:
     """The client's request body on its way upstream (re-chunked when it had no
-    Content-Length): how many bytes went out, and whether a failure was the *client's* (its
-    body ended early: not the upstream's fault, so not counted against its circuit breaker)."""
+    Content-Length): how many bytes went out, and the client's :class:`BodyError` when the body
+    failed on its side (stalled, too large, cut: not the upstream's fault, so never counted
+    against its circuit breaker)."""
 
-    __slots__ = ("client_failed", "request", "sent")
+    __slots__ = ("body", "error", "sent")
 
-    def __init__(self, request: web.BaseRequest) -> None:
-        self.request = request
+    def __init__(self, body: Body) -> None:
+        self.body = body
         self.sent = 0
-        self.client_failed = False
+        self.error: BodyError | None = None
 
     async def run(self, conn: UpstreamConnection, chunked: bool) -> None:
-        """Stream the body; on any failure drop the upstream connection, so the response waiter
+        """Stream the body with back-pressure (the next chunk is read only once the upstream
+        took the last); on any failure drop the upstream connection, so the response waiter
         fails instead of waiting for the read timeout."""
         transport = conn.transport
-        content = self.request.content
+        body = self.body
         while True:
             try:
-                chunk = await content.readany()
+                chunk = await body.read()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                self.client_failed = True
+            except BodyError as exc:
+                self.error = exc
                 conn.break_off()
                 return
             try:

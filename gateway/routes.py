@@ -114,6 +114,9 @@ class Route:
     jwt: JwtConfig | None
     case_insensitive: bool = False  # the prefix matches in any ASCII letter case
     forward_authorization: bool = False  # no JWT: pass a client's Bearer token unverified
+    max_body_bytes: int | None = None  # None: the listener's limits.max_body_bytes
+    preserve_host: bool = False  # send the client's Host upstream (default: the upstream's)
+    websocket: bool = False  # relay WebSocket upgrades
 
     def allows_method(self, method: str) -> bool:
         return self.methods is None or method in self.methods
@@ -132,6 +135,9 @@ class Route:
             jwt=cfg.jwt if cfg.requires_jwt else None,
             case_insensitive=case_insensitive_default if ci is None else ci,
             forward_authorization=cfg.forward_authorization,
+            max_body_bytes=cfg.max_body_bytes,
+            preserve_host=cfg.preserve_host,
+            websocket=cfg.websocket,
         )
 
 

@@ -21,8 +21,11 @@ from pathlib import Path
 
 from aiohttp import web
 from svidgate.gateway.admin import Metrics, admin_app
-from svidgate.gateway.app import GatewayApp, GatewayWebServer, emit
+from svidgate.gateway.app import GatewayApp, Peer, emit
+from svidgate.gateway.config import LimitsConfig
 from svidgate.gateway.credentials import StateHolder
+from svidgate.gateway.http1 import Limits
+from svidgate.gateway.listener import Listener
 from svidgate.gateway.logs import BackgroundStreamHandler
 
 from svidgate.config import parse_host_port
@@ -49,6 +52,22 @@ def listening_socket(address: str) -> socket.socket:
     return sock
 
 
+def core_limits(cfg: LimitsConfig, write_timeout: float) -> Limits:
+    """The HTTP/1.1 core's limits from ``gateway.yaml``'s ``limits:`` (times in seconds)."""
+    return Limits(
+        max_connections=cfg.max_connections,
+        max_connections_per_identity=cfg.max_connections_per_identity,
+        handshake_timeout=cfg.handshake_timeout.total_seconds(),
+        header_timeout=cfg.header_timeout.total_seconds(),
+        idle_timeout=cfg.idle_timeout.total_seconds(),
+        max_header_bytes=cfg.max_header_bytes,
+        max_headers=cfg.max_headers,
+        max_body_bytes=cfg.max_body_bytes,
+        body_timeout=cfg.body_timeout.total_seconds(),
+        write_timeout=write_timeout,
+    )
+
+
 class GatewayServer:
     """One gateway worker: the TLS listener, the admin listener, reload and drain."""
 
@@ -64,8 +83,7 @@ class GatewayServer:
             signer = SignerClient.from_config(cfg.signer)
         self.app = GatewayApp(self.holder, self.metrics, signer)
         self._want_admin = admin and cfg.admin_listen is not None
-        self._web_server: web.Server | None = None
-        self._server: asyncio.Server | None = None
+        self.listener: Listener[Peer] | None = None
         self._admin_runner: web.AppRunner | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.port = 0
@@ -75,16 +93,28 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         state = self.holder.current
         await self.app.start()
-        self._web_server = GatewayWebServer(self.app, access_log=None)
-        sock = listening_socket(state.config.listen)
-        self._server = await loop.create_server(
-            self.app.protocol_factory(self._web_server),
-            sock=sock,
-            ssl=state.ssl_context,
-            ssl_handshake_timeout=10.0,
-            backlog=LISTEN_BACKLOG,
+        cfg = state.config
+        # One write timeout per listener: the shortest any upstream asks for (a client that
+        # does not read its response holds an upstream connection meanwhile).
+        write_timeout = min(
+            (u.timeouts.write.total_seconds() for u in cfg.upstreams.values()), default=30.0
         )
-        self.port = sock.getsockname()[1]
+        sock = listening_socket(cfg.listen)
+        self.listener = Listener(
+            sock,
+            state.ssl_context,
+            self.app.handle,
+            self.app.identify,
+            core_limits(cfg.limits, write_timeout),
+            on_close=self.app.connection_closed,
+        )
+        self.listener.start()
+        listener = self.listener
+        self.metrics.watch_listener(
+            lambda: (listener.open_connections, listener.counters.snapshot())
+        )
+        self.app.listener = self.listener
+        self.port = self.listener.port
         if self._want_admin and state.config.admin_listen is not None:
             self._admin_runner = web.AppRunner(
                 admin_app(self.metrics, self.app.readiness), access_log=None
@@ -124,14 +154,8 @@ class GatewayServer:
         self.app.draining = True
         if self._watch_task is not None:
             self._watch_task.cancel()
-        if self._server is not None:
-            self._server.close()
-        if self._web_server is not None:
-            self._web_server.pre_shutdown()
-            await self._web_server.shutdown(drain_timeout)
-        if self._server is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        if self.listener is not None:
+            await self.listener.shutdown(drain_timeout)
         await self.app.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

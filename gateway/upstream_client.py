@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+from collections import deque
 from typing import Any
 
 from aiohttp.base_protocol import BaseProtocol
@@ -60,6 +61,10 @@ class Disconnected(UpstreamClientError):
     def __init__(self, message: str, *, before_response: bool) -> None:
         super().__init__(message)
         self.before_response = before_response
+
+
+class PoolTimeout(UpstreamClientError):
+    """Every one of the pool's ``max_connections`` stayed in use for the whole queue timeout."""
 
 
 class ReadTimeout(UpstreamClientError):
@@ -377,8 +382,12 @@ class UpstreamConnection(BaseProtocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections to one upstream: LIFO, at most ``max_idle``, each closed
-    after ``idle_timeout`` seconds unused. Concurrent connections are not limited."""
+    """Connections to one upstream: at most ``max_connections`` in use at once (a caller
+    beyond waits up to ``queue_timeout``, then :class:`PoolTimeout`), and idle keep-alive ones
+    kept LIFO, at most ``max_idle``, each closed after ``idle_timeout`` seconds unused.
+
+    Every connection :meth:`acquire` hands out goes back exactly once: :meth:`release` (pooled
+    when reusable) or :meth:`discard` (dropped)."""
 
     def __init__(
         self,
@@ -391,6 +400,8 @@ class UpstreamPool:
         read_timeout: float,
         idle_timeout: float = 30.0,
         max_idle: int = 128,
+        max_connections: int = 256,
+        queue_timeout: float = 1.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -400,6 +411,10 @@ class UpstreamPool:
         self._read_timeout = read_timeout
         self._idle_timeout = idle_timeout
         self._max_idle = max_idle
+        self._max_connections = max_connections
+        self._queue_timeout = queue_timeout
+        self._in_use = 0
+        self._queue: deque[asyncio.Future[None]] = deque()
         self._idle: list[UpstreamConnection] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -408,20 +423,60 @@ class UpstreamPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
-        """A connection and whether it was reused from the pool."""
+        """A connection and whether it was reused from the pool; waits for a free slot up to
+        the queue timeout (:class:`PoolTimeout`)."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if conn.reusable and now - conn.idle_since < self._idle_timeout:
-                return conn, True
-            conn.close()
-        return await self._connect(loop), False
+        if self._in_use >= self._max_connections or self._queue:
+            await self._wait_for_slot(loop)
+        self._in_use += 1
+        try:
+            now = loop.time()
+            idle = self._idle
+            while idle:
+                conn = idle.pop()
+                if conn.reusable and now - conn.idle_since < self._idle_timeout:
+                    return conn, True
+                conn.close()
+            return await self._connect(loop), False
+        except BaseException:
+            self._give_back()
+            raise
+
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._queue.append(waiter)
+        try:
+            async with asyncio.timeout(self._queue_timeout):
+                await waiter
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                return  # woken just as the time ran out: the slot is ours
+            raise PoolTimeout("every upstream connection stayed busy") from None
+        finally:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+
+    def _give_back(self) -> None:
+        self._in_use -= 1
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """Drop a connection handed out by :meth:`acquire` (never pooled)."""
+        conn.discard()
+        self._give_back()
 
     def release(self, conn: UpstreamConnection) -> None:
         """Back to the pool when reusable, otherwise closed."""
+        self._give_back()
         conn.finish()
         if self._closed or not conn.reusable or len(self._idle) >= self._max_idle:
             conn.close()
@@ -458,6 +513,14 @@ class UpstreamPool:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    async def connect(self) -> asyncio.Transport:
+        """A new connection of its own (connect timeout, TLS identity pinned), outside the
+        pool and its bound: for a tunnel, which never comes back. The caller sets its
+        protocol."""
+        conn = await self._connect(asyncio.get_running_loop())
+        assert conn.transport is not None
+        return conn.transport
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> UpstreamConnection:
         read_timeout = self._read_timeout

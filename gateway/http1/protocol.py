@@ -35,7 +35,7 @@ from svidgate.gateway.http1.flow import Deadline, WriteFlow
 from svidgate.gateway.http1.limits import Counters, Limits
 from svidgate.gateway.http1.message import Admission, ConnectionInfo, Request
 from svidgate.gateway.http1.parse import HeadParser, check_partial_head
-from svidgate.gateway.http1.respond import HeaderPairs, Responder, error_response
+from svidgate.gateway.http1.respond import HeaderPairs, Responder, TunnelEnd, error_response
 from svidgate.gateway.http1.state import Event, State, transition
 
 log = logging.getLogger("svidgate.gateway.http1")
@@ -85,6 +85,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         "_state",
         "_task",
         "_transport",
+        "_tunnel",
         "_writes",
     )
 
@@ -118,6 +119,7 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         self._reading = True
         self._writes = WriteFlow(loop, limits.write_timeout, self._write_timed_out)
         self._draining = False
+        self._tunnel: TunnelEnd | None = None
         self._continue = False
         self._served = 0
         self._deadline = Deadline(loop, self._on_deadline)
@@ -152,6 +154,8 @@ class H1Connection(asyncio.Protocol, Generic[P]):
             buf = self._buf + data if self._buf else data
             self._buf = b""
             self._process(buf)
+        elif state is State.TUNNEL and self._tunnel is not None:
+            self._tunnel.from_client(data)
         # HANDSHAKE / REFUSED / CLOSING / CLOSED: nothing is read any more
 
     def eof_received(self) -> bool | None:
@@ -205,11 +209,13 @@ class H1Connection(asyncio.Protocol, Generic[P]):
         state = self._state
         if state is State.BUSY:
             body = self._body
-            want = (
-                not body.complete
-                and not body.failed
-                and body.buffered < self._limits.body_buffer_high
-            )
+            if body.complete:
+                # Keep reading until a pipelined byte arrives (then it waits, one read at most):
+                # a client that leaves while its response streams is seen (EOF) at once,
+                # instead of the TLS layer dropping the writes unseen.
+                want = not self._buf and not body.failed
+            else:
+                want = not body.failed and body.buffered < self._limits.body_buffer_high
         else:
             want = state is State.IDLE or state is State.HEAD
         if want != self._reading:
@@ -331,9 +337,31 @@ class H1Connection(asyncio.Protocol, Generic[P]):
 
     def pause_writing(self) -> None:
         self._writes.pause()
+        if self._tunnel is not None:
+            self._tunnel.client_paused(True)
 
     def resume_writing(self) -> None:
         self._writes.resume()
+        if self._tunnel is not None:
+            self._tunnel.client_paused(False)
+
+    # -- switching protocols --------------------------------------------------------------------
+
+    def upgrade(self, tunnel: TunnelEnd) -> tuple[asyncio.Transport, bytes]:
+        """After a 101 is written: from now on every byte the client sends goes to ``tunnel``
+        (and the write pauses of this connection too); returns the transport and the bytes the
+        client sent after the request head (the tunnel's first bytes). The header, idle and
+        body timeouts stop: the tunnel keeps its own idle timeout."""
+        if self._state is not State.BUSY:
+            raise ClientDisconnected("client_disconnected")
+        self._to(Event.UPGRADE)
+        self._deadline.cancel()
+        self._tunnel = tunnel
+        rest, self._buf = self._buf, b""
+        if not self._reading:
+            self._reading = True
+            self._transport.resume_reading()
+        return self._transport, rest
 
     # -- timeouts, refusals, closing --------------------------------------------------------------
 
@@ -393,3 +421,5 @@ class H1Connection(asyncio.Protocol, Generic[P]):
             self._expiry = None
         self._body.fail(BodyIncomplete("client_disconnected"))
         self._writes.lose()
+        if self._tunnel is not None:
+            self._tunnel.client_lost()

@@ -71,6 +71,19 @@ def _own_headers(json_body: bool) -> list[tuple[bytes, bytes]]:
     return headers
 
 
+class TunnelEnd(Protocol):
+    """The handler's side of a connection that switched protocols (101)."""
+
+    def from_client(self, data: bytes) -> None:
+        """Bytes from the client."""
+
+    def client_paused(self, paused: bool) -> None:
+        """The client stopped (True) or resumed (False) reading what is written to it."""
+
+    def client_lost(self) -> None:
+        """The client connection is gone."""
+
+
 class ResponseSink(Protocol):
     """What a responder needs from its connection."""
 
@@ -86,6 +99,9 @@ class ResponseSink(Protocol):
 
     def cut(self) -> None:
         """Abort the connection (a response that cannot be completed)."""
+
+    def upgrade(self, tunnel: TunnelEnd) -> tuple[Any, bytes]:
+        """Switch the connection to a byte tunnel (after a 101)."""
 
 
 class Responder:
@@ -193,6 +209,22 @@ class Responder:
         if data:
             self._sink.send(data)
         await self._sink.drain()
+
+    def switch_protocols(
+        self, headers: HeaderPairs, protocol: bytes, tunnel: TunnelEnd
+    ) -> tuple[Any, bytes]:
+        """Answer ``101 Switching Protocols`` (``Upgrade: protocol``) and hand the connection
+        to ``tunnel``: returns the transport and the client's bytes already read past the head.
+        The response is done; the connection never serves another HTTP request."""
+        if self.state != _NEW:
+            raise RuntimeError("a response was already started")
+        framing = b"Connection: Upgrade\r\nUpgrade: " + protocol + b"\r\n"
+        head = encode_head(101, headers, framing)
+        self.state = _DONE
+        self.status = 101
+        self.keep_alive = False
+        self._sink.send(head)
+        return self._sink.upgrade(tunnel)
 
     def abort(self) -> None:
         """Cut the connection: the only honest end of a response that broke off mid-way."""

@@ -8,6 +8,8 @@ as a table (h11's habit): readable, testable, and a wrong move is a loud bug, no
      refused              close (idle timeout, 4xx, drain, expiry)  close
         v                    v                                     v
      REFUSED               CLOSING ------------- lost -----------> CLOSED
+
+    BUSY --upgrade--> TUNNEL (raw bytes relayed by the handler) --close--> CLOSING
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class State(enum.Enum):
     IDLE = "idle"  # waiting for the first byte of a request head
     HEAD = "head"  # part of a request head received (header_timeout runs)
     BUSY = "busy"  # one request dispatched to the handler; reading only its body
+    TUNNEL = "tunnel"  # switched protocols (101): bytes go to the handler's tunnel as they are
     CLOSING = "closing"  # the last response is written; the transport is closing
     CLOSED = "closed"  # connection_lost
 
@@ -35,6 +38,7 @@ class Event(enum.Enum):
     BYTES = "bytes"  # the first bytes of a head, not yet complete
     HEAD_DONE = "head_done"  # a complete, valid head was dispatched
     KEEP_ALIVE = "keep_alive"  # the response is done and the connection stays open
+    UPGRADE = "upgrade"  # a 101 was sent: the connection is a byte tunnel from now on
     CLOSE = "close"
     LOST = "lost"
 
@@ -46,7 +50,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.IDLE, Event.HEAD_DONE): State.BUSY,
     (State.HEAD, Event.HEAD_DONE): State.BUSY,
     (State.BUSY, Event.KEEP_ALIVE): State.IDLE,
-    **{(s, Event.CLOSE): State.CLOSING for s in (State.IDLE, State.HEAD, State.BUSY)},
+    (State.BUSY, Event.UPGRADE): State.TUNNEL,
+    **{(s, Event.CLOSE): State.CLOSING for s in (State.IDLE, State.HEAD, State.BUSY, State.TUNNEL)},
     (State.CLOSING, Event.CLOSE): State.CLOSING,
     **{(s, Event.LOST): State.CLOSED for s in State if s is not State.CLOSED},
 }

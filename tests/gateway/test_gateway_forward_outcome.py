@@ -1,7 +1,8 @@
 """``Upstream.forward`` returns its outcome (a frozen ForwardOutcome: status, upstream, timing,
 bytes in and out, why a committed response broke off) and the pipeline's access line and
 metrics are built from it. Real sockets on 127.0.0.1: a scripted plain-HTTP upstream, and
-either a bare aiohttp server that calls ``forward`` itself or the whole gateway."""
+either the bare HTTP/1.1 core (plain TCP) whose handler calls ``forward`` itself, or the whole
+gateway."""
 
 from __future__ import annotations
 
@@ -14,12 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from gateway_harness import WEB_ID, Echo, Harness, LabPki, build_request, gateway_config
 from multidict import CIMultiDict
 from prometheus_client.exposition import generate_latest
 from support.waiting import wait_for
 from svidgate.gateway.config import parse_config
+from svidgate.gateway.http1 import (
+    Admission,
+    Body,
+    ConnectionInfo,
+    Counters,
+    H1Connection,
+    Limits,
+    Request,
+    Responder,
+)
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
 
 BIG = 200_000  # above the proxy's buffer limit: streamed
@@ -102,25 +112,43 @@ async def _forward_once(
     upstream = Upstream("raw", parse_config(doc, base_dir=tmp_path).upstreams["raw"], None)
     outcomes: list[ForwardOutcome] = []
 
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        outcome = await upstream.forward(request, "/x", CIMultiDict(request.headers))
-        outcomes.append(outcome)
-        return outcome.response
+    async def handler(
+        _conn: ConnectionInfo[None], request: Request, body: Body, responder: Responder
+    ) -> None:
+        headers = CIMultiDict((k.decode(), v.decode()) for k, v in request.headers)
+        outcomes.append(await upstream.forward(request, body, responder, "/x", headers))
 
-    runner = web.ServerRunner(web.Server(handler, access_log=None))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    owner = _PlainOwner(handler)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: H1Connection(owner), "127.0.0.1", 0
+    )
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.sockets[0].getsockname()[1]
+        )
         writer.write(build_request(method, "/x", None, body, host="localhost"))
         received = await asyncio.wait_for(_read_all(reader), 10)
         writer.close()
     finally:
-        await runner.cleanup()
+        server.close()
         await upstream.close()
     assert len(outcomes) == 1
     return outcomes[0], received
+
+
+class _PlainOwner:
+    """The core's connection owner for plain TCP: every peer admitted, default limits."""
+
+    def __init__(self, handler: Callable[..., Any]) -> None:
+        self.limits = Limits()
+        self.counters = Counters()
+        self.handler = handler
+
+    def admit(self, conn: H1Connection[None], transport: asyncio.BaseTransport) -> Admission[None]:
+        return Admission(None, "plain")
+
+    def forget(self, conn: H1Connection[None]) -> None:
+        return None
 
 
 async def test_small_response_outcome(tmp_path: Path, upstream: Callable[..., Any]) -> None:
@@ -130,7 +158,7 @@ async def test_small_response_outcome(tmp_path: Path, upstream: Callable[..., An
     assert (outcome.upstream, outcome.status, outcome.error) == ("raw", 201, None)
     assert (outcome.bytes_in, outcome.bytes_out) == (10, 2)
     assert outcome.upstream_seconds > 0
-    assert isinstance(outcome.response, web.Response)
+    assert not outcome.streamed  # read whole, sent in one write
     with pytest.raises(dataclasses.FrozenInstanceError):
         outcome.status = 500  # type: ignore[misc]
 
@@ -139,7 +167,7 @@ async def test_streamed_response_outcome(tmp_path: Path, upstream: Callable[...,
     port = await upstream(_answer(_big(BIG, BIG)))
     outcome, received = await _forward_once(tmp_path, port, "GET", b"")
     assert received.endswith(b"x" * 1000) and len(received) > BIG
-    assert outcome.response.prepared and not isinstance(outcome.response, web.Response)
+    assert outcome.streamed
     assert (outcome.status, outcome.bytes_in, outcome.bytes_out, outcome.error) == (
         200,
         0,
