@@ -207,6 +207,9 @@ def _gateway_config(
         "routes": [route(name, ROUTES[name]) for name in routes],
         "identity_headers": {"xfcc": True},
         "access_log": access_log,
+        # the idle-memory probe holds 1,000 connections of one bench client; the per-identity
+        # default (512) would refuse half of them
+        "limits": {"max_connections_per_identity": 4096},
     }
     if not audit_allow:  # the default (allow decisions audited) is what users run
         conf["audit"] = {"allow": False}
