@@ -27,14 +27,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.exceptions import PyJWTError
 from svidgate.gateway.errors import SignerUnavailable, TokenRejected
-from svidgate.gateway.signer_channel import SignerConnector
+from svidgate.gateway.signer_channel import SignerConnector, SignerTLSFiles
 from svidgate.pki.jose import ALGORITHMS, jws_algorithm, key_fits_algorithm, loads_strict
 from svidgate.pki.jwt_svid import (
     JwtSvidError,
@@ -76,21 +75,6 @@ PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k", "oth"})
 _TOKEN_ERROR_CODES = frozenset({"UNAUTHENTICATED", "INVALID_ARGUMENT"})
 
 
-class SignerTLSSettings(Protocol):
-    """What the client needs from ``gateway.config.SignerTLS`` (paths already absolute)."""
-
-    @property
-    def cert(self) -> Path: ...
-    @property
-    def key(self) -> Path: ...
-    @property
-    def bundle(self) -> Path: ...
-    @property
-    def spiffe_id(self) -> str: ...
-    @property
-    def server_name(self) -> str | None: ...
-
-
 class CacheSettings(Protocol):
     """What the client needs from ``gateway.config.SignerCacheConfig``."""
 
@@ -110,7 +94,7 @@ class SignerSettings(Protocol):
     @property
     def timeout(self) -> timedelta: ...
     @property
-    def tls(self) -> SignerTLSSettings | None: ...
+    def tls(self) -> SignerTLSFiles | None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +374,7 @@ class SignerClient:
         *,
         address: str,
         timeout: timedelta,
-        tls: SignerTLSSettings | None = None,
+        tls: SignerTLSFiles | None = None,
         issuer: str | None = None,
         clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
         max_ttl: timedelta | None = None,
