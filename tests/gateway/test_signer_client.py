@@ -19,8 +19,7 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from support.jwt_keys import AUD, ISS, NOW, SUB, Signer
 from support.pki import ADMIN_ID, GATEWAY_ID, SIGNER_ID, Pki
 from support.ports import free_port
 from support.signer_process import SignerProcess, deep_merge
@@ -40,45 +39,7 @@ from svidgate.pki.jwt_svid import MAX_TOKEN_BYTES, UnknownKidError, VerifiedToke
 
 from svidgate.config import ConfigError
 
-ISS = "spiffe://example.org/signer"
-SUB = "spiffe://example.org/ns/shop/sa/web"
-AUD = "orders"
-NOW = 1_800_000_000.0
 SKEW = timedelta(seconds=30)
-
-
-class Signer:
-    """A key pair and its public JWK, standing in for one signer key."""
-
-    def __init__(self, kid: str, alg: str = "ES256") -> None:
-        self.kid = kid
-        self.alg = alg
-        if alg == "ES256":
-            self.private: Any = ec.generate_private_key(ec.SECP256R1())
-            jwk = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        elif alg == "EdDSA":
-            self.private = ed25519.Ed25519PrivateKey.generate()
-            jwk = OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        else:
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        self.jwk: dict[str, Any] = {**jwk, "kid": kid, "alg": alg, "use": "sig"}
-
-    def token(self, headers: dict[str, Any] | None = None, **overrides: Any) -> str:
-        claims: dict[str, Any] = {
-            "iss": ISS,
-            "sub": SUB,
-            "aud": AUD,
-            "iat": int(NOW) - 10,
-            "exp": int(NOW) + 300,
-        }
-        for name, value in overrides.items():
-            if value is None:
-                claims.pop(name, None)
-            else:
-                claims[name] = value
-        hdr = {"kid": self.kid, **(headers or {})}
-        return jwt.encode(claims, self.private, algorithm=self.alg, headers=hdr)
 
 
 def keyset(

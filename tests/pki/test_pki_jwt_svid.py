@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from support.jwt_keys import NOW as GNOW
+from support.jwt_keys import Signer
 from svidgate.pki.errors import PkiError
 from svidgate.pki.jose import ALGORITHMS, b64url_decode, jws_algorithm
 from svidgate.pki.jwt_svid import (
@@ -478,47 +479,6 @@ def test_parse_json_object_decides_like_json_loads(data: bytes | str, expected: 
 
 # ---------------------------------------------------------------------------------------------
 # From the gateway's former local verifier: tokens minted by pyjwt, float ``now``
-
-
-GNOW = 1_800_000_000.0
-
-
-class Signer:
-    """A key pair and its public JWK, standing in for one signer key."""
-
-    def __init__(self, kid: str, alg: str = "ES256") -> None:
-        self.kid = kid
-        self.alg = alg
-        if alg == "ES256":
-            self.private: Any = ec.generate_private_key(ec.SECP256R1())
-            jwk = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        elif alg == "EdDSA":
-            self.private = ed25519.Ed25519PrivateKey.generate()
-            jwk = OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        else:
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        self.jwk: dict[str, Any] = {**jwk, "kid": kid, "alg": alg, "use": "sig"}
-
-    @property
-    def key(self) -> VerificationKey:
-        return VerificationKey(self.kid, self.alg, self.private.public_key())
-
-    def token(self, headers: dict[str, Any] | None = None, **overrides: Any) -> str:
-        claim_set: dict[str, Any] = {
-            "iss": ISS,
-            "sub": SUB,
-            "aud": AUD,
-            "iat": int(GNOW) - 10,
-            "exp": int(GNOW) + 300,
-        }
-        for name, value in overrides.items():
-            if value is None:
-                claim_set.pop(name, None)
-            else:
-                claim_set[name] = value
-        hdr = {"kid": self.kid, **(headers or {})}
-        return jwt.encode(claim_set, self.private, algorithm=self.alg, headers=hdr)
 
 
 def local(
