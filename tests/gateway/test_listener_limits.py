@@ -5,6 +5,8 @@ slow handshakes and a half-open flood cost little and are closed; shutdown drain
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import socket
 import ssl
@@ -151,6 +153,36 @@ def test_a_client_without_a_certificate_fails_the_handshake(
         pass  # TLS 1.2 clients see the alert in the handshake
     assert wait_for(lambda: srv.counters()["handshake_failed"] == 1)
     assert wait_for(lambda: srv.open_connections() == 0)
+
+
+def test_closed_connections_are_freed_without_the_cyclic_collector(
+    start: Callable[..., Server], pki: Pki
+) -> None:
+    """A closed connection and its TLS objects go as soon as it is closed (reference counting):
+    left in reference cycles they wait for a full collection, and glibc keeps the memory."""
+    srv = start(Limits())
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            with Client(srv.port, pki.client_context()) as c:
+                assert served(c)
+        for _ in range(3):
+            with (
+                contextlib.suppress(ssl.SSLError, ConnectionError),
+                Client(srv.port, pki.client_context(None)) as c,
+            ):
+                c.exchange(get("/x"))
+        assert wait_for(lambda: srv.open_connections() == 0)
+        assert srv.counters()["handshake_failed"] == 3
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = sorted({type(o).__name__ for o in gc.garbage} & {"H1Connection", "SSLProtocol"})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 def test_a_silent_connection_is_closed_after_the_handshake_timeout(
