@@ -13,6 +13,9 @@ Limits, in the order a peer meets them:
    other error: logged and refused — fail closed).
 4. ``max_connections_per_identity`` on the admission's key: beyond it, closed at once.
 
+Once a burst of connections is over, the memory it took is handed back to the system
+(:class:`~svidgate.gateway.heap.HeapTrimmer`).
+
 Works on uvloop (the gateway's loop) and on the stock asyncio loop.
 """
 
@@ -28,6 +31,7 @@ import struct
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from svidgate.gateway.heap import HeapTrimmer
 from svidgate.gateway.http1 import (
     Admission,
     Counters,
@@ -75,6 +79,7 @@ class Listener(Generic[P]):
         self._handshakes: set[asyncio.Task[None]] = set()
         self._silent_ones: dict[H1Connection[P], tuple[socket.socket, asyncio.TimerHandle]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._heap: HeapTrimmer | None = None  # gives a burst's memory back once it is over
         self._accepting = False
         self._resume: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None  # set during shutdown
@@ -110,6 +115,7 @@ class Listener(Generic[P]):
     def start(self) -> None:
         """Start accepting (call from the event loop that serves the connections)."""
         self._loop = asyncio.get_running_loop()
+        self._heap = HeapTrimmer(self._loop)
         self._accepting = True
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
@@ -148,6 +154,8 @@ class Listener(Generic[P]):
         conn: H1Connection[P] = H1Connection(self)
         self._connections.add(conn)
         self._counters.accepted += 1
+        if self._heap is not None:
+            self._heap.opened(len(self._connections))
         # TLS state (≈ 50 KiB with uvloop) is allocated only once the client speaks: until its
         # first byte a connection holds the socket, a reader and one timer.
         loop = self._loop
@@ -226,6 +234,8 @@ class Listener(Generic[P]):
 
     def forget(self, conn: H1Connection[P]) -> None:
         self._connections.discard(conn)
+        if self._heap is not None:
+            self._heap.closed(len(self._connections))
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()
         key = self._keys.pop(conn, None)
@@ -250,6 +260,8 @@ class Listener(Generic[P]):
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
+        if self._heap is not None:
+            self._heap.cancel()
         self._sock.close()
 
     async def shutdown(self, drain_seconds: float) -> None:
