@@ -45,7 +45,7 @@ _MALLOC_TRIM = _load_malloc_trim()
 class HeapTrimmer:
     """Trims the heap once the open-connection count has dropped enough from its peak."""
 
-    __slots__ = ("_drop", "_handle", "_loop", "_peak", "_quiet", "_trim", "trims")
+    __slots__ = ("_drop", "_handle", "_loop", "_open", "_peak", "_quiet", "_trim", "trims")
 
     def __init__(
         self,
@@ -60,15 +60,18 @@ class HeapTrimmer:
         self._quiet = quiet
         self._trim = trim
         self._peak = 0
+        self._open = 0
         self._handle: asyncio.TimerHandle | None = None
         self.trims = 0
 
     def opened(self, count: int) -> None:
         """``count`` connections are open now (one more than before)."""
+        self._open = count
         self._peak = max(self._peak, count)
 
     def closed(self, count: int) -> None:
         """``count`` connections are open now (one fewer than before)."""
+        self._open = count
         if self._trim is None or self._handle is not None:
             return
         if self._peak - count >= self._drop:
@@ -80,7 +83,7 @@ class HeapTrimmer:
             return
         self._trim(0)
         self.trims += 1
-        self._peak = 0  # the next burst is measured from here
+        self._peak = self._open  # the next drop is measured from here
 
     def cancel(self) -> None:
         if self._handle is not None:

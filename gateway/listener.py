@@ -8,6 +8,9 @@ Limits, in the order a peer meets them:
 2. ``handshake_timeout``, from accept: the client must speak and finish the handshake in
    time. Until its first byte a connection holds a socket, a reader, a timer and a small
    protocol object (about 2 KiB); TLS state is allocated only when the ClientHello arrives.
+   At most ``max_handshakes`` handshakes are in progress (a stalled one holds ~60 KiB of TLS
+   state): one more resets the oldest. A real client finishes in a round trip, so what gives
+   way is a stalled one, and a flood of them cannot take more than that much memory.
 3. the caller's identity check (``identify``), right after the handshake, before a parser or
    buffer exists: it returns an :class:`Admission` or raises (:class:`Refused`: counted; any
    other error: logged and refused — fail closed).
@@ -76,7 +79,8 @@ class Listener(Generic[P]):
         self._connections: set[H1Connection[P]] = set()
         self._keys: dict[H1Connection[P], Hashable] = {}
         self._per_key: dict[Hashable, int] = {}
-        self._handshakes: set[asyncio.Task[None]] = set()
+        # in progress, oldest first: the oldest gives way when max_handshakes is reached
+        self._handshakes: dict[H1Connection[P], asyncio.Task[None]] = {}
         self._silent_ones: dict[H1Connection[P], tuple[socket.socket, asyncio.TimerHandle]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heap: HeapTrimmer | None = None  # gives a burst's memory back once it is over
@@ -173,9 +177,13 @@ class Listener(Generic[P]):
         assert loop is not None
         loop.remove_reader(sock.fileno())
         remaining = max(deadline - loop.time(), 0.01)
+        handshakes = self._handshakes
+        if len(handshakes) >= self._limits.max_handshakes:
+            oldest = next(iter(handshakes))
+            handshakes.pop(oldest).cancel()  # its socket is closed, it counts as failed
         task = loop.create_task(self._handshake(conn, sock, remaining))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+        handshakes[conn] = task
+        task.add_done_callback(lambda _t: handshakes.pop(conn, None))
 
     def _silent(self, conn: H1Connection[P]) -> None:
         """No ClientHello within the handshake timeout: reset and forget."""
@@ -199,6 +207,9 @@ class Listener(Generic[P]):
                 ssl_shutdown_timeout=self._limits.handshake_timeout,
             )
             done = True
+        except asyncio.CancelledError:  # given way to a newer handshake, or shutting down
+            self._counters.handshake_failed += 1
+            raise
         except Exception as exc:
             # The transport closed the socket. Nothing is logged per failed handshake: scanners
             # and clients without a certificate are routine (the counter says how many).
@@ -268,7 +279,7 @@ class Listener(Generic[P]):
         """Drain: stop accepting, close idle connections, let in-flight requests finish (their
         responses say ``Connection: close``) for up to ``drain_seconds``, then cut the rest."""
         self.close()
-        for task in list(self._handshakes):
+        for task in list(self._handshakes.values()):
             task.cancel()
         for conn in list(self._silent_ones):
             self._silent(conn)
@@ -282,7 +293,7 @@ class Listener(Generic[P]):
         for conn in list(self._connections):
             conn.abort()
         if self._handshakes:
-            await asyncio.gather(*self._handshakes, return_exceptions=True)
+            await asyncio.gather(*self._handshakes.values(), return_exceptions=True)
 
 
 def _reset(sock: socket.socket) -> None:

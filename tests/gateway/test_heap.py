@@ -27,6 +27,12 @@ def test_trims_once_after_a_burst_ends_and_not_for_a_few_closes() -> None:
         await asyncio.sleep(0.2)
         assert calls == [0]
         assert trimmer.trims == 1
+        for n in range(1, 301):  # the next burst: measured from what was open at the trim
+            trimmer.opened(n)
+        for n in range(299, 150, -1):
+            trimmer.closed(n)
+        await asyncio.sleep(0.2)
+        assert calls == [0, 0]
 
     asyncio.run(scenario())
 
