@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import envoy, idle, nginx, report, shim
+from bench import envoy, flood, idle, nginx, report, shim
 from bench.ab import AbSpec, run_ab
 from bench.procs import BenchError, Service, exclusive_run, free_port, pinned, raise_nofile
 from bench.stack import (
@@ -102,6 +102,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "aiohttp proxy, raw asyncio proxy — the ceilings the gateway's design can reach",
     )
     p.add_argument("--idle", type=int, default=1000, help="idle connections for RSS (0 = skip)")
+    p.add_argument(
+        "--flood",
+        type=int,
+        default=6000,
+        help="stalled partial TLS handshakes for the gateway's RSS under a flood (0 = skip)",
+    )
     p.add_argument("--access-log", action="store_true", help="keep access logs on (both)")
     p.add_argument(
         "--no-audit-allow",
@@ -294,6 +300,25 @@ def measure_memory(
     return summary
 
 
+def measure_flood(pids: list[int], port: int, count: int) -> dict[str, Any]:
+    """The gateway's RSS during ``count`` stalled partial handshakes (bench/flood.py)."""
+    print(f"flood of {count:,} stalled TLS handshakes (no client certificate) on svidgate:")
+    try:
+        result = asyncio.run(flood.flood(pids, port, count=count))
+    except (BenchError, OSError) as exc:
+        print(f"  flood: FAILED: {exc}")
+        return {"error": str(exc)}
+    doc = result.as_dict()
+    doc["worst"] = result.worst()
+    w = doc["worst"]
+    print(
+        f"  answered {result.answered:,}, held at most {result.held_max:,}, reset "
+        f"{result.refused:,}; worker RSS {w['rss_before_mb']} MB -> peak {w['rss_peak_mb']} MB "
+        f"-> {w['rss_after_mb']} MB {result.settle_seconds:.0f} s after"
+    )
+    return doc
+
+
 def resolve_envoy(args: argparse.Namespace) -> str | None:
     """The Envoy binary when envoy is to be measured; by default, go on without it if absent."""
     if "envoy" not in args.proxies:
@@ -388,6 +413,8 @@ def _main(args: argparse.Namespace) -> int:
     nofile = raise_nofile()
     if args.idle and nofile < args.idle * 2 + 100:
         raise BenchError(f"open-file limit {nofile} too low for {args.idle} idle connections")
+    if args.flood and nofile < args.flood + 200:
+        raise BenchError(f"open-file limit {nofile} too low for a flood of {args.flood}")
     envoy_exe = resolve_envoy(args)
     preload = shim.build() if args.nodelay else None
     print(shim.NOTE if preload is not None else shim.NOTE_OFF)
@@ -568,6 +595,9 @@ def _main(args: argparse.Namespace) -> int:
                 memory[name] = measure_memory(
                     name, svc.tree(), port, args.idle, client_ctx, "/rbac"
                 )
+        flooded: dict[str, Any] | None = None
+        if stack is not None and args.flood:
+            flooded = measure_flood(stack.gateway_pids(), stack.port, args.flood)
         samples = [s for t in targets for s in t.samples]
         summary = report.summarize(samples)
         ratio = report.ratios(summary, memory)
@@ -602,6 +632,17 @@ def _main(args: argparse.Namespace) -> int:
             "ratios_envoy": report.peer_ratios(summary, memory),
             "memory": memory,
             "verdicts": report.verdicts(ratio, memory, idle=args.idle) if stack is not None else {},
+            "verdicts_11": report.verdicts_11(
+                ratio,
+                report.peer_ratios(summary, memory),
+                memory,
+                flooded,
+                idle=args.idle,
+                server_cores=len(cpu_list(args.server_cpus)),
+            )
+            if stack is not None
+            else {},
+            "flood": flooded,
             "design_reference": report.DESIGN_REFERENCE,
             "samples": samples,
         }

@@ -27,6 +27,22 @@ TARGETS = {
     "p99_added_ms_max": 1.0,
     "rss_per_worker_mb_max": 100.0,
 }
+# Issue 11 targets (data plane v2), on top of issue 5's.
+TARGETS_11 = {
+    "jwt_keepalive_c16_vs_nginx_min": 0.5,
+    "jwt_keepalive_c16_vs_envoy_min": 1.3,
+    "rbac_keepalive_c16_vs_nginx_min": 0.6,
+    "new_conn_vs_nginx_min": 0.9,
+    "p99_added_ms_max": 1.0,
+    "rss_per_worker_mb_max": 100.0,
+    "flood_rss_peak_mib_max": 200.0,
+    "flood_rss_returns_within_mib": 20.0,  # RSS ~10 s after the flood <= before + this
+    "two_workers_speedup_min": 1.7,
+}
+TWO_WORKERS_NOTE = (
+    "not measured: needs two server cores besides the load generator's; on a 2-core machine "
+    "ab and the upstream take one core, so two workers would share one core with them"
+)
 
 # DESIGN.md "Performance: what to beat" (nginx 1.22, one core, medians), for reading the tables.
 DESIGN_REFERENCE: dict[str, dict[str, int]] = {
@@ -196,6 +212,69 @@ def verdicts(
     return out
 
 
+def verdicts_11(
+    ratio: dict[str, dict[str, Any]],
+    peers: dict[str, dict[str, Any]],
+    memory: dict[str, Any],
+    flood: dict[str, Any] | None,
+    *,
+    idle: int = 1000,
+    server_cores: int = 1,
+) -> dict[str, Any]:
+    """Issue 11's table: keep-alive c=16 against nginx and Envoy, new connections, p99, RSS at
+    1k idle, RSS during the stalled-handshake flood, two workers (None = not measured)."""
+    t = TARGETS_11
+
+    def check(value: float | None, bound: float, *, low: bool = False) -> dict[str, Any]:
+        ok = None if value is None else (value <= bound if low else value >= bound)
+        return {"value": value, "ok": ok}
+
+    out: dict[str, Any] = {}
+    for target in ("svidgate-jwt-remote", "svidgate-jwt-local"):
+        out[f"{target} keep-alive c=16 >= 0.5x nginx"] = check(
+            ratio.get(target, {}).get("ka-c16"), t["jwt_keepalive_c16_vs_nginx_min"]
+        )
+        out[f"{target} keep-alive c=16 >= 1.3x Envoy (RBAC + jwt_authn)"] = check(
+            peers.get(target, {}).get("ka-c16"), t["jwt_keepalive_c16_vs_envoy_min"]
+        )
+    out["svidgate-rbac keep-alive c=16 >= 0.6x nginx"] = check(
+        ratio.get("svidgate-rbac", {}).get("ka-c16"), t["rbac_keepalive_c16_vs_nginx_min"]
+    )
+    out["svidgate new mTLS conn/s c=16 >= 0.9x nginx"] = check(
+        ratio.get("svidgate-rbac", {}).get("new-c16"), t["new_conn_vs_nginx_min"]
+    )
+    added = [
+        ratio.get(x, {}).get("p99_added_ms")
+        for x in ("svidgate-rbac", "svidgate-jwt-remote", "svidgate-jwt-local")
+    ]
+    worst = max((a for a in added if a is not None), default=None)
+    out["svidgate p99 added at c=1 <= 1 ms (worst route)"] = check(
+        worst, t["p99_added_ms_max"], low=True
+    )
+    rss = memory.get("svidgate", {}).get("rss_per_worker_mb_max")
+    out[f"svidgate RSS per worker at 1k idle <= 100 MB (measured with {idle})"] = (
+        check(rss, t["rss_per_worker_mb_max"], low=True)
+        if idle >= 1000
+        else {"value": rss, "ok": None}
+    )
+    if flood is not None and "error" not in flood:
+        w = flood["worst"]
+        out[f"svidgate RSS during {flood['connections']:,} stalled handshakes <= 200 MiB"] = check(
+            w["rss_peak_mb"], t["flood_rss_peak_mib_max"], low=True
+        )
+        back = round(w["rss_after_mb"] - w["rss_before_mb"], 1)
+        out[f"  … and {flood['settle_seconds']:.0f} s after: <= before + 20 MiB (MiB above)"] = (
+            check(back, t["flood_rss_returns_within_mib"], low=True)
+        )
+    else:
+        out["svidgate RSS during stalled handshakes <= 200 MiB"] = {"value": None, "ok": None}
+    out["two workers / two cores >= 1.7x one / one"] = {
+        "value": TWO_WORKERS_NOTE if server_cores < 2 else None,
+        "ok": None,
+    }
+    return out
+
+
 def _us(per_core: float | None) -> float | None:
     """Server CPU microseconds per request, from requests per busy core-second."""
     return 1e6 / per_core if per_core else None
@@ -319,6 +398,26 @@ def render(result: dict[str, Any]) -> str:
             mark = {True: "PASS", False: "MISS", None: "n/a "}[v["ok"]]
             value = v["value"]
             lines.append(f"  [{mark}] {name}: {'—' if value is None else value}")
+    if result.get("verdicts_11"):
+        lines += ["", "Issue 11 targets (data plane v2)"]
+        for name, v in result["verdicts_11"].items():
+            mark = {True: "PASS", False: "MISS", None: "n/a "}[v["ok"]]
+            value = v["value"]
+            lines.append(f"  [{mark}] {name}: {'—' if value is None else value}")
+    flood = result.get("flood")
+    if flood and "error" not in flood:
+        w = flood["worst"]
+        lines += [
+            "",
+            f"stalled-handshake flood: {flood['connections']:,} TCP connections, a ClientHello "
+            f"each (no client certificate), never finished; the server answered "
+            f"{flood['answered']:,}, held at most {flood['held_max']:,} at once (limits: "
+            f"max_connections 4096/worker, handshake_timeout 5 s, 1,024 handshakes in "
+            f"progress/worker), reset {flood['refused']:,} at accept, connect failed "
+            f"{flood['connect_failed']:,}; worker RSS {w['rss_before_mb']} MB before, peak "
+            f"{w['rss_peak_mb']} MB, {w['rss_after_mb']} MB {flood['settle_seconds']:.0f} s "
+            f"after ({flood['seconds']} s flood)",
+        ]
     errors = [
         f"  {t} {s}: {e}"
         for t, scen in summary.items()

@@ -8,10 +8,16 @@ Limits, in the order a peer meets them:
 2. ``handshake_timeout``, from accept: the client must speak and finish the handshake in
    time. Until its first byte a connection holds a socket, a reader, a timer and a small
    protocol object (about 2 KiB); TLS state is allocated only when the ClientHello arrives.
+   At most ``max_handshakes`` handshakes are in progress (a stalled one holds ~60 KiB of TLS
+   state): one more resets the oldest. A real client finishes in a round trip, so what gives
+   way is a stalled one, and a flood of them cannot take more than that much memory.
 3. the caller's identity check (``identify``), right after the handshake, before a parser or
    buffer exists: it returns an :class:`Admission` or raises (:class:`Refused`: counted; any
    other error: logged and refused — fail closed).
 4. ``max_connections_per_identity`` on the admission's key: beyond it, closed at once.
+
+Once a burst of connections is over, the memory it took is handed back to the system
+(:class:`~svidgate.gateway.heap.HeapTrimmer`).
 
 Works on uvloop (the gateway's loop) and on the stock asyncio loop.
 """
@@ -28,6 +34,7 @@ import struct
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from svidgate.gateway.heap import HeapTrimmer
 from svidgate.gateway.http1 import (
     Admission,
     Counters,
@@ -72,9 +79,11 @@ class Listener(Generic[P]):
         self._connections: set[H1Connection[P]] = set()
         self._keys: dict[H1Connection[P], Hashable] = {}
         self._per_key: dict[Hashable, int] = {}
-        self._handshakes: set[asyncio.Task[None]] = set()
+        # in progress, oldest first: the oldest gives way when max_handshakes is reached
+        self._handshakes: dict[H1Connection[P], asyncio.Task[None]] = {}
         self._silent_ones: dict[H1Connection[P], tuple[socket.socket, asyncio.TimerHandle]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._heap: HeapTrimmer | None = None  # gives a burst's memory back once it is over
         self._accepting = False
         self._resume: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None  # set during shutdown
@@ -110,6 +119,7 @@ class Listener(Generic[P]):
     def start(self) -> None:
         """Start accepting (call from the event loop that serves the connections)."""
         self._loop = asyncio.get_running_loop()
+        self._heap = HeapTrimmer(self._loop)
         self._accepting = True
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
@@ -148,6 +158,8 @@ class Listener(Generic[P]):
         conn: H1Connection[P] = H1Connection(self)
         self._connections.add(conn)
         self._counters.accepted += 1
+        if self._heap is not None:
+            self._heap.opened(len(self._connections))
         # TLS state (≈ 50 KiB with uvloop) is allocated only once the client speaks: until its
         # first byte a connection holds the socket, a reader and one timer.
         loop = self._loop
@@ -165,9 +177,13 @@ class Listener(Generic[P]):
         assert loop is not None
         loop.remove_reader(sock.fileno())
         remaining = max(deadline - loop.time(), 0.01)
+        handshakes = self._handshakes
+        if len(handshakes) >= self._limits.max_handshakes:
+            oldest = next(iter(handshakes))
+            handshakes.pop(oldest).cancel()  # its socket is closed, it counts as failed
         task = loop.create_task(self._handshake(conn, sock, remaining))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+        handshakes[conn] = task
+        task.add_done_callback(lambda _t: handshakes.pop(conn, None))
 
     def _silent(self, conn: H1Connection[P]) -> None:
         """No ClientHello within the handshake timeout: reset and forget."""
@@ -191,6 +207,9 @@ class Listener(Generic[P]):
                 ssl_shutdown_timeout=self._limits.handshake_timeout,
             )
             done = True
+        except asyncio.CancelledError:  # given way to a newer handshake, or shutting down
+            self._counters.handshake_failed += 1
+            raise
         except Exception as exc:
             # The transport closed the socket. Nothing is logged per failed handshake: scanners
             # and clients without a certificate are routine (the counter says how many).
@@ -226,6 +245,8 @@ class Listener(Generic[P]):
 
     def forget(self, conn: H1Connection[P]) -> None:
         self._connections.discard(conn)
+        if self._heap is not None:
+            self._heap.closed(len(self._connections))
         if not self._connections and self._all_closed is not None:
             self._all_closed.set()
         key = self._keys.pop(conn, None)
@@ -250,13 +271,15 @@ class Listener(Generic[P]):
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
+        if self._heap is not None:
+            self._heap.cancel()
         self._sock.close()
 
     async def shutdown(self, drain_seconds: float) -> None:
         """Drain: stop accepting, close idle connections, let in-flight requests finish (their
         responses say ``Connection: close``) for up to ``drain_seconds``, then cut the rest."""
         self.close()
-        for task in list(self._handshakes):
+        for task in list(self._handshakes.values()):
             task.cancel()
         for conn in list(self._silent_ones):
             self._silent(conn)
@@ -270,7 +293,7 @@ class Listener(Generic[P]):
         for conn in list(self._connections):
             conn.abort()
         if self._handshakes:
-            await asyncio.gather(*self._handshakes, return_exceptions=True)
+            await asyncio.gather(*self._handshakes.values(), return_exceptions=True)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -11,6 +11,10 @@ from svidgate.gateway.http1.errors import ClientDisconnected, WriteTimeout
 _EARLY = 0.001  # a timer firing this close to its deadline counts as on time
 
 
+def _nothing() -> None:
+    """Stands in for a dropped callback (see :meth:`Deadline.cancel`, :meth:`WriteFlow.lose`)."""
+
+
 class Deadline:
     """One deadline with one timer: moving the deadline later (every keep-alive request does)
     costs no timer operation; the timer re-arms itself when it fires early."""
@@ -37,7 +41,10 @@ class Deadline:
         self._at = None  # the pending timer finds nothing to do
 
     def cancel(self) -> None:
+        """Stop for good: the timer goes and so does the callback (a bound method of the
+        owner: dropping it breaks the owner ↔ deadline reference cycle)."""
         self._at = None
+        self._expired = _nothing
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -84,6 +91,7 @@ class WriteFlow:
     def lose(self) -> None:
         """The connection is gone: a waiting writer gets :class:`ClientDisconnected`."""
         self._lost = True
+        self._timed_out = _nothing  # the owner's bound method: no reference cycle is left
         self._wake(ClientDisconnected("client_disconnected"))
 
     async def wait(self) -> None:

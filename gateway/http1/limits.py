@@ -17,6 +17,9 @@ class Limits:
     max_connections: int = 4096  # open TCP connections; beyond: closed before the handshake
     max_connections_per_identity: int = 512  # per admission key; beyond: closed after it
     handshake_timeout: float = 5.0  # the TLS handshake must finish in this time
+    # TLS handshakes in progress (ClientHello received, not finished); a new one beyond this
+    # resets the oldest (a real client finishes in a round trip; a stalled one holds ~60 KiB).
+    max_handshakes: int = 1024
     header_timeout: float = 10.0  # a complete request head must arrive within this: else 408
     idle_timeout: float = 60.0  # a keep-alive connection with no request is closed after this
     max_header_bytes: int = 16384  # request line + header section; 431 beyond

@@ -66,6 +66,10 @@ class HeadParser:
         self._complete = False
         self._error: HttpError | None = None
 
+    def close(self) -> None:
+        """Drop llhttp's parser (it holds this object's callbacks: a reference cycle)."""
+        self._parser = None
+
     # -- httptools callbacks: they only collect --------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:

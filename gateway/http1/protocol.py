@@ -421,5 +421,6 @@ class H1Connection(asyncio.Protocol, Generic[P]):
             self._expiry = None
         self._body.fail(BodyIncomplete("client_disconnected"))
         self._writes.lose()
+        self._parser.close()
         if self._tunnel is not None:
             self._tunnel.client_lost()

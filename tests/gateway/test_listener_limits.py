@@ -5,6 +5,8 @@ slow handshakes and a half-open flood cost little and are closed; shutdown drain
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import socket
 import ssl
@@ -151,6 +153,78 @@ def test_a_client_without_a_certificate_fails_the_handshake(
         pass  # TLS 1.2 clients see the alert in the handshake
     assert wait_for(lambda: srv.counters()["handshake_failed"] == 1)
     assert wait_for(lambda: srv.open_connections() == 0)
+
+
+def test_closed_connections_are_freed_without_the_cyclic_collector(
+    start: Callable[..., Server], pki: Pki
+) -> None:
+    """A closed connection and its TLS objects go as soon as it is closed (reference counting):
+    left in reference cycles they wait for a full collection, and glibc keeps the memory."""
+    srv = start(Limits())
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            with Client(srv.port, pki.client_context()) as c:
+                assert served(c)
+        for _ in range(3):
+            with (
+                contextlib.suppress(ssl.SSLError, ConnectionError),
+                Client(srv.port, pki.client_context(None)) as c,
+            ):
+                c.exchange(get("/x"))
+        assert wait_for(lambda: srv.open_connections() == 0)
+        assert srv.counters()["handshake_failed"] == 3
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = sorted({type(o).__name__ for o in gc.garbage} & {"H1Connection", "SSLProtocol"})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
+
+
+def client_hello() -> bytes:
+    """A real TLS 1.3 ClientHello, for a client that then stalls."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_the_oldest_stalled_handshake_gives_way_beyond_max_handshakes(
+    start: Callable[..., Server], pki: Pki
+) -> None:
+    srv = start(Limits(max_handshakes=2, handshake_timeout=30.0))
+    hello = client_hello()
+    stalled = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(3)]
+    try:
+        for sock in stalled:
+            sock.sendall(hello)
+            assert sock.recv(1)  # the server's first flight: it holds this handshake
+        assert closed_by_peer_after_data(stalled[0])  # the oldest was reset for the third
+        assert wait_for(lambda: srv.open_connections() == 2)
+        assert srv.counters()["handshake_failed"] == 1
+        with Client(srv.port, pki.client_context()) as c:  # a real client still gets through
+            assert served(c)
+        assert srv.counters()["handshake_failed"] == 2  # … and the next oldest gave way
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def closed_by_peer_after_data(sock: socket.socket) -> bool:
+    """Reads what the server sent until its close (EOF or reset); a timeout raises."""
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
 
 
 def test_a_silent_connection_is_closed_after_the_handshake_timeout(
