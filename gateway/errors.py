@@ -7,7 +7,10 @@ them into a status, a short JSON body (``{"error": ..., "route": ...}``) and ext
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -157,3 +160,28 @@ def grpc_error_headers(
         (b"grpc-status", str(grpc_status(http_status)).encode("ascii")),
         (b"grpc-message", encoded.encode("ascii")),
     ]
+
+
+def grpc_answer_headers(
+    http_status: int,
+    body: Mapping[str, Any] | bytes,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> list[tuple[bytes, bytes]]:
+    """A trailers-only gRPC answer for one of the gateway's own JSON answers (``body``: the
+    ``{"error", "reason", "route"}`` document, or its JSON bytes); extra headers (Retry-After,
+    WWW-Authenticate) follow, lower-cased."""
+    doc = body if not isinstance(body, bytes) else _json_doc(body)
+    reason = str(doc.get("reason") or doc.get("error") or "error")
+    detail = str(doc.get("error") or "")
+    if doc.get("route"):
+        detail = f"{detail} (route {doc['route']})"
+    extra = [(n.lower(), v) for n, v in headers if n.lower() != b"content-type"]
+    return [*grpc_error_headers(http_status, reason, detail), *extra]
+
+
+def _json_doc(body: bytes) -> Mapping[str, Any]:
+    try:
+        doc = json.loads(body) if body else {}
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}

@@ -16,7 +16,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from svidgate.gateway.errors import grpc_error_headers, is_grpc
+from svidgate.gateway.errors import grpc_answer_headers, is_grpc
 from svidgate.gateway.http1.body import Body
 from svidgate.gateway.http1.errors import BodyError, ClientDisconnected, WriteTimeout
 from svidgate.gateway.http1.limits import Counters
@@ -205,13 +205,7 @@ class H2Responder(Responder):
                 own.append((b"content-type", b"application/json"))
             self.respond(status, [*own, *headers], payload)
             return
-        doc = body if not isinstance(body, bytes) else _json(body)
-        reason = str(doc.get("reason") or doc.get("error") or "error")
-        detail = str(doc.get("error") or "")
-        if doc.get("route"):
-            detail = f"{detail} (route {doc['route']})"
-        extra = [(n.lower(), v) for n, v in headers if n.lower() != b"content-type"]
-        self.respond(200, [*grpc_error_headers(status, reason, detail), *extra])
+        self.respond(200, grpc_answer_headers(status, body, headers))
         self.status = status  # for the access log: what the gateway decided
 
     def respond(
@@ -319,11 +313,3 @@ class _StreamSink:
 
     def upgrade(self, tunnel: TunnelEnd) -> tuple[Any, bytes]:
         raise RuntimeError("no protocol switch on HTTP/2")
-
-
-def _json(body: bytes) -> Mapping[str, Any]:
-    try:
-        doc = json.loads(body) if body else {}
-    except ValueError:
-        return {}
-    return doc if isinstance(doc, dict) else {}

@@ -235,3 +235,67 @@ async def test_settings_advertise_the_limits(
         await client.close()
     assert settings[0x3] == 7  # MAX_CONCURRENT_STREAMS
     assert settings[0x6] == 4096  # MAX_HEADER_LIST_SIZE
+
+
+# -- gRPC answers the gateway gives itself -----------------------------------------------------
+
+GRPC = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+@pytest.mark.parametrize(
+    ("path", "grpc_status", "reason"),
+    [
+        ("/admin/svc.Admin/Delete", b"7", "identity_not_allowed"),
+        ("/nowhere.Svc/Call", b"12", "no_route"),
+    ],
+)
+async def test_grpc_denials_are_trailers_only(
+    gw: Harness, echo: Echo, path: str, grpc_status: bytes, reason: str
+) -> None:
+    client = await _client(gw)
+    try:
+        resp = await client.request("POST", path, GRPC, b"\x00\x00\x00\x00\x00")
+    finally:
+        await client.close()
+    assert resp.status == 200 and resp.body == b"" and resp.trailers == []
+    assert resp.header(b"content-type") == b"application/grpc"
+    assert resp.header(b"grpc-status") == grpc_status
+    message = resp.header(b"grpc-message") or b""
+    assert message.startswith(reason.encode()), message
+    assert echo.seen == []
+
+
+async def test_grpc_denial_over_http11(gw: Harness, echo: Echo) -> None:
+    resp = await gw.request(
+        "POST", "/admin/svc.Admin/Delete", [("Content-Type", "application/grpc+proto")], b"x"
+    )
+    assert resp is not None and resp.status == 200 and resp.body == b""
+    assert resp.header("grpc-status") == "7"
+    assert (resp.header("grpc-message") or "").startswith("identity_not_allowed")
+    assert echo.seen == []
+
+
+def test_grpc_status_mapping_and_message_encoding() -> None:
+    from svidgate.gateway.errors import grpc_answer_headers, grpc_status
+
+    assert [grpc_status(s) for s in (400, 401, 403, 404, 429, 502, 503, 504, 500)] == [
+        13,
+        16,
+        7,
+        12,
+        14,
+        14,
+        14,
+        14,
+        2,
+    ]
+    headers = dict(
+        grpc_answer_headers(
+            503,
+            {"error": "upstream_busy", "route": "r é%", "reason": "upstream_busy"},
+            [(b"Retry-After", b"1")],
+        )
+    )
+    assert headers[b"grpc-status"] == b"14"
+    assert headers[b"grpc-message"] == b"upstream_busy: upstream_busy (route r %C3%A9%25)"
+    assert headers[b"retry-after"] == b"1"
