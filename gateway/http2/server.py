@@ -251,6 +251,8 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
             if not responder.started:
                 log.error("the request handler returned without a response")
             self._answer(responder, 500, b'{"error": "internal"}')
+        with contextlib.suppress(ResponseError, asyncio.CancelledError):
+            await state.sent()  # a response queued for a closed window: bounded by write_timeout
         state.task = None
         body_state = state.body
         if body_state is not None and not body_state.complete and not state.closed:
@@ -444,9 +446,10 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
         """h2 refused a frame and queued GOAWAY; abuse classes answer ENHANCE_YOUR_CALM."""
         data = self._h2.data_to_send()
-        abuse = isinstance(
-            exc, h2.exceptions.DenialOfServiceError | h2.exceptions.TooManyStreamsError
-        ) or "CONTINUATION" in str(exc)
+        abuse = (
+            isinstance(exc, h2.exceptions.DenialOfServiceError | h2.exceptions.TooManyStreamsError)
+            or "too many continuation" in str(exc).lower()
+        )
         if abuse and data[-_GOAWAY_LENGTH:][3:4] == b"\x07":
             data = data[:-_GOAWAY_LENGTH] + goaway_frame(self._last_stream_id(), CALM)
         log.info("HTTP/2 connection error: %s", exc)
