@@ -54,6 +54,7 @@ from svidgate.gateway.http1 import (
 from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
 from svidgate.gateway.policy import Decision, PolicyDenial
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
+from svidgate.gateway.proxy_h2 import H2Upstream
 from svidgate.gateway.routes import Route, parse_target
 from svidgate.gateway.tls import peer_chain_der, verify_peer
 from svidgate.pki.errors import PkiError
@@ -200,7 +201,9 @@ class GatewayApp:
     def _install(self, state: GatewayState) -> None:
         cfg = state.config
         self.upstreams = {
-            name: Upstream(name, up, state.upstream_contexts[name])
+            name: (H2Upstream if up.protocol == "h2" else Upstream)(
+                name, up, state.upstream_contexts[name]
+            )
             for name, up in cfg.upstreams.items()
         }
         self._owned = identity_header_names(cfg.identity_headers.claims.values())

@@ -128,6 +128,8 @@ class CircuitBreakerConfig(ConfigModel):
 class UpstreamConfig(ConfigModel):
     url: str
     tls: UpstreamTLS | None = None
+    # h2: HTTP/2 to the upstream (TLS with ALPN h2, or h2c with prior knowledge for http://)
+    protocol: Literal["http1", "h2"] = "http1"
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     retries: int = Field(default=1, ge=0, le=5)
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
@@ -231,7 +233,7 @@ class AuditConfig(ConfigModel):
 
 
 class H2Limits(ConfigModel):
-    """Limits of HTTP/2 (planned: accepted and validated, not used yet)."""
+    """Limits of downstream HTTP/2, advertised in the server's SETTINGS and enforced."""
 
     max_concurrent_streams: int = Field(default=100, ge=1)
     max_header_list_bytes: int = Field(default=16384, ge=1)
@@ -273,6 +275,7 @@ class GatewayConfig(ConfigModel):
     routing: RoutingConfig = RoutingConfig()
     identity_headers: IdentityHeaders = IdentityHeaders()
     limits: LimitsConfig = LimitsConfig()
+    http2: bool = True  # offer ALPN h2 next to http/1.1 (false: http/1.1 only)
     # Additions beyond the documented keys (all optional):
     drain_timeout: Duration = timedelta(seconds=10)
     reload_interval: Duration = timedelta(seconds=2)  # file-change polling; 0s disables it

@@ -120,9 +120,12 @@ def _upstream_context(cfg: GatewayConfig, name: str) -> ssl.SSLContext | None:
     except PkiError as exc:
         raise CredentialsError(f"upstreams.{name}.tls.bundle: {exc}") from None
     try:
-        return build_client_context(pem, up.tls.cert, up.tls.key)
+        ctx = build_client_context(pem, up.tls.cert, up.tls.key)
     except GatewayError as exc:
         raise CredentialsError(f"upstreams.{name}.tls: {exc}") from None
+    if up.protocol == "h2":
+        ctx.set_alpn_protocols(["h2"])  # the upstream must select it (checked after the handshake)
+    return ctx
 
 
 def build_state(
@@ -144,6 +147,7 @@ def build_state(
         bundles,
         min_version=cfg.tls.min_version,
         sni_callback=sni_callback,
+        http2=cfg.http2,
     )
     policy = Policy.from_config(cfg)
     upstreams = {name: _upstream_context(cfg, name) for name in cfg.upstreams}

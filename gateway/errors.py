@@ -7,7 +7,10 @@ them into a status, a short JSON body (``{"error": ..., "route": ...}``) and ext
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -109,3 +112,76 @@ def response_spec(err: GatewayError) -> ResponseSpec:
         if spec is not None:
             return spec
     return _TABLE[GatewayError]
+
+
+# gRPC: a request with ``content-type: application/grpc…`` that the gateway answers itself gets
+# a trailers-only response (HTTP 200) whose ``grpc-status`` follows gRPC's HTTP-to-gRPC mapping
+# (doc/http-grpc-status-mapping.md) and whose ``grpc-message`` starts with the reason code.
+GRPC_UNKNOWN = 2
+_GRPC_STATUS: dict[int, int] = {
+    400: 13,  # INTERNAL
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 12,  # UNIMPLEMENTED
+    429: 14,  # UNAVAILABLE
+    502: 14,
+    503: 14,
+    504: 14,
+}
+_GRPC_MESSAGE_SAFE = frozenset(range(0x20, 0x7F)) - {ord("%")}
+
+
+def grpc_status(http_status: int) -> int:
+    """The gRPC status code for one of the gateway's own HTTP answers (2 UNKNOWN otherwise)."""
+    return _GRPC_STATUS.get(http_status, GRPC_UNKNOWN)
+
+
+def is_grpc(content_type: bytes | None) -> bool:
+    """Whether a request's Content-Type says gRPC (``application/grpc``, ``…+proto`` …)."""
+    if content_type is None:
+        return False
+    value = content_type.lower()
+    return value == b"application/grpc" or value.startswith(
+        (b"application/grpc+", b"application/grpc;")
+    )
+
+
+def grpc_error_headers(
+    http_status: int, reason: str, detail: str = ""
+) -> list[tuple[bytes, bytes]]:
+    """The headers of a trailers-only gRPC answer for an HTTP error: ``grpc-status`` from the
+    mapping, ``grpc-message`` = the reason code (``: detail``), percent-encoded as gRPC wants."""
+    message = f"{reason}: {detail}" if detail else reason
+    encoded = "".join(
+        chr(b) if b in _GRPC_MESSAGE_SAFE else f"%{b:02X}" for b in message.encode("utf-8")
+    )
+    return [
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", str(grpc_status(http_status)).encode("ascii")),
+        (b"grpc-message", encoded.encode("ascii")),
+    ]
+
+
+def grpc_answer_headers(
+    http_status: int,
+    body: Mapping[str, Any] | bytes,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> list[tuple[bytes, bytes]]:
+    """A trailers-only gRPC answer for one of the gateway's own JSON answers (``body``: the
+    ``{"error", "reason", "route"}`` document, or its JSON bytes); extra headers (Retry-After,
+    WWW-Authenticate) follow, lower-cased."""
+    doc = body if not isinstance(body, bytes) else _json_doc(body)
+    reason = str(doc.get("reason") or doc.get("error") or "error")
+    detail = str(doc.get("error") or "")
+    if doc.get("route"):
+        detail = f"{detail} (route {doc['route']})"
+    extra = [(n.lower(), v) for n, v in headers if n.lower() != b"content-type"]
+    return [*grpc_error_headers(http_status, reason, detail), *extra]
+
+
+def _json_doc(body: bytes) -> Mapping[str, Any]:
+    try:
+        doc = json.loads(body) if body else {}
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}

@@ -1,5 +1,6 @@
 """The data-plane listener: accepts TCP connections on the (SO_REUSEPORT) listening socket,
-bounds them, runs the TLS handshake, admits the peer and serves it with the HTTP/1.1 core.
+bounds them, runs the TLS handshake, admits the peer and serves it with the HTTP/1.1 core, or
+the HTTP/2 core when ALPN selected ``h2`` (:class:`_AlpnChoice`; same admission either way).
 
 Limits, in the order a peer meets them:
 
@@ -43,10 +44,12 @@ from svidgate.gateway.http1 import (
     Limits,
     Refused,
 )
+from svidgate.gateway.http2 import H2Limits, H2ServerConnection
 
 log = logging.getLogger("svidgate.gateway.listener")
 
 P = TypeVar("P")
+Connection = H1Connection[P] | H2ServerConnection[P]
 Identify = Callable[[asyncio.BaseTransport], Admission[P]]
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
@@ -66,6 +69,7 @@ class Listener(Generic[P]):
         limits: Limits | None = None,
         *,
         on_close: Callable[[P], None] | None = None,
+        h2_limits: H2Limits | None = None,
     ) -> None:
         """``on_close(peer)`` is called once for every admission ``identify`` returned, when
         its connection ends (or at once, when the per-identity cap refuses it)."""
@@ -75,9 +79,10 @@ class Listener(Generic[P]):
         self._identify = identify
         self._on_close = on_close
         self._limits = limits or Limits()
+        self._h2_limits = h2_limits or H2Limits()
         self._counters = Counters()
-        self._connections: set[H1Connection[P]] = set()
-        self._keys: dict[H1Connection[P], Hashable] = {}
+        self._connections: set[Connection[P]] = set()
+        self._keys: dict[Connection[P], Hashable] = {}
         self._per_key: dict[Hashable, int] = {}
         # in progress, oldest first: the oldest gives way when max_handshakes is reached
         self._handshakes: dict[H1Connection[P], asyncio.Task[None]] = {}
@@ -92,6 +97,10 @@ class Listener(Generic[P]):
     @property
     def limits(self) -> Limits:
         return self._limits
+
+    @property
+    def h2_limits(self) -> H2Limits:
+        return self._h2_limits
 
     @property
     def counters(self) -> Counters:
@@ -199,7 +208,7 @@ class Listener(Generic[P]):
         done = False
         try:
             await self._loop.connect_accepted_socket(
-                lambda: conn,
+                lambda: _AlpnChoice(self, conn),
                 sock,
                 ssl=self._ssl,
                 ssl_handshake_timeout=seconds,
@@ -221,7 +230,7 @@ class Listener(Generic[P]):
 
     # -- admission (ConnectionOwner) ----------------------------------------------------------
 
-    def admit(self, conn: H1Connection[P], transport: asyncio.BaseTransport) -> Admission[P] | None:
+    def admit(self, conn: Connection[P], transport: asyncio.BaseTransport) -> Admission[P] | None:
         try:
             admission = self._identify(transport)
         except Refused as exc:
@@ -243,7 +252,14 @@ class Listener(Generic[P]):
         self._keys[conn] = key
         return admission
 
-    def forget(self, conn: H1Connection[P]) -> None:
+    def to_h2(self, conn: H1Connection[P]) -> H2ServerConnection[P]:
+        """The connection negotiated h2: an HTTP/2 connection takes its place."""
+        h2conn: H2ServerConnection[P] = H2ServerConnection(self)
+        self._connections.discard(conn)
+        self._connections.add(h2conn)
+        return h2conn
+
+    def forget(self, conn: Connection[P]) -> None:
         self._connections.discard(conn)
         if self._heap is not None:
             self._heap.closed(len(self._connections))
@@ -281,8 +297,8 @@ class Listener(Generic[P]):
         self.close()
         for task in list(self._handshakes.values()):
             task.cancel()
-        for conn in list(self._silent_ones):
-            self._silent(conn)
+        for half_open in list(self._silent_ones):
+            self._silent(half_open)
         self._all_closed = asyncio.Event()
         for conn in list(self._connections):
             conn.shutdown()
@@ -294,6 +310,25 @@ class Listener(Generic[P]):
             conn.abort()
         if self._handshakes:
             await asyncio.gather(*self._handshakes.values(), return_exceptions=True)
+
+
+class _AlpnChoice(asyncio.Protocol, Generic[P]):
+    """The protocol during the handshake: once it is done, the core ALPN chose takes the
+    transport (HTTP/2 for ``h2``, else the HTTP/1.1 connection made at accept)."""
+
+    __slots__ = ("_conn", "_listener")
+
+    def __init__(self, listener: Listener[P], conn: H1Connection[P]) -> None:
+        self._listener = listener
+        self._conn = conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        chosen: asyncio.Protocol = self._conn
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            chosen = self._listener.to_h2(self._conn)
+        transport.set_protocol(chosen)
+        chosen.connection_made(transport)
 
 
 def _reset(sock: socket.socket) -> None:

@@ -25,6 +25,7 @@ from svidgate.gateway.app import GatewayApp, Peer, emit
 from svidgate.gateway.config import LimitsConfig
 from svidgate.gateway.credentials import StateHolder
 from svidgate.gateway.http1 import Limits
+from svidgate.gateway.http2 import H2Limits
 from svidgate.gateway.listener import Listener
 from svidgate.gateway.logs import BackgroundStreamHandler
 
@@ -107,6 +108,10 @@ class GatewayServer:
             self.app.identify,
             core_limits(cfg.limits, write_timeout),
             on_close=self.app.connection_closed,
+            h2_limits=H2Limits(
+                max_concurrent_streams=cfg.limits.h2.max_concurrent_streams,
+                max_header_list_bytes=cfg.limits.h2.max_header_list_bytes,
+            ),
         )
         self.listener.start()
         listener = self.listener

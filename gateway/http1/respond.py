@@ -16,6 +16,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Protocol
 
+from svidgate.gateway.errors import grpc_answer_headers, is_grpc
 from svidgate.gateway.http1.message import Request
 
 SERVER = b"svidgate"
@@ -69,6 +70,16 @@ def _own_headers(json_body: bool) -> list[tuple[bytes, bytes]]:
     if json_body:
         headers.append((b"Content-Type", b"application/json"))
     return headers
+
+
+def _encode_trailers(trailers: HeaderPairs) -> bytes:
+    """Trailer lines; a field with CR, LF or NUL (or a framing name) is left out."""
+    lines = []
+    for name, value in trailers:
+        if name.lower() in _OWNED or any(c in name + value for c in (13, 10, 0)):
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    return b"".join(lines)
 
 
 class TunnelEnd(Protocol):
@@ -145,7 +156,12 @@ class Responder:
         self, status: int, body: Mapping[str, Any] | bytes = b"", headers: HeaderPairs = ()
     ) -> None:
         """One of the gateway's own answers: JSON (a mapping, or bytes already JSON),
-        ``Server: svidgate`` and ``Date``, in one write."""
+        ``Server: svidgate`` and ``Date``, in one write. A gRPC request gets it as a
+        trailers-only answer (HTTP 200, ``grpc-status`` / ``grpc-message`` headers)."""
+        if is_grpc(self._request.header(b"content-type")):
+            self.respond(200, grpc_answer_headers(status, body, headers))
+            self.status = status  # for the access log: what the gateway decided
+            return
         payload = body if isinstance(body, bytes) else json.dumps(body).encode("ascii")
         self.respond(status, [*_own_headers(bool(payload)), *headers], payload)
 
@@ -194,8 +210,10 @@ class Responder:
         self._sink.send(data)
         await self._sink.drain()
 
-    async def end(self) -> None:
-        """Finish the response. Ending short of the Content-Length cuts the connection."""
+    async def end(self, trailers: HeaderPairs = ()) -> None:
+        """Finish the response. Ending short of the Content-Length cuts the connection.
+        ``trailers`` (an upstream's, e.g. gRPC's) go after a chunked body; with other framing
+        HTTP/1.1 has no place for them and they are dropped."""
         if self.state != _STARTED:
             raise RuntimeError(f"end() on a response that is {self.state}")
         self.state = _DONE
@@ -205,7 +223,7 @@ class Responder:
         data = self._head or b""
         self._head = None
         if self._chunked:
-            data += b"0\r\n\r\n"
+            data += b"0\r\n" + _encode_trailers(trailers) + b"\r\n"
         if data:
             self._sink.send(data)
         await self._sink.drain()
