@@ -246,11 +246,7 @@ def admin_app(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> web.Ap
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
-    async def server_header(_: web.Request, resp: web.StreamResponse) -> None:
-        resp.headers["Server"] = "svidgate"  # not aiohttp's version banner
-
-    app = web.Application()
-    app.on_response_prepare.append(server_header)
+    app = web.Application(client_max_size=1024)  # served by svidgate.admin_http.AdminServer
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)

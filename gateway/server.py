@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from aiohttp import web
 from svidgate.gateway.admin import Metrics, admin_app
 from svidgate.gateway.app import GatewayApp, Peer, emit
 from svidgate.gateway.config import LimitsConfig
@@ -29,6 +28,7 @@ from svidgate.gateway.listener import Listener
 from svidgate.gateway.logs import BackgroundStreamHandler
 from svidgate.gateway.workers import enable_multiprocess, metrics_directory, worker_exited
 
+from svidgate.admin_http import AdminServer
 from svidgate.config import parse_host_port
 
 log = logging.getLogger("svidgate.gateway")
@@ -87,7 +87,7 @@ class GatewayServer:
         self.app = GatewayApp(self.holder, self.metrics, signer)
         self._want_admin = admin and cfg.admin_listen is not None
         self.listener: Listener[Peer] | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._admin: AdminServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._publish_task: asyncio.Task[None] | None = None
         self.port = 0
@@ -123,14 +123,9 @@ class GatewayServer:
         self.app.listener = self.listener
         self.port = self.listener.port
         if self._want_admin and state.config.admin_listen is not None:
-            self._admin_runner = web.AppRunner(
-                admin_app(self.metrics, self.app.readiness), access_log=None
-            )
-            await self._admin_runner.setup()
-            admin_sock = listening_socket(state.config.admin_listen)
-            site = web.SockSite(self._admin_runner, admin_sock)
-            await site.start()
-            self.admin_port = admin_sock.getsockname()[1]
+            app = admin_app(self.metrics, self.app.readiness)
+            self._admin = AdminServer(app, state.config.admin_listen)
+            self.admin_port = await self._admin.start()
         interval = state.config.reload_interval.total_seconds()
         if interval > 0:
             self._watch_task = loop.create_task(self._watch_files(interval))
@@ -170,8 +165,8 @@ class GatewayServer:
         if self._publish_task is not None:
             self._publish_task.cancel()
             self.metrics.publish()  # the last figures of this worker
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+        if self._admin is not None:
+            await self._admin.close()
 
 
 async def serve_worker(
