@@ -37,7 +37,14 @@ from multidict import CIMultiDict
 from svidgate.gateway.admin import Metrics
 from svidgate.gateway.config import JwtConfig
 from svidgate.gateway.credentials import GatewayState, StateHolder
-from svidgate.gateway.errors import Forbidden, GatewayError, TokenRejected, response_spec
+from svidgate.gateway.errors import (
+    Forbidden,
+    GatewayError,
+    RateLimited,
+    TokenRejected,
+    response_spec,
+)
+from svidgate.gateway.handshake import identity_failure_reason
 from svidgate.gateway.headers import identity_header_names, strip_bearer, upstream_request_headers
 from svidgate.gateway.http1 import (
     Admission,
@@ -55,6 +62,7 @@ from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
 from svidgate.gateway.policy import Decision, PolicyDenial
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
 from svidgate.gateway.proxy_h2 import H2Upstream
+from svidgate.gateway.ratelimit import RateLimiter
 from svidgate.gateway.routes import Route, parse_target
 from svidgate.gateway.tls import peer_chain_der, verify_peer
 from svidgate.pki.errors import PkiError
@@ -178,6 +186,7 @@ class GatewayApp:
         self.draining = False
         self._retired: set[asyncio.Task[None]] = set()
         self._owned = identity_header_names(())
+        self.limiter = self._limiter(holder.current)
         holder.listeners.append(self._on_reload)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -197,6 +206,11 @@ class GatewayApp:
             self.trust_sweep.cancel()
         if self.signer is not None:
             await self.signer.close()
+        await self.limiter.close()
+
+    def _limiter(self, state: GatewayState) -> RateLimiter:
+        count = self.metrics.rate_limit_backend_errors.inc
+        return RateLimiter.from_config(state.config.rate_limits, on_backend_error=count)
 
     def _install(self, state: GatewayState) -> None:
         cfg = state.config
@@ -208,6 +222,11 @@ class GatewayApp:
         }
         self._owned = identity_header_names(cfg.identity_headers.claims.values())
         self.metrics.cert_expiry.set(state.cert_not_after.timestamp())
+        if state.config.rate_limits != self.limiter.cfg:  # new buckets; the old store closes
+            old, self.limiter = self.limiter, self._limiter(state)
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
 
     def _on_reload(self, old: GatewayState, new: GatewayState) -> None:
         previous = self.upstreams
@@ -274,6 +293,7 @@ class GatewayApp:
                 )
         except PkiError as exc:
             self.metrics.connections_rejected.inc()
+            self.metrics.handshake_failure(identity_failure_reason(exc)).inc()
             emit(
                 audit_log,
                 durable=True,
@@ -453,7 +473,9 @@ class GatewayApp:
         """Metrics for every request; the access line when ``access_log`` is on."""
         route = exchange.route or "-"
         outcome = exchange.outcome
-        self.metrics.request_count(route, str(status)).inc()
+        self.metrics.count_request(
+            route, request.method, status, time.perf_counter() - exchange.started
+        )
         if outcome is not None:
             self.metrics.upstream_seconds(outcome.upstream).observe(outcome.upstream_seconds)
         if access:
@@ -491,6 +513,12 @@ class GatewayApp:
         target = parse_target(raw)
         exchange.path = target.path
         route = self._authorize(state, identity, method, target.path, exchange)
+        if route.rate_limit is not None:  # after policy, before the JWT reaches the signer
+            try:
+                await self.limiter.admit(route.name, route.rate_limit, identity.id_text)
+            except RateLimited:
+                self.metrics.rate_limited_count(route.name).inc()
+                raise
         incoming = _header_dict(request)
         claims: Mapping[str, Any] | None = None
         if route.jwt is not None:

@@ -188,6 +188,15 @@ class JwtConfig(ConfigModel):
     forward: bool = False  # pass the verified Authorization header upstream (default: strip it)
 
 
+class RouteRateLimit(ConfigModel):
+    """``routes[].rate_limit``: a token bucket of ``burst`` tokens refilled at
+    ``requests_per_second``, one bucket per caller (``key: identity``) or per route."""
+
+    requests_per_second: float = Field(gt=0, allow_inf_nan=False)
+    burst: int = Field(ge=1)
+    key: Literal["identity", "route"] = "identity"
+
+
 class RouteConfig(ConfigModel):
     name: str = Field(min_length=1)
     match: RouteMatch
@@ -200,6 +209,7 @@ class RouteConfig(ConfigModel):
     max_body_bytes: int | None = Field(default=None, ge=1)  # None: limits.max_body_bytes
     preserve_host: bool = False  # send the client's Host upstream (default: the upstream's)
     websocket: bool = False  # relay `Upgrade: websocket` (after policy and JWT)
+    rate_limit: RouteRateLimit | None = None  # checked after policy, before the JWT
 
     @property
     def requires_jwt(self) -> bool:
@@ -261,6 +271,39 @@ class LimitsConfig(ConfigModel):
         return value
 
 
+class RedisConfig(ConfigModel):
+    """``rate_limits.redis``: the shared bucket store (``redis://`` or ``rediss://``)."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: Duration = timedelta(milliseconds=50)  # one bucket update, connect included
+    max_connections: int = Field(default=16, ge=1)  # per worker
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.fullmatch(r"rediss?://[^\s/?#]+(/\d+)?", value):
+            # the value is not echoed: it may hold a password
+            raise ValueError("expected redis://[:PASSWORD@]HOST:PORT[/DB] or rediss://…")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than 0s")
+        return value
+
+
+class RateLimitsConfig(ConfigModel):
+    """``rate_limits``: where the routes' buckets live and what happens when Redis fails."""
+
+    backend: Literal["local", "redis"] = "local"
+    redis: RedisConfig = RedisConfig()
+    # local: fall back to per-worker buckets (logged once per outage) | deny: 503 | allow
+    on_backend_error: Literal["local", "deny", "allow"] = "local"
+    max_keys: int = Field(default=100_000, ge=1)  # local buckets per worker (LRU beyond)
+
+
 class GatewayConfig(ConfigModel):
     """The whole of ``gateway.yaml``."""
 
@@ -276,6 +319,7 @@ class GatewayConfig(ConfigModel):
     identity_headers: IdentityHeaders = IdentityHeaders()
     limits: LimitsConfig = LimitsConfig()
     http2: bool = True  # offer ALPN h2 next to http/1.1 (false: http/1.1 only)
+    rate_limits: RateLimitsConfig = RateLimitsConfig()
     # Additions beyond the documented keys (all optional):
     drain_timeout: Duration = timedelta(seconds=10)
     reload_interval: Duration = timedelta(seconds=2)  # file-change polling; 0s disables it

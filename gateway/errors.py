@@ -18,6 +18,7 @@ class GatewayError(Exception):
 
     status: int = 500
     reason: str = "internal"
+    headers: tuple[tuple[str, str], ...] = ()  # per-error headers, after the table's own
 
 
 class CredentialsError(GatewayError):
@@ -81,6 +82,30 @@ class CircuitOpen(RequestError):
     """The upstream's circuit breaker is open: fail fast."""
 
 
+class RateLimited(GatewayError):
+    """The caller's (or the route's) token bucket is empty: 429 with ``Retry-After`` and the
+    ``RateLimit-*`` headers of draft-ietf-httpapi-ratelimit-headers."""
+
+    status = 429
+    reason = "rate_limited"
+
+    def __init__(self, *, limit: int, remaining: int, reset: int, retry_after: int) -> None:
+        super().__init__(f"rate limited: retry after {retry_after}s")
+        self.headers = (
+            ("Retry-After", str(retry_after)),
+            ("RateLimit-Limit", str(limit)),
+            ("RateLimit-Remaining", str(remaining)),
+            ("RateLimit-Reset", str(reset)),
+        )
+
+
+class RateLimitUnavailable(GatewayError):
+    """The shared rate-limit store failed and ``on_backend_error: deny`` says fail closed."""
+
+    status = 503
+    reason = "rate_limit_unavailable"
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseSpec:
     status: int
@@ -100,18 +125,25 @@ _TABLE: dict[type[GatewayError], ResponseSpec] = {
     SignerUnavailable: ResponseSpec(503, "signer_unavailable", (("Retry-After", "1"),)),
     CircuitOpen: ResponseSpec(503, "upstream_unavailable", (("Retry-After", "1"),)),
     UpstreamBusy: ResponseSpec(503, "upstream_busy", (("Retry-After", "1"),)),
+    RateLimited: ResponseSpec(429, "rate_limited"),
+    RateLimitUnavailable: ResponseSpec(503, "rate_limit_unavailable", (("Retry-After", "1"),)),
     UpstreamTimeout: ResponseSpec(504, "gateway_timeout"),
     GatewayError: ResponseSpec(500, "internal"),
 }
 
 
 def response_spec(err: GatewayError) -> ResponseSpec:
-    """The HTTP response for ``err`` (500 for anything not listed)."""
+    """The HTTP response for ``err`` (500 for anything not listed), with the error's own
+    headers (``Retry-After`` of a rate limit) after the table's."""
+    spec = _TABLE[GatewayError]
     for cls in type(err).__mro__:
-        spec = _TABLE.get(cls)
-        if spec is not None:
-            return spec
-    return _TABLE[GatewayError]
+        found = _TABLE.get(cls)
+        if found is not None:
+            spec = found
+            break
+    if err.headers:
+        return ResponseSpec(spec.status, spec.error, spec.headers + err.headers)
+    return spec
 
 
 # gRPC: a request with ``content-type: application/grpc…`` that the gateway answers itself gets

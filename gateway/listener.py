@@ -35,6 +35,7 @@ import struct
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from svidgate.gateway.handshake import TIMEOUT, handshake_failure_reason
 from svidgate.gateway.heap import HeapTrimmer
 from svidgate.gateway.http1 import (
     Admission,
@@ -51,6 +52,8 @@ log = logging.getLogger("svidgate.gateway.listener")
 P = TypeVar("P")
 Connection = H1Connection[P] | H2ServerConnection[P]
 Identify = Callable[[asyncio.BaseTransport], Admission[P]]
+# (reason, peer address or None): a TLS handshake failed (gateway.handshake names the reasons)
+HandshakeFailed = Callable[[str, object], None]
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -70,14 +73,17 @@ class Listener(Generic[P]):
         *,
         on_close: Callable[[P], None] | None = None,
         h2_limits: H2Limits | None = None,
+        on_handshake_failure: HandshakeFailed | None = None,
     ) -> None:
         """``on_close(peer)`` is called once for every admission ``identify`` returned, when
-        its connection ends (or at once, when the per-identity cap refuses it)."""
+        its connection ends (or at once, when the per-identity cap refuses it);
+        ``on_handshake_failure(reason, peer)`` once for every failed TLS handshake."""
         self._sock = sock
         self._ssl = ssl_context
         self._handler = handler
         self._identify = identify
         self._on_close = on_close
+        self._on_handshake_failure = on_handshake_failure
         self._limits = limits or Limits()
         self._h2_limits = h2_limits or H2Limits()
         self._counters = Counters()
@@ -200,12 +206,15 @@ class Listener(Generic[P]):
         assert self._loop is not None
         self._loop.remove_reader(sock.fileno())
         self._counters.handshake_failed += 1
+        if self._on_handshake_failure is not None:
+            self._on_handshake_failure(TIMEOUT, _peername(sock))
         _reset(sock)
         self.forget(conn)
 
     async def _handshake(self, conn: H1Connection[P], sock: socket.socket, seconds: float) -> None:
         assert self._loop is not None
         done = False
+        peer = _peername(sock) if self._on_handshake_failure is not None else None
         try:
             await self._loop.connect_accepted_socket(
                 lambda: _AlpnChoice(self, conn),
@@ -224,6 +233,8 @@ class Listener(Generic[P]):
             # and clients without a certificate are routine (the counter says how many).
             self._counters.handshake_failed += 1
             log.debug("TLS handshake failed: %s", type(exc).__name__)
+            if self._on_handshake_failure is not None:
+                self._on_handshake_failure(handshake_failure_reason(exc), peer)
         finally:
             if not done:
                 self.forget(conn)
@@ -336,3 +347,10 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     sock.close()
+
+
+def _peername(sock: socket.socket) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from svidgate.gateway.config import GatewayConfig, JwtConfig, RouteConfig
+from svidgate.gateway.config import GatewayConfig, JwtConfig, RouteConfig, RouteRateLimit
 from svidgate.gateway.errors import BadRequest
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -117,6 +117,7 @@ class Route:
     max_body_bytes: int | None = None  # None: the listener's limits.max_body_bytes
     preserve_host: bool = False  # send the client's Host upstream (default: the upstream's)
     websocket: bool = False  # relay WebSocket upgrades
+    rate_limit: RouteRateLimit | None = None  # the route's token bucket
 
     def allows_method(self, method: str) -> bool:
         return self.methods is None or method in self.methods
@@ -138,6 +139,7 @@ class Route:
             max_body_bytes=cfg.max_body_bytes,
             preserve_host=cfg.preserve_host,
             websocket=cfg.websocket,
+            rate_limit=cfg.rate_limit,
         )
 
 

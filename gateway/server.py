@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-from aiohttp import web
 from svidgate.gateway.admin import Metrics, admin_app
 from svidgate.gateway.app import GatewayApp, Peer, emit
 from svidgate.gateway.config import LimitsConfig
@@ -28,7 +27,9 @@ from svidgate.gateway.http1 import Limits
 from svidgate.gateway.http2 import H2Limits
 from svidgate.gateway.listener import Listener
 from svidgate.gateway.logs import BackgroundStreamHandler
+from svidgate.gateway.workers import enable_multiprocess, metrics_directory, worker_exited
 
+from svidgate.admin_http import AdminServer
 from svidgate.config import parse_host_port
 
 log = logging.getLogger("svidgate.gateway")
@@ -72,10 +73,12 @@ def core_limits(cfg: LimitsConfig, write_timeout: float) -> Limits:
 class GatewayServer:
     """One gateway worker: the TLS listener, the admin listener, reload and drain."""
 
-    def __init__(self, config_path: Path, *, admin: bool = True) -> None:
+    def __init__(
+        self, config_path: Path, *, admin: bool = True, metrics_dir: Path | None = None
+    ) -> None:
         self.config_path = Path(config_path)
         self.holder = StateHolder(self.config_path)
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics_dir)
         cfg = self.holder.current.config
         signer = None
         if cfg.signer is not None:
@@ -85,8 +88,9 @@ class GatewayServer:
         self.app = GatewayApp(self.holder, self.metrics, signer)
         self._want_admin = admin and cfg.admin_listen is not None
         self.listener: Listener[Peer] | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._admin: AdminServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._publish_task: asyncio.Task[None] | None = None
         self.port = 0
         self.admin_port = 0
 
@@ -112,23 +116,21 @@ class GatewayServer:
                 max_concurrent_streams=cfg.limits.h2.max_concurrent_streams,
                 max_header_list_bytes=cfg.limits.h2.max_header_list_bytes,
             ),
+            on_handshake_failure=self._handshake_failed,
         )
         self.listener.start()
         listener = self.listener
         self.metrics.watch_listener(
             lambda: (listener.open_connections, listener.counters.snapshot())
         )
+        if self.metrics.multiprocess_dir is not None:  # another worker may serve the scrape
+            self._publish_task = loop.create_task(self.metrics.publish_forever())
         self.app.listener = self.listener
         self.port = self.listener.port
         if self._want_admin and state.config.admin_listen is not None:
-            self._admin_runner = web.AppRunner(
-                admin_app(self.metrics, self.app.readiness), access_log=None
-            )
-            await self._admin_runner.setup()
-            admin_sock = listening_socket(state.config.admin_listen)
-            site = web.SockSite(self._admin_runner, admin_sock)
-            await site.start()
-            self.admin_port = admin_sock.getsockname()[1]
+            app = admin_app(self.metrics, self.app.readiness)
+            self._admin = AdminServer(app, state.config.admin_listen)
+            self.admin_port = await self._admin.start()
         interval = state.config.reload_interval.total_seconds()
         if interval > 0:
             self._watch_task = loop.create_task(self._watch_files(interval))
@@ -140,6 +142,9 @@ class GatewayServer:
             admin_port=self.admin_port or None,
             pid=os.getpid(),
         )
+
+    def _handshake_failed(self, reason: str, _peer: object) -> None:
+        self.metrics.handshake_failure(reason).inc()
 
     def reload(self) -> bool:
         ok = self.holder.reload()
@@ -162,14 +167,19 @@ class GatewayServer:
         if self.listener is not None:
             await self.listener.shutdown(drain_timeout)
         await self.app.close()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+        if self._publish_task is not None:
+            self._publish_task.cancel()
+            self.metrics.publish()  # the last figures of this worker
+        if self._admin is not None:
+            await self._admin.close()
 
 
-async def serve_worker(config_path: Path, *, admin: bool = True) -> int:
+async def serve_worker(
+    config_path: Path, *, admin: bool = True, metrics_dir: Path | None = None
+) -> int:
     """Run one worker until SIGTERM / SIGINT; SIGHUP reloads. Returns the exit code."""
     loop = asyncio.get_running_loop()
-    server = GatewayServer(config_path, admin=admin)
+    server = GatewayServer(config_path, admin=admin, metrics_dir=metrics_dir)
     await server.start()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -204,14 +214,14 @@ def configure_logging() -> None:
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
-def _run_loop(config_path: Path, *, admin: bool) -> int:
+def _run_loop(config_path: Path, *, admin: bool, metrics_dir: Path | None = None) -> int:
     factory = None
     with contextlib.suppress(ImportError):
         import uvloop
 
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(serve_worker(config_path, admin=admin))
+        return runner.run(serve_worker(config_path, admin=admin, metrics_dir=metrics_dir))
 
 
 def run(config_path: Path) -> int:
@@ -222,12 +232,14 @@ def run(config_path: Path) -> int:
     del holder
     if workers == 1:
         return _run_loop(Path(config_path), admin=True)
-    return _supervise(Path(config_path), workers)
+    with metrics_directory() as metrics_dir:
+        return _supervise(Path(config_path), workers, metrics_dir)
 
 
-def _supervise(config_path: Path, workers: int) -> int:
-    """Fork ``workers`` processes (worker 0 also serves the admin listener) and forward
-    SIGHUP / SIGTERM / SIGINT; a worker that dies unexpectedly is restarted (at most 1/s)."""
+def _supervise(config_path: Path, workers: int, metrics_dir: Path) -> int:
+    """Fork ``workers`` processes (worker 0 also serves the admin listener, whose /metrics sums
+    every worker's files in ``metrics_dir``) and forward SIGHUP / SIGTERM / SIGINT; a worker
+    that dies unexpectedly is restarted (at most 1/s)."""
     children: dict[int, int] = {}  # pid -> index
     stopping = False
 
@@ -238,7 +250,8 @@ def _supervise(config_path: Path, workers: int) -> int:
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = _run_loop(config_path, admin=index == 0)
+                enable_multiprocess()
+                code = _run_loop(config_path, admin=index == 0, metrics_dir=metrics_dir)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -270,6 +283,7 @@ def _supervise(config_path: Path, workers: int) -> int:
         if pid not in children:
             continue
         index = children.pop(pid)
+        worker_exited(metrics_dir, pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             exit_code = exit_code or (code if code > 0 else 0)

@@ -27,6 +27,10 @@ class UntrustedSvidError(PkiError):
     """An SVID does not verify: no bundle for its trust domain, bad chain, or outside validity."""
 
 
+class SvidValidityError(UntrustedSvidError):
+    """An SVID is outside its validity period (expired, or not valid yet)."""
+
+
 class BundleError(PkiError):
     """A trust bundle cannot be read or parsed."""
 

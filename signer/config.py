@@ -265,6 +265,8 @@ class SignerConfig(ConfigModel):
     tokens: TokensConfig = TokensConfig()
     rotation: RotationConfig = RotationConfig()
     limits: LimitsConfig = LimitsConfig()
+    # plain HTTP /healthz, /readyz, /metrics (loopback or pod-local; never the Internet)
+    admin_listen: ListenAddress | None = None
 
     @property
     def td(self) -> TrustDomain:

@@ -108,6 +108,7 @@ class KeyStore:
         self.sequence = int(time.time() * 1000)
         self.jwks_json = json.dumps({"keys": [], "issuer": cfg.issuer})
         self.source_healthy = False
+        self.source_errors = 0  # failed rounds of the background loop (for metrics)
         self.last_error: str | None = None
         self._changed = asyncio.Condition()
         self._closing = False
@@ -174,6 +175,7 @@ class KeyStore:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
 
     def _mark_unhealthy(self, exc: Exception) -> None:
+        self.source_errors += 1
         if self.source_healthy or self.last_error != str(exc):
             log.warning("key source %s unavailable: %s", self.source.description, exc)
         self.source_healthy = False

@@ -39,6 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from svidgate.signer.admin import RpcMetrics, SignerMetrics, admin_server, readiness
 from svidgate.signer.config import ListenConfig, SignerConfig, TlsConfig
 from svidgate.signer.keystore import KeyStore
 from svidgate.signer.limits import raise_fd_limit, server_options
@@ -46,6 +47,7 @@ from svidgate.signer.service import GuardedHealth, GuardedReflection, SignerServ
 from svidgate.signer.sources import KeySource
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
+from svidgate.admin_http import AdminServer
 from svidgate.config import ConfigError
 
 log = logging.getLogger("svidgate.signer")
@@ -264,6 +266,10 @@ class SignerServer:
         self.store = KeyStore(source or build_source(cfg), cfg)
         self.service = SignerService(self.store, cfg)
         self.health = GuardedHealth(self.service)
+        self.metrics = SignerMetrics(self.store)
+        self.admin: AdminServer | None = None
+        self.admin_port: int | None = None
+        self.stopping = False
         self.tls = TlsCredentials(cfg.tls) if cfg.tls is not None else None
         self.tcp_port: int | None = None
         self.unix = UnixSocket(cfg.listen) if cfg.listen.unix is not None else None
@@ -277,7 +283,9 @@ class SignerServer:
     def _server(self, *, tcp: bool) -> grpc.aio.Server:
         limits = self.cfg.limits
         server = grpc.aio.server(
-            options=server_options(limits, tcp=tcp), maximum_concurrent_rpcs=limits.rpcs
+            options=server_options(limits, tcp=tcp),
+            maximum_concurrent_rpcs=limits.rpcs,
+            interceptors=[RpcMetrics(self.metrics)],
         )
         signer_pb2_grpc.add_SignerServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -308,6 +316,7 @@ class SignerServer:
             self.unix.publish()
         self.store.start()
         self._tasks.append(asyncio.create_task(self._health_loop(), name="signer-health"))
+        await self._start_admin()
         if self.tls is not None:
             self._tasks.append(asyncio.create_task(self._tls_loop(), name="signer-tls"))
         log.info(
@@ -316,6 +325,24 @@ class SignerServer:
             self.tcp_port,
             self.store.source.description,
         )
+
+    async def _start_admin(self) -> None:
+        """``admin_listen``: /healthz, /readyz, /metrics over plain HTTP."""
+        if self.cfg.admin_listen is None:
+            return
+        self.admin = admin_server(
+            self.cfg.admin_listen,
+            self.metrics,
+            lambda: readiness(self.store, lambda: self.stopping),
+        )
+        try:
+            self.admin_port = await self.admin.start()
+        except OSError as exc:
+            where = f"admin_listen: cannot listen on {self.cfg.admin_listen}"
+            raise ConfigError(f"{where}: {exc.strerror}") from None
+        watch = self.metrics.watch_active_key()
+        self._tasks.append(asyncio.create_task(watch, name="signer-active-key"))
+        log.info("signer admin listening on %s (port %d)", self.cfg.admin_listen, self.admin_port)
 
     async def _health_loop(self) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -341,6 +368,7 @@ class SignerServer:
             await asyncio.to_thread(self.tls.poll)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        self.stopping = True  # /readyz: 503 from now on
         await self.health.enter_graceful_shutdown()
         await self.store.end_watches()
         await asyncio.gather(*(server.stop(grace) for server in self._servers.values()))
@@ -352,6 +380,8 @@ class SignerServer:
         await self.store.close()
         if self.unix is not None:
             self.unix.remove()
+        if self.admin is not None:
+            await self.admin.close()
 
 
 async def serve(cfg: SignerConfig, *, stop: asyncio.Event | None = None) -> None:

@@ -8,6 +8,8 @@ through pyproject's pytest ``pythonpath``):
 - ``signer_process`` — starts ``svidgate signer serve`` child processes
   (:class:`support.signer_process.SignerProcess`) and stops whatever is left at teardown.
 - ``short_dir`` — a short directory for Unix sockets.
+- ``redis_server`` — a real ``redis-server`` of its own for one test
+  (:class:`support.redis.RedisServer`; the test may stop and start it again).
 
 Free ports come from :func:`support.ports.free_port`; waits use :mod:`support.waiting`.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 from support.bao import BaoServer
 from support.pki import Pki
+from support.redis import RedisServer
 from support.signer_process import SignerProcess
 
 
@@ -66,3 +69,9 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from gateway_harness import (
     Echo,
+    GatewayProcess,
     Harness,
     LabPki,
     gateway_config,
@@ -51,3 +52,20 @@ async def start_gateway(test_pki: LabPki) -> AsyncIterator[Callable[..., Any]]:
 async def gw(test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]) -> Harness:
     harness: Harness = await start_gateway(gateway_config(test_pki, echo.port))
     return harness
+
+
+@pytest.fixture
+async def serve(test_pki: LabPki) -> AsyncIterator[Callable[..., Any]]:
+    """``await serve(doc)`` → a started :class:`GatewayProcess` (``svidgate gateway serve``);
+    every one is stopped at teardown (SIGTERM: a supervisor takes its workers down with it)."""
+    procs: list[GatewayProcess] = []
+
+    async def start(doc: dict[str, Any]) -> GatewayProcess:
+        gw = GatewayProcess(test_pki, doc, f"gateway-{len(procs)}")
+        procs.append(gw)
+        await gw.start(timeout=20)
+        return gw
+
+    yield start
+    for gw in procs:
+        gw.stop()

@@ -38,8 +38,9 @@ async def test_healthz_readyz_metrics(gw: Harness, echo: Echo) -> None:
     await gw.request("GET", "/admin/1")
     status, text = await _get(gw.server.admin_port, "/metrics")
     assert status == 200
-    assert 'svidgate_gateway_requests_total{code="200",route="orders-read"} 1.0' in text
-    assert 'svidgate_gateway_requests_total{code="403",route="admin"} 1.0' in text
+    ok = 'svidgate_gateway_requests_total{code="200",method="GET",route="orders-read"} 1.0'
+    assert ok in text
+    assert 'svidgate_gateway_requests_total{code="403",method="GET",route="admin"} 1.0' in text
     assert (
         'svidgate_gateway_decisions_total{decision="deny",reason="identity_not_allowed"} 1.0'
         in text

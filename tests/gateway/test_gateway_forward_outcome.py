@@ -261,5 +261,6 @@ async def test_broken_off_body_is_counted_and_logged(
         "bad_upstream_response",
     )
     assert 0 < line["bytes_out"] < BIG
-    assert 'svidgate_gateway_requests_total{code="200",route="raw"} 1.0' in _metrics(gw)
+    counted = 'svidgate_gateway_requests_total{code="200",method="GET",route="raw"} 1.0'
+    assert counted in _metrics(gw)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from cryptography import x509
 from gateway_harness import (
     GATEWAY_ID,
@@ -21,21 +20,6 @@ from gateway_harness import (
     raw_exchange,
 )
 from support.waiting import wait_for
-
-
-@pytest.fixture
-async def serve(test_pki: LabPki) -> AsyncIterator[Callable[..., Any]]:
-    procs: list[GatewayProcess] = []
-
-    async def start(doc: dict[str, Any]) -> GatewayProcess:
-        gw = GatewayProcess(test_pki, doc, f"gateway-{len(procs)}")
-        procs.append(gw)
-        await gw.start(timeout=10)
-        return gw
-
-    yield start
-    for gw in procs:
-        gw.kill()
 
 
 async def test_sigterm_drains_in_flight_requests(

@@ -23,7 +23,20 @@ from gateway_harness import (
     gateway_config,
     raw_exchange,
 )
+from support.waiting import wait_for
 from svidgate.pki.ca import CertificateAuthority, write_private_file
+
+
+async def _counted(gw: Harness, reason: str, count: int = 1) -> None:
+    """``svidgate_gateway_handshake_failures_total{reason}`` reaches ``count`` (the server
+    side finishes its half of a failed handshake after the client has given up)."""
+    registry = gw.server.metrics.registry
+    name = "svidgate_gateway_handshake_failures_total"
+
+    def reached() -> bool:
+        return registry.get_sample_value(name, {"reason": reason}) == count
+
+    await wait_for(reached, 5, f"{count} handshake failure(s) counted as {reason}")
 
 
 async def test_valid_svid_reaches_upstream(gw: Harness, echo: Echo) -> None:
@@ -37,12 +50,14 @@ async def test_no_client_certificate_refused(gw: Harness, echo: Echo) -> None:
     resp = await raw_exchange(gw.port, gw.ctx(None), build_request("GET", "/public"))
     assert resp is None
     assert echo.seen == []
+    await _counted(gw, "no_client_certificate")
 
 
 async def test_no_client_certificate_tls12_refused(gw: Harness, echo: Echo) -> None:
     resp = await raw_exchange(gw.port, gw.ctx(None, tls13=False), build_request("GET", "/public"))
     assert resp is None
     assert echo.seen == []
+    await _counted(gw, "no_client_certificate")
 
 
 async def test_unknown_ca_refused(gw: Harness, echo: Echo, tmp_path: Path) -> None:
@@ -51,6 +66,7 @@ async def test_unknown_ca_refused(gw: Harness, echo: Echo, tmp_path: Path) -> No
     ctx = gw.pki.client_context(tmp_path / "stranger.crt", tmp_path / "stranger.key")
     assert await raw_exchange(gw.port, ctx, build_request("GET", "/public")) is None
     assert echo.seen == []
+    await _counted(gw, "unknown_ca")
 
 
 async def test_ca_certificate_as_client_cert_refused(gw: Harness, echo: Echo) -> None:
@@ -69,6 +85,7 @@ async def test_ca_certificate_as_client_cert_refused(gw: Harness, echo: Echo) ->
     resp = await gw.request("GET", "/public", client="ca-as-leaf")
     assert resp is None
     assert echo.seen == []
+    await _counted(gw, "not_an_svid")
 
 
 def _broken_leaf(ca: CertificateAuthority, out: Path, uris: list[str], *, expired: bool) -> None:
@@ -133,12 +150,14 @@ async def test_two_uri_sans_refused(gw: Harness, echo: Echo) -> None:
     )
     assert await gw.request("GET", "/public", client="two-uris") is None
     assert echo.seen == []
+    await _counted(gw, "not_an_svid")
 
 
 async def test_expired_svid_refused(gw: Harness, echo: Echo) -> None:
     _broken_leaf(gw.pki.ca, gw.pki.dir / "expired", [WEB_ID], expired=True)
     assert await gw.request("GET", "/public", client="expired") is None
     assert echo.seen == []
+    await _counted(gw, "expired")
 
 
 async def test_trust_domain_a_signed_by_b_refused(gw: Harness, echo: Echo) -> None:
@@ -147,6 +166,7 @@ async def test_trust_domain_a_signed_by_b_refused(gw: Harness, echo: Echo) -> No
     _broken_leaf(gw.pki.cas[B], gw.pki.dir / "a-by-b", [WEB_ID], expired=False)
     assert await gw.request("GET", "/public", client="a-by-b") is None
     assert echo.seen == []
+    await _counted(gw, "unknown_ca")  # found by the identity check, after the handshake
     # ... while other.org's own workloads are fine.
     resp = await gw.request("GET", "/public", client="b-web")
     assert resp is not None and resp.status == 200

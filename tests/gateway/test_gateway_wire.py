@@ -416,7 +416,8 @@ async def test_failed_handshakes_and_refused_identities_are_counted(
             break
         await asyncio.sleep(0.02)
     metrics = generate_latest(gw.server.metrics.registry).decode()
-    assert 'svidgate_gateway_handshake_failures_total{reason="handshake"} 1.0' in metrics
+    reason = 'reason="no_client_certificate"'
+    assert f"svidgate_gateway_handshake_failures_total{{{reason}}} 1.0" in metrics
     await _still_served(gw)
 
 
@@ -445,7 +446,7 @@ async def test_silent_tcp_client_is_reset_after_the_handshake_timeout(
     assert asyncio.get_running_loop().time() - started < 3
     writer.close()
     metrics = generate_latest(gw.server.metrics.registry).decode()
-    assert 'svidgate_gateway_handshake_failures_total{reason="handshake"} 1.0' in metrics
+    assert 'svidgate_gateway_handshake_failures_total{reason="timeout"} 1.0' in metrics
 
 
 async def test_idle_keep_alive_connection_is_closed_after_idle_timeout(
