@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -38,6 +37,7 @@ from svidgate.gateway.admin import Metrics
 from svidgate.gateway.config import JwtConfig
 from svidgate.gateway.credentials import GatewayState, StateHolder
 from svidgate.gateway.errors import Forbidden, GatewayError, TokenRejected, response_spec
+from svidgate.gateway.handshake import handshake_failure_reason, refusal_reason
 from svidgate.gateway.headers import identity_header_names, strip_bearer, upstream_request_headers
 from svidgate.gateway.http1 import (
     Admission,
@@ -52,34 +52,25 @@ from svidgate.gateway.http1 import (
     ResponseError,
 )
 from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
+from svidgate.gateway.logs import HandshakeLog, log_access
 from svidgate.gateway.policy import Decision, PolicyDenial
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
 from svidgate.gateway.routes import Route, parse_target
 from svidgate.gateway.tls import peer_chain_der, verify_peer
 from svidgate.pki.errors import PkiError
 
+from svidgate.logs import emit, send
+
 if TYPE_CHECKING:
     from svidgate.gateway.listener import Listener
     from svidgate.gateway.signer_client import SignerClient
 
 log = logging.getLogger("svidgate.gateway")
-access_log = logging.getLogger("svidgate.access")
 audit_log = logging.getLogger("svidgate.audit")
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *$")
 _SWEEP_BATCH = 64  # connections re-checked between two yields to the event loop
 SERVER_HEADER = "svidgate"  # the gateway's own responses name no software version
-
-
-_DURABLE = {"durable": True}
-
-
-def emit(logger: logging.Logger, *, durable: bool = False, **fields: Any) -> None:
-    """One JSON line (never a token or key: callers pass identities, routes and codes only).
-    ``durable``: written out at once, not batched (denials: never lost in a crash)."""
-    if logger.isEnabledFor(logging.INFO):
-        line = json.dumps(fields, separators=(",", ":"), default=str)
-        logger.info(line, extra=_DURABLE if durable else None)
 
 
 @lru_cache(maxsize=1024)
@@ -111,7 +102,7 @@ def authorization_line(
     method: str,
     path: str,
 ) -> str:
-    """The audit line of one decision, byte for byte what :func:`emit` writes for the same
+    """The audit line of one decision, byte for byte what ``emit`` writes for the same
     fields, built from cached fragments (the fields repeat; only the path really varies)."""
     return (
         f"{_authorization_head(outcome, reason)}{_json_str(spiffe_id)}"
@@ -169,6 +160,7 @@ class GatewayApp:
         self.peers: dict[asyncio.BaseTransport, Peer] = {}  # open, admitted connections
         self.listener: Listener[Peer] | None = None  # set by the server once listening
         self.chains = VerifiedChainCache()
+        self.handshakes = HandshakeLog()  # failed handshakes and refused identities, rate-limited
         # Generation of the last state that changed trust: a connection verified before it is
         # re-checked (by the sweep, or first thing on its next request).
         self.trust_generation = holder.current.generation
@@ -271,14 +263,8 @@ class GatewayApp:
                 )
         except PkiError as exc:
             self.metrics.connections_rejected.inc()
-            emit(
-                audit_log,
-                durable=True,
-                event="connection",
-                decision="deny",
-                reason=str(exc),
-                peer=transport.get_extra_info("peername"),
-            )
+            peername = transport.get_extra_info("peername")
+            self.handshakes.failed(peername, refusal_reason(exc), str(exc))
             raise Refused(str(exc)) from None
         lifetime = max((identity.not_after - now).total_seconds(), 0.0)
         # A resumed session has no presented chain: its leaf alone is what was verified.
@@ -286,6 +272,11 @@ class GatewayApp:
         peer = Peer(identity, chain, state.generation, transport)
         self.peers[transport] = peer
         return Admission(peer, identity.id_text, lifetime)
+
+    def handshake_failed(self, peer: object, exc: BaseException) -> None:
+        """The listener's hook for a failed TLS handshake: one (rate-limited) log line."""
+        detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+        self.handshakes.failed(peer, handshake_failure_reason(exc), detail or type(exc).__name__)
 
     def connection_closed(self, peer: Peer) -> None:
         """An admitted connection ended (or was refused by the per-identity cap): forget it."""
@@ -401,8 +392,8 @@ class GatewayApp:
             self.metrics.connections_rejected.inc()
             emit(
                 audit_log,
-                durable=True,
-                event="connection",
+                "connection",
+                urgent=True,
                 decision="deny",
                 reason=f"trust re-check after reload: {exc}",
                 peer=transport.get_extra_info("peername"),
@@ -455,9 +446,7 @@ class GatewayApp:
             self.metrics.upstream_seconds(outcome.upstream).observe(outcome.upstream_seconds)
         if access:
             identity = conn.peer.identity
-            emit(
-                access_log,
-                event="access",
+            log_access(
                 request_id=exchange.request_id,
                 client=conn.peername[0] if conn.peername else None,
                 method=request.method,
@@ -497,8 +486,8 @@ class GatewayApp:
                 self.metrics.decision_count("deny", f"token:{err.reason}").inc()
                 emit(
                     audit_log,
-                    durable=True,
-                    event="token",
+                    "token",
+                    urgent=True,
                     decision="deny",
                     reason=err.reason,
                     spiffe_id=identity.id_text,
@@ -608,7 +597,8 @@ class GatewayApp:
         if (decision.allowed and not log_allow) or not audit_log.isEnabledFor(logging.INFO):
             return
         route = decision.route.name if decision.route is not None else None
-        audit_log.info(
+        send(
+            audit_log,
             authorization_line(
                 outcome=outcome,
                 reason=decision.reason,
@@ -618,7 +608,7 @@ class GatewayApp:
                 method=method,
                 path=path,
             ),
-            extra=None if decision.allowed else _DURABLE,
+            urgent=not decision.allowed,
         )
 
     @staticmethod

@@ -41,6 +41,7 @@ log = logging.getLogger("svidgate.gateway.listener")
 
 P = TypeVar("P")
 Identify = Callable[[asyncio.BaseTransport], Admission[P]]
+HandshakeFailed = Callable[[object, BaseException], None]  # (peer address, what failed)
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -59,14 +60,17 @@ class Listener(Generic[P]):
         limits: Limits | None = None,
         *,
         on_close: Callable[[P], None] | None = None,
+        on_handshake_failure: HandshakeFailed | None = None,
     ) -> None:
         """``on_close(peer)`` is called once for every admission ``identify`` returned, when
-        its connection ends (or at once, when the per-identity cap refuses it)."""
+        its connection ends (or at once, when the per-identity cap refuses it);
+        ``on_handshake_failure(address, exc)`` for every failed (or timed out) handshake."""
         self._sock = sock
         self._ssl = ssl_context
         self._handler = handler
         self._identify = identify
         self._on_close = on_close
+        self._on_handshake_failure = on_handshake_failure
         self._limits = limits or Limits()
         self._counters = Counters()
         self._connections: set[H1Connection[P]] = set()
@@ -175,12 +179,15 @@ class Listener(Generic[P]):
         assert self._loop is not None
         self._loop.remove_reader(sock.fileno())
         self._counters.handshake_failed += 1
+        if self._on_handshake_failure is not None:
+            self._on_handshake_failure(_peer(sock), TimeoutError("no ClientHello in time"))
         _reset(sock)
         self.forget(conn)
 
     async def _handshake(self, conn: H1Connection[P], sock: socket.socket, seconds: float) -> None:
         assert self._loop is not None
         done = False
+        peer = _peer(sock) if self._on_handshake_failure is not None else None
         try:
             await self._loop.connect_accepted_socket(
                 lambda: conn,
@@ -192,10 +199,11 @@ class Listener(Generic[P]):
             )
             done = True
         except Exception as exc:
-            # The transport closed the socket. Nothing is logged per failed handshake: scanners
-            # and clients without a certificate are routine (the counter says how many).
+            # The transport closed the socket. The hook logs it (rate-limited: scanners and
+            # clients without a certificate are routine).
             self._counters.handshake_failed += 1
-            log.debug("TLS handshake failed: %s", type(exc).__name__)
+            if self._on_handshake_failure is not None:
+                self._on_handshake_failure(peer, exc)
         finally:
             if not done:
                 self.forget(conn)
@@ -271,6 +279,13 @@ class Listener(Generic[P]):
             conn.abort()
         if self._handshakes:
             await asyncio.gather(*self._handshakes, return_exceptions=True)
+
+
+def _peer(sock: socket.socket) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
 
 
 def _reset(sock: socket.socket) -> None:

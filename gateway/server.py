@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -21,14 +20,15 @@ from pathlib import Path
 
 from aiohttp import web
 from svidgate.gateway.admin import Metrics, admin_app
-from svidgate.gateway.app import GatewayApp, Peer, emit
+from svidgate.gateway.app import GatewayApp, Peer
 from svidgate.gateway.config import LimitsConfig
 from svidgate.gateway.credentials import StateHolder
 from svidgate.gateway.http1 import Limits
 from svidgate.gateway.listener import Listener
-from svidgate.gateway.logs import BackgroundStreamHandler
 
+from svidgate import logs
 from svidgate.config import parse_host_port
+from svidgate.logs import emit
 
 log = logging.getLogger("svidgate.gateway")
 
@@ -107,6 +107,7 @@ class GatewayServer:
             self.app.identify,
             core_limits(cfg.limits, write_timeout),
             on_close=self.app.connection_closed,
+            on_handshake_failure=self.app.handshake_failed,
         )
         self.listener.start()
         listener = self.listener
@@ -129,7 +130,7 @@ class GatewayServer:
             self._watch_task = loop.create_task(self._watch_files(interval))
         emit(
             log,
-            event="listening",
+            "listening",
             address=state.config.listen,
             port=self.port,
             admin_port=self.admin_port or None,
@@ -171,31 +172,16 @@ async def serve_worker(config_path: Path, *, admin: bool = True) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
-    emit(log, event="draining", pid=os.getpid())
+    emit(log, "draining", pid=os.getpid())
     await server.stop()
-    emit(log, event="stopped", pid=os.getpid())
+    emit(log, "stopped", pid=os.getpid())
     return 0
 
 
 def configure_logging() -> None:
-    """JSON lines on stderr: the message of every record is already JSON or plain text; they
-    are written by a background thread (:mod:`svidgate.gateway.logs`), never on the event loop."""
-    handler = BackgroundStreamHandler(sys.stderr)
-
-    class _Json(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            msg = record.getMessage()
-            if msg.startswith("{"):
-                return msg
-            doc = {"level": record.levelname.lower(), "logger": record.name, "msg": msg}
-            if record.exc_info:
-                doc["exc"] = self.formatException(record.exc_info)
-            return json.dumps(doc)
-
-    handler.setFormatter(_Json())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    """The shared schema on stderr (:mod:`svidgate.logs`), written by a background thread
+    through a bounded queue, never on the event loop."""
+    logs.configure("gateway", fd=sys.stderr.fileno())
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 

@@ -27,6 +27,14 @@ class UntrustedSvidError(PkiError):
     """An SVID does not verify: no bundle for its trust domain, bad chain, or outside validity."""
 
 
+class SvidValidityError(UntrustedSvidError):
+    """An SVID is outside its validity period (expired, or not yet valid)."""
+
+
+class NoCertificateError(UntrustedSvidError):
+    """The peer presented no certificate."""
+
+
 class BundleError(PkiError):
     """A trust bundle cannot be read or parsed."""
 

@@ -22,7 +22,13 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from svidgate.pki.bundle import BundleSet
-from svidgate.pki.errors import InvalidSpiffeIdError, InvalidSvidError, PkiError, UntrustedSvidError
+from svidgate.pki.errors import (
+    InvalidSpiffeIdError,
+    InvalidSvidError,
+    PkiError,
+    SvidValidityError,
+    UntrustedSvidError,
+)
 from svidgate.pki.jose import b64url_encode
 from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
 
@@ -90,10 +96,10 @@ def verify_x509_svid(
     spiffe_id = check_svid_profile(leaf)
     if now < leaf.not_valid_before_utc:
         start = f"{leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
-        raise UntrustedSvidError(f"certificate for {spiffe_id} is not valid before {start}")
+        raise SvidValidityError(f"certificate for {spiffe_id} is not valid before {start}")
     if now > leaf.not_valid_after_utc:
         end = f"{leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
-        raise UntrustedSvidError(f"certificate for {spiffe_id} expired at {end}")
+        raise SvidValidityError(f"certificate for {spiffe_id} expired at {end}")
     bundle = bundles.get(spiffe_id.trust_domain)
     if not bundle.x509_authorities:
         raise UntrustedSvidError(

@@ -31,6 +31,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from svidgate.signer.service import GuardedHealth, GuardedReflection, SignerServ
 from svidgate.signer.sources import KeySource
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
+from svidgate import logs
 from svidgate.config import ConfigError
 
 log = logging.getLogger("svidgate.signer")
@@ -376,7 +378,7 @@ async def serve(cfg: SignerConfig, *, stop: asyncio.Event | None = None) -> None
 
 def run(cfg: SignerConfig) -> int:
     """Blocking entry point for ``svidgate signer serve`` (uvloop when available)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure("signer", fd=sys.stderr.fileno())
     try:
         import uvloop
     except ImportError:

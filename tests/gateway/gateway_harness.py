@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
+from support.logschema import read_events
 from support.pki import (
     B_ID,
     BUNDLES,
@@ -331,12 +332,12 @@ class GatewayProcess:
         return self.log.read_text(errors="replace")[-size:] if self.log.exists() else ""
 
     def events(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far (a line still being written is left out)."""
-        complete = self.log.read_text().rpartition("\n")[0]
-        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+        """The log lines written so far (a line still being written is left out), each
+        checked against the shared schema."""
+        return read_events(self.log, "gateway")
 
     def messages(self) -> list[str]:
-        return [str(e.get("msg", "")) for e in self.events()]
+        return [str(e.get("message", "")) for e in self.events()]
 
     def logged(self, event: str) -> bool:
         return any(e.get("event") == event for e in self.events())
