@@ -268,10 +268,19 @@ class Harness:
 class GatewayProcess:
     """`svidgate gateway serve` as a child process on two free loopback ports: ``doc`` with
     ``listen`` / ``admin_listen`` set, written to ``pki.dir``/NAME.yaml; stderr (JSON lines)
-    goes to NAME.log."""
+    goes to NAME.log, or with ``stderr_pipe`` to a pipe the test reads (or leaves unread:
+    ``proc.stderr``)."""
 
-    def __init__(self, pki: LabPki, doc: dict[str, Any], name: str = "gateway") -> None:
+    def __init__(
+        self,
+        pki: LabPki,
+        doc: dict[str, Any],
+        name: str = "gateway",
+        *,
+        stderr_pipe: bool = False,
+    ) -> None:
         self.pki = pki
+        self.stderr_pipe = stderr_pipe
         self.port, self.admin = free_port(), free_port()
         doc = {**doc, "listen": f"127.0.0.1:{self.port}", "admin_listen": f"127.0.0.1:{self.admin}"}
         self.config = pki.dir / f"{name}.yaml"
@@ -294,7 +303,7 @@ class GatewayProcess:
                     str(self.config),
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=err,
+                stderr=subprocess.PIPE if self.stderr_pipe else err,
             )
 
         async def up() -> bool:
