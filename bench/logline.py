@@ -12,8 +12,9 @@ import os
 import sys
 import time
 
-from svidgate import logs
 from svidgate.gateway.logs import log_access
+
+from svidgate import logs
 
 N = 200_000
 
