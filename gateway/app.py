@@ -57,6 +57,7 @@ from svidgate.gateway.policy import Decision, PolicyDenial
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
 from svidgate.gateway.routes import Route, parse_target
 from svidgate.gateway.tls import peer_chain_der, verify_peer
+from svidgate.gateway.trace import RequestTrace
 from svidgate.pki.errors import PkiError
 
 from svidgate.logs import emit, send
@@ -64,6 +65,8 @@ from svidgate.logs import emit, send
 if TYPE_CHECKING:
     from svidgate.gateway.listener import Listener
     from svidgate.gateway.signer_client import SignerClient
+
+    from svidgate.tracing import Tracing
 
 log = logging.getLogger("svidgate.gateway")
 audit_log = logging.getLogger("svidgate.audit")
@@ -137,10 +140,11 @@ class _Exchange:
     """What the pipeline learned about one request, as it learned it: for the error response,
     the metrics and the access line (the request object carries no gateway state)."""
 
-    __slots__ = ("error", "outcome", "path", "request_id", "route", "started")
+    __slots__ = ("error", "outcome", "path", "request_id", "route", "started", "trace")
 
-    def __init__(self) -> None:
+    def __init__(self, trace: RequestTrace) -> None:
         self.started = time.perf_counter()
+        self.trace = trace  # propagated trace context; spans when tracing is on
         self.path: str | None = None  # canonical path, once parsed
         self.route: str | None = None  # route name, once policy found one
         self.outcome: ForwardOutcome | None = None  # once forwarded
@@ -157,6 +161,7 @@ class GatewayApp:
         self.holder = holder
         self.metrics = metrics
         self.signer = signer
+        self.tracing: Tracing | None = None  # set by the server when `tracing:` is configured
         self.peers: dict[asyncio.BaseTransport, Peer] = {}  # open, admitted connections
         self.listener: Listener[Peer] | None = None  # set by the server once listening
         self.chains = VerifiedChainCache()
@@ -289,7 +294,8 @@ class GatewayApp:
     ) -> None:
         """The core's handler for one request: the pipeline, then the access line and
         metrics. Every failure before the response is committed is answered here."""
-        exchange = _Exchange()
+        client = conn.peername[0] if conn.peername else None
+        exchange = _Exchange(RequestTrace.begin(self.tracing, request, client))
         state = self.holder.current
         peer = conn.peer
         status = 500
@@ -441,6 +447,7 @@ class GatewayApp:
         """Metrics for every request; the access line when ``access_log`` is on."""
         route = exchange.route or "-"
         outcome = exchange.outcome
+        exchange.trace.finish(status, exchange.route, exchange.error)
         self.metrics.request_count(route, str(status)).inc()
         if outcome is not None:
             self.metrics.upstream_seconds(outcome.upstream).observe(outcome.upstream_seconds)
@@ -459,6 +466,7 @@ class GatewayApp:
                 bytes_out=outcome.bytes_out if outcome is not None else None,
                 error=exchange.error,
                 duration_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
+                trace_id=exchange.trace.trace_id,
             )
 
     async def _pipeline(
@@ -480,9 +488,15 @@ class GatewayApp:
         incoming = _header_dict(request)
         claims: Mapping[str, Any] | None = None
         if route.jwt is not None:
+            span = exchange.trace.child("jwt_verify", mode=route.jwt.verify)
             try:
-                claims = await self._check_jwt(incoming, route.jwt, identity, target.query)
-            except TokenRejected as err:
+                claims = await self._check_jwt(
+                    incoming, route.jwt, identity, target.query, exchange.trace.rpc_metadata(span)
+                )
+            except GatewayError as err:
+                exchange.trace.end(span, error=err.reason)
+                if not isinstance(err, TokenRejected):
+                    raise
                 self.metrics.decision_count("deny", f"token:{err.reason}").inc()
                 emit(
                     audit_log,
@@ -494,6 +508,7 @@ class GatewayApp:
                     route=route.name,
                 )
                 raise
+            exchange.trace.end(span)
         _limit_body(request, body, route.max_body_bytes or state.config.limits.max_body_bytes)
         ih = state.config.identity_headers
         client_address = str(conn.peername[0]) if conn.peername else None
@@ -519,10 +534,23 @@ class GatewayApp:
             # client's certificate), so it is not passed on; other schemes (Basic, …) are.
             strip_bearer(headers)
         upstream = self.upstreams[route.upstream]
-        if route.websocket and _wants_websocket(request):
-            idle = self.listener.limits.idle_timeout if self.listener is not None else 60.0
-            return await upstream.tunnel(request, responder, target.forward(), headers, idle)
-        return await upstream.forward(request, body, responder, target.forward(), headers)
+        span = exchange.trace.child("upstream", kind="client", upstream=route.upstream)
+        exchange.trace.propagate(headers, span)
+        try:
+            if route.websocket and _wants_websocket(request):
+                idle = self.listener.limits.idle_timeout if self.listener is not None else 60.0
+                outcome = await upstream.tunnel(request, responder, target.forward(), headers, idle)
+            else:
+                outcome = await upstream.forward(
+                    request, body, responder, target.forward(), headers
+                )
+        except BaseException as exc:
+            exchange.trace.end(span, error=type(exc).__name__)
+            raise
+        exchange.trace.end(
+            span, error=outcome.error, **{"http.response.status_code": outcome.status}
+        )
+        return outcome
 
     def _authorize(
         self,
@@ -535,13 +563,16 @@ class GatewayApp:
         """Policy (default deny) through :meth:`Policy.authorize`; every decision is audited, a
         denial is raised on as the typed error the one table maps to 403 / 404."""
         log_allow = state.config.audit.allow
+        span = exchange.trace.child("policy")
         try:
             decision = state.policy.authorize(identity.spiffe_id, method, path)
         except PolicyDenial as denial:
+            exchange.trace.end(span, decision="deny", reason=denial.decision.reason)
             self._audit(denial.decision, identity, method, path, log_allow=log_allow)
             if denial.decision.route is not None:
                 exchange.route = denial.decision.route.name
             raise
+        exchange.trace.end(span, decision="allow", reason=decision.reason)
         self._audit(decision, identity, method, path, log_allow=log_allow)
         assert decision.route is not None  # an allowing decision always names its route
         exchange.route = decision.route.name
@@ -553,6 +584,7 @@ class GatewayApp:
         jwt: JwtConfig,
         identity: PeerIdentity,
         query: str | None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Mapping[str, Any]:
         if query and any(k == "access_token" for k, _ in parse_qsl(query, True)):
             raise TokenRejected("token_in_query", "send the token in the Authorization header")
@@ -577,6 +609,7 @@ class GatewayApp:
                 # connection on every JWT route; only `bind: certificate` refuses unbound ones.
                 certificate_thumbprint=identity.x5t_s256,
                 require_binding=jwt.bind == "certificate",
+                metadata=metadata,
             )
         finally:
             self.metrics.signer_seconds(jwt.verify).observe(time.perf_counter() - started)

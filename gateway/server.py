@@ -82,6 +82,10 @@ class GatewayServer:
 
             signer = SignerClient.from_config(cfg.signer)
         self.app = GatewayApp(self.holder, self.metrics, signer)
+        if cfg.tracing is not None:  # only then is opentelemetry imported
+            from svidgate.tracing import Tracing
+
+            self.app.tracing = Tracing(cfg.tracing, "gateway")
         self._want_admin = admin and cfg.admin_listen is not None
         self.listener: Listener[Peer] | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -160,6 +164,8 @@ class GatewayServer:
         await self.app.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self.app.tracing is not None:
+            await asyncio.to_thread(self.app.tracing.shutdown)
 
 
 async def serve_worker(config_path: Path, *, admin: bool = True) -> int:

@@ -32,6 +32,7 @@ from svidgate.config import (
     ListOf,
     Problem,
     SpiffePatternField,
+    TracingConfig,
     TrustDomainField,
     parse_host_port,
 )
@@ -265,6 +266,7 @@ class SignerConfig(ConfigModel):
     tokens: TokensConfig = TokensConfig()
     rotation: RotationConfig = RotationConfig()
     limits: LimitsConfig = LimitsConfig()
+    tracing: TracingConfig | None = None  # spans of RPCs over OTLP, parents from the caller
 
     @property
     def td(self) -> TrustDomain:
