@@ -20,9 +20,8 @@ from svidgate.gateway.http1 import Request
 from svidgate.tracecontext import (
     TRACEPARENT,
     TRACESTATE,
-    TraceParent,
     incoming,
-    new_traceparent,
+    new_header,
 )
 
 if TYPE_CHECKING:
@@ -37,17 +36,17 @@ _TRACESTATE_B = TRACESTATE.encode()
 class RequestTrace:
     """The trace context of one request and, with tracing on, its open request span."""
 
-    __slots__ = ("context", "span", "state", "tracing")
+    __slots__ = ("header", "span", "state", "tracing")
 
     def __init__(
         self,
         tracing: Tracing | None,
-        context: TraceParent,
+        header: str,
         state: str | None,
         span: Span | None,
     ) -> None:
         self.tracing = tracing
-        self.context = context  # the trace the upstream will see (its parent id until a span)
+        self.header = header  # the traceparent the upstream gets when no span is its parent
         self.state = state  # the tracestate passed on (only with the caller's valid parent)
         self.span = span
 
@@ -56,8 +55,8 @@ class RequestTrace:
         parents = [v.decode("latin-1") for v in request.header_values(_TRACEPARENT_B)]
         states = [v.decode("latin-1") for v in request.header_values(_TRACESTATE_B)]
         parent, state = incoming(parents, states)
-        if tracing is None:
-            return cls(None, parent or new_traceparent(), state, None)
+        if tracing is None:  # passed on as it came (normalized), or a new unsampled trace
+            return cls(None, parent.header() if parent else new_header(), state, None)
         span = tracing.start(
             "request",
             parent=parent,
@@ -65,13 +64,11 @@ class RequestTrace:
             kind="server",
             attributes={"http.request.method": request.method, "client.address": client or ""},
         )
-        ctx = span.get_span_context()
-        context = TraceParent(f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", int(ctx.trace_flags))
-        return cls(tracing, context, state, span)
+        return cls(tracing, tracing.traceparent(span), state, span)
 
     @property
     def trace_id(self) -> str:
-        return self.context.trace_id
+        return self.header[3:35]
 
     def child(self, name: str, *, kind: Kind = "internal", **attributes: Any) -> Span | None:
         """A span under the request span (None when tracing is off)."""
@@ -100,7 +97,7 @@ class RequestTrace:
         if span is not None and self.tracing is not None:
             headers[TRACEPARENT] = self.tracing.traceparent(span)
         else:
-            headers[TRACEPARENT] = self.context.header()
+            headers[TRACEPARENT] = self.header
         if self.state:
             headers[TRACESTATE] = self.state
         else:

@@ -10,10 +10,9 @@ passed on only with a valid ``traceparent`` and only when it is bounded (≤ 512
 
 from __future__ import annotations
 
-import os
+import random
 import re
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 TRACEPARENT: Final = "traceparent"
 TRACESTATE: Final = "tracestate"
@@ -25,9 +24,9 @@ _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
 
 
-@dataclass(frozen=True, slots=True)
-class TraceParent:
-    """One parsed ``traceparent``: the trace, the caller's span, the flags."""
+class TraceParent(NamedTuple):
+    """One parsed ``traceparent``: the trace, the caller's span, the flags (a tuple: built on
+    every request, so it is cheap)."""
 
     trace_id: str
     parent_id: str
@@ -59,12 +58,26 @@ def parse_traceparent(value: str) -> TraceParent | None:
 
 
 def new_traceparent(*, sampled: bool = False) -> TraceParent:
-    """A new trace (random ids, never all zero)."""
-    raw = os.urandom(24)
-    trace_id, span_id = raw[:16].hex(), raw[16:].hex()
-    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # pragma: no cover - 2**-64
+    """A new trace: random ids (``random``, like OpenTelemetry's own id generator: trace ids
+    must be unique, not secret), never all zero."""
+    bits = _random_bits(192)
+    trace, span = bits >> 64, bits & 0xFFFF_FFFF_FFFF_FFFF
+    if not trace or not span:  # pragma: no cover - 2**-64
         return new_traceparent(sampled=sampled)
-    return TraceParent(trace_id, span_id, SAMPLED if sampled else 0)
+    return TraceParent(f"{trace:032x}", f"{span:016x}", SAMPLED if sampled else 0)
+
+
+def new_header() -> str:
+    """The ``traceparent`` of a new, unsampled trace, built directly (per request when
+    tracing is off and the caller sent none)."""
+    bits = _random_bits(192)
+    trace, span = bits >> 64, bits & 0xFFFF_FFFF_FFFF_FFFF
+    if not trace or not span:  # pragma: no cover - 2**-64
+        return new_header()
+    return f"00-{trace:032x}-{span:016x}-00"
+
+
+_random_bits = random.getrandbits
 
 
 def incoming(
