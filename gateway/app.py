@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -44,7 +43,7 @@ from svidgate.gateway.errors import (
     TokenRejected,
     response_spec,
 )
-from svidgate.gateway.handshake import identity_failure_reason
+from svidgate.gateway.handshake import handshake_failure_reason, refusal_reason
 from svidgate.gateway.headers import identity_header_names, strip_bearer, upstream_request_headers
 from svidgate.gateway.http1 import (
     Admission,
@@ -59,36 +58,30 @@ from svidgate.gateway.http1 import (
     ResponseError,
 )
 from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
+from svidgate.gateway.logs import HandshakeLog, log_access
 from svidgate.gateway.policy import Decision, PolicyDenial
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
 from svidgate.gateway.proxy_h2 import H2Upstream
 from svidgate.gateway.ratelimit import RateLimiter
 from svidgate.gateway.routes import Route, parse_target
 from svidgate.gateway.tls import peer_chain_der, verify_peer
+from svidgate.gateway.trace import RequestTrace
 from svidgate.pki.errors import PkiError
+
+from svidgate.logs import emit, send
 
 if TYPE_CHECKING:
     from svidgate.gateway.listener import Listener
     from svidgate.gateway.signer_client import SignerClient
 
+    from svidgate.tracing import Tracing
+
 log = logging.getLogger("svidgate.gateway")
-access_log = logging.getLogger("svidgate.access")
 audit_log = logging.getLogger("svidgate.audit")
 
 _BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *$")
 _SWEEP_BATCH = 64  # connections re-checked between two yields to the event loop
 SERVER_HEADER = "svidgate"  # the gateway's own responses name no software version
-
-
-_DURABLE = {"durable": True}
-
-
-def emit(logger: logging.Logger, *, durable: bool = False, **fields: Any) -> None:
-    """One JSON line (never a token or key: callers pass identities, routes and codes only).
-    ``durable``: written out at once, not batched (denials: never lost in a crash)."""
-    if logger.isEnabledFor(logging.INFO):
-        line = json.dumps(fields, separators=(",", ":"), default=str)
-        logger.info(line, extra=_DURABLE if durable else None)
 
 
 @lru_cache(maxsize=1024)
@@ -120,7 +113,7 @@ def authorization_line(
     method: str,
     path: str,
 ) -> str:
-    """The audit line of one decision, byte for byte what :func:`emit` writes for the same
+    """The audit line of one decision, byte for byte what ``emit`` writes for the same
     fields, built from cached fragments (the fields repeat; only the path really varies)."""
     return (
         f"{_authorization_head(outcome, reason)}{_json_str(spiffe_id)}"
@@ -155,10 +148,11 @@ class _Exchange:
     """What the pipeline learned about one request, as it learned it: for the error response,
     the metrics and the access line (the request object carries no gateway state)."""
 
-    __slots__ = ("error", "outcome", "path", "request_id", "route", "started")
+    __slots__ = ("error", "outcome", "path", "request_id", "route", "started", "trace")
 
-    def __init__(self) -> None:
+    def __init__(self, trace: RequestTrace) -> None:
         self.started = time.perf_counter()
+        self.trace = trace  # propagated trace context; spans when tracing is on
         self.path: str | None = None  # canonical path, once parsed
         self.route: str | None = None  # route name, once policy found one
         self.outcome: ForwardOutcome | None = None  # once forwarded
@@ -175,9 +169,11 @@ class GatewayApp:
         self.holder = holder
         self.metrics = metrics
         self.signer = signer
+        self.tracing: Tracing | None = None  # set by the server when `tracing:` is configured
         self.peers: dict[asyncio.BaseTransport, Peer] = {}  # open, admitted connections
         self.listener: Listener[Peer] | None = None  # set by the server once listening
         self.chains = VerifiedChainCache()
+        self.handshakes = HandshakeLog()  # failed handshakes and refused identities, rate-limited
         # Generation of the last state that changed trust: a connection verified before it is
         # re-checked (by the sweep, or first thing on its next request).
         self.trust_generation = holder.current.generation
@@ -293,15 +289,10 @@ class GatewayApp:
                 )
         except PkiError as exc:
             self.metrics.connections_rejected.inc()
-            self.metrics.handshake_failure(identity_failure_reason(exc)).inc()
-            emit(
-                audit_log,
-                durable=True,
-                event="connection",
-                decision="deny",
-                reason=str(exc),
-                peer=transport.get_extra_info("peername"),
-            )
+            reason = refusal_reason(exc)
+            self.metrics.handshake_failure(reason).inc()
+            peername = transport.get_extra_info("peername")
+            self.handshakes.failed(peername, reason, str(exc))
             raise Refused(str(exc)) from None
         lifetime = max((identity.not_after - now).total_seconds(), 0.0)
         # A resumed session has no presented chain: its leaf alone is what was verified.
@@ -309,6 +300,11 @@ class GatewayApp:
         peer = Peer(identity, chain, state.generation, transport)
         self.peers[transport] = peer
         return Admission(peer, identity.id_text, lifetime)
+
+    def handshake_failed(self, peer: object, exc: BaseException) -> None:
+        """The listener's hook for a failed TLS handshake: one (rate-limited) log line."""
+        detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+        self.handshakes.failed(peer, handshake_failure_reason(exc), detail or type(exc).__name__)
 
     def connection_closed(self, peer: Peer) -> None:
         """An admitted connection ended (or was refused by the per-identity cap): forget it."""
@@ -321,7 +317,8 @@ class GatewayApp:
     ) -> None:
         """The core's handler for one request: the pipeline, then the access line and
         metrics. Every failure before the response is committed is answered here."""
-        exchange = _Exchange()
+        client = conn.peername[0] if conn.peername else None
+        exchange = _Exchange(RequestTrace.begin(self.tracing, request, client))
         state = self.holder.current
         peer = conn.peer
         status = 500
@@ -424,8 +421,8 @@ class GatewayApp:
             self.metrics.connections_rejected.inc()
             emit(
                 audit_log,
-                durable=True,
-                event="connection",
+                "connection",
+                urgent=True,
                 decision="deny",
                 reason=f"trust re-check after reload: {exc}",
                 peer=transport.get_extra_info("peername"),
@@ -473,6 +470,7 @@ class GatewayApp:
         """Metrics for every request; the access line when ``access_log`` is on."""
         route = exchange.route or "-"
         outcome = exchange.outcome
+        exchange.trace.finish(status, exchange.route, exchange.error)
         self.metrics.count_request(
             route, request.method, status, time.perf_counter() - exchange.started
         )
@@ -480,9 +478,7 @@ class GatewayApp:
             self.metrics.upstream_seconds(outcome.upstream).observe(outcome.upstream_seconds)
         if access:
             identity = conn.peer.identity
-            emit(
-                access_log,
-                event="access",
+            log_access(
                 request_id=exchange.request_id,
                 client=conn.peername[0] if conn.peername else None,
                 method=request.method,
@@ -495,6 +491,7 @@ class GatewayApp:
                 bytes_out=outcome.bytes_out if outcome is not None else None,
                 error=exchange.error,
                 duration_ms=round((time.perf_counter() - exchange.started) * 1000, 3),
+                trace_id=exchange.trace.trace_id,
             )
 
     async def _pipeline(
@@ -522,20 +519,27 @@ class GatewayApp:
         incoming = _header_dict(request)
         claims: Mapping[str, Any] | None = None
         if route.jwt is not None:
+            span = exchange.trace.child("jwt_verify", mode=route.jwt.verify)
             try:
-                claims = await self._check_jwt(incoming, route.jwt, identity, target.query)
-            except TokenRejected as err:
+                claims = await self._check_jwt(
+                    incoming, route.jwt, identity, target.query, exchange.trace.rpc_metadata(span)
+                )
+            except GatewayError as err:
+                exchange.trace.end(span, error=err.reason)
+                if not isinstance(err, TokenRejected):
+                    raise
                 self.metrics.decision_count("deny", f"token:{err.reason}").inc()
                 emit(
                     audit_log,
-                    durable=True,
-                    event="token",
+                    "token",
+                    urgent=True,
                     decision="deny",
                     reason=err.reason,
                     spiffe_id=identity.id_text,
                     route=route.name,
                 )
                 raise
+            exchange.trace.end(span)
         _limit_body(request, body, route.max_body_bytes or state.config.limits.max_body_bytes)
         ih = state.config.identity_headers
         client_address = str(conn.peername[0]) if conn.peername else None
@@ -561,10 +565,23 @@ class GatewayApp:
             # client's certificate), so it is not passed on; other schemes (Basic, …) are.
             strip_bearer(headers)
         upstream = self.upstreams[route.upstream]
-        if route.websocket and _wants_websocket(request):
-            idle = self.listener.limits.idle_timeout if self.listener is not None else 60.0
-            return await upstream.tunnel(request, responder, target.forward(), headers, idle)
-        return await upstream.forward(request, body, responder, target.forward(), headers)
+        span = exchange.trace.child("upstream", kind="client", upstream=route.upstream)
+        exchange.trace.propagate(headers, span)
+        try:
+            if route.websocket and _wants_websocket(request):
+                idle = self.listener.limits.idle_timeout if self.listener is not None else 60.0
+                outcome = await upstream.tunnel(request, responder, target.forward(), headers, idle)
+            else:
+                outcome = await upstream.forward(
+                    request, body, responder, target.forward(), headers
+                )
+        except BaseException as exc:
+            exchange.trace.end(span, error=type(exc).__name__)
+            raise
+        exchange.trace.end(
+            span, error=outcome.error, **{"http.response.status_code": outcome.status}
+        )
+        return outcome
 
     def _authorize(
         self,
@@ -577,13 +594,16 @@ class GatewayApp:
         """Policy (default deny) through :meth:`Policy.authorize`; every decision is audited, a
         denial is raised on as the typed error the one table maps to 403 / 404."""
         log_allow = state.config.audit.allow
+        span = exchange.trace.child("policy")
         try:
             decision = state.policy.authorize(identity.spiffe_id, method, path)
         except PolicyDenial as denial:
+            exchange.trace.end(span, decision="deny", reason=denial.decision.reason)
             self._audit(denial.decision, identity, method, path, log_allow=log_allow)
             if denial.decision.route is not None:
                 exchange.route = denial.decision.route.name
             raise
+        exchange.trace.end(span, decision="allow", reason=decision.reason)
         self._audit(decision, identity, method, path, log_allow=log_allow)
         assert decision.route is not None  # an allowing decision always names its route
         exchange.route = decision.route.name
@@ -595,6 +615,7 @@ class GatewayApp:
         jwt: JwtConfig,
         identity: PeerIdentity,
         query: str | None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> Mapping[str, Any]:
         if query and any(k == "access_token" for k, _ in parse_qsl(query, True)):
             raise TokenRejected("token_in_query", "send the token in the Authorization header")
@@ -619,6 +640,7 @@ class GatewayApp:
                 # connection on every JWT route; only `bind: certificate` refuses unbound ones.
                 certificate_thumbprint=identity.x5t_s256,
                 require_binding=jwt.bind == "certificate",
+                metadata=metadata,
             )
         finally:
             self.metrics.signer_seconds(jwt.verify).observe(time.perf_counter() - started)
@@ -639,7 +661,8 @@ class GatewayApp:
         if (decision.allowed and not log_allow) or not audit_log.isEnabledFor(logging.INFO):
             return
         route = decision.route.name if decision.route is not None else None
-        audit_log.info(
+        send(
+            audit_log,
             authorization_line(
                 outcome=outcome,
                 reason=decision.reason,
@@ -649,7 +672,7 @@ class GatewayApp:
                 method=method,
                 path=path,
             ),
-            extra=None if decision.allowed else _DURABLE,
+            urgent=not decision.allowed,
         )
 
     @staticmethod

@@ -25,6 +25,7 @@ from svidgate.config import (
     Problem,
     SpiffeIdField,
     SpiffePatternField,
+    TracingConfig,
     TrustDomainField,
     parse_host_port,
     resolve_path,
@@ -325,6 +326,7 @@ class GatewayConfig(ConfigModel):
     reload_interval: Duration = timedelta(seconds=2)  # file-change polling; 0s disables it
     access_log: bool = True
     audit: AuditConfig = AuditConfig()
+    tracing: TracingConfig | None = None  # spans over OTLP; traceparent is propagated anyway
 
     @property
     def needs_signer(self) -> bool:

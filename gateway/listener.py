@@ -35,7 +35,6 @@ import struct
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
-from svidgate.gateway.handshake import TIMEOUT, handshake_failure_reason
 from svidgate.gateway.heap import HeapTrimmer
 from svidgate.gateway.http1 import (
     Admission,
@@ -52,8 +51,7 @@ log = logging.getLogger("svidgate.gateway.listener")
 P = TypeVar("P")
 Connection = H1Connection[P] | H2ServerConnection[P]
 Identify = Callable[[asyncio.BaseTransport], Admission[P]]
-# (reason, peer address or None): a TLS handshake failed (gateway.handshake names the reasons)
-HandshakeFailed = Callable[[str, object], None]
+HandshakeFailed = Callable[[object, BaseException], None]  # (peer address, what failed)
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -77,7 +75,7 @@ class Listener(Generic[P]):
     ) -> None:
         """``on_close(peer)`` is called once for every admission ``identify`` returned, when
         its connection ends (or at once, when the per-identity cap refuses it);
-        ``on_handshake_failure(reason, peer)`` once for every failed TLS handshake."""
+        ``on_handshake_failure(address, exc)`` for every failed (or timed out) handshake."""
         self._sock = sock
         self._ssl = ssl_context
         self._handler = handler
@@ -207,14 +205,14 @@ class Listener(Generic[P]):
         self._loop.remove_reader(sock.fileno())
         self._counters.handshake_failed += 1
         if self._on_handshake_failure is not None:
-            self._on_handshake_failure(TIMEOUT, _peername(sock))
+            self._on_handshake_failure(_peer(sock), TimeoutError("no ClientHello in time"))
         _reset(sock)
         self.forget(conn)
 
     async def _handshake(self, conn: H1Connection[P], sock: socket.socket, seconds: float) -> None:
         assert self._loop is not None
         done = False
-        peer = _peername(sock) if self._on_handshake_failure is not None else None
+        peer = _peer(sock) if self._on_handshake_failure is not None else None
         try:
             await self._loop.connect_accepted_socket(
                 lambda: _AlpnChoice(self, conn),
@@ -229,12 +227,11 @@ class Listener(Generic[P]):
             self._counters.handshake_failed += 1
             raise
         except Exception as exc:
-            # The transport closed the socket. Nothing is logged per failed handshake: scanners
-            # and clients without a certificate are routine (the counter says how many).
+            # The transport closed the socket. The hook logs it (rate-limited: scanners and
+            # clients without a certificate are routine).
             self._counters.handshake_failed += 1
-            log.debug("TLS handshake failed: %s", type(exc).__name__)
             if self._on_handshake_failure is not None:
-                self._on_handshake_failure(handshake_failure_reason(exc), peer)
+                self._on_handshake_failure(peer, exc)
         finally:
             if not done:
                 self.forget(conn)
@@ -340,6 +337,13 @@ class _AlpnChoice(asyncio.Protocol, Generic[P]):
             chosen = self._listener.to_h2(self._conn)
         transport.set_protocol(chosen)
         chosen.connection_made(transport)
+
+
+def _peer(sock: socket.socket) -> object:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
 
 
 def _reset(sock: socket.socket) -> None:

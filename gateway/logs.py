@@ -1,131 +1,103 @@
-"""Log output off the event loop: records are formatted where they are logged and written to
-the stream in batches by a small writer thread, so a request never waits on ``write(2)``.
-
-Nothing is dropped: a *durable* record (an access denial: ``extra={"durable": True}``), any
-record at ERROR or above, and every record once ``max_pending`` lines are waiting are written
-synchronously together with everything queued before them (order is kept). ``close()`` (called
-by ``logging.shutdown`` at exit) and a fork write out what is pending.
-"""
+"""The gateway's own lines on the shared schema (:mod:`svidgate.logs`): the per-request access
+line, built as one f-string with no LogRecord once logging is configured (it is per request),
+and failed TLS handshakes, at most ``per_second`` lines a second per worker (the next line
+says how many were ``suppressed``)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-import weakref
-from collections import deque
-from typing import TextIO
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_str
+from typing import Any
 
-DEFAULT_INTERVAL = 0.01  # seconds between two batch writes
-DEFAULT_MAX_PENDING = 10_000  # lines waiting before emit() writes synchronously (back-pressure)
+from svidgate.logs import emit, send
 
-_HANDLERS: weakref.WeakSet[BackgroundStreamHandler] = weakref.WeakSet()
+access_log = logging.getLogger("svidgate.access")
+handshake_log = logging.getLogger("svidgate.gateway.handshake")
+
+HANDSHAKE_LINES_PER_SECOND = 10
 
 
-class BackgroundStreamHandler(logging.Handler):
-    """A ``StreamHandler`` whose writes happen on a daemon thread, in batches."""
+def _opt(text: str | None) -> str:
+    return "null" if text is None else _json_str(text)
+
+
+def _num(value: int | None) -> str:
+    return "null" if value is None else str(value)
+
+
+def access_line(
+    *,
+    request_id: str | None,
+    client: str | None,
+    method: str,
+    path: str,
+    status: int,
+    bytes_in: int | None,
+    bytes_out: int | None,
+    route: str,
+    spiffe_id: str,
+    upstream: str | None,
+    duration_ms: float,
+    error: str | None,
+    trace_id: str | None = None,
+) -> str:
+    """The access line's JSON object (``path`` never carries the query)."""
+    line = (
+        f'{{"event":"access","request_id":{_opt(request_id)},"client":{_opt(client)},'
+        f'"method":{_json_str(method)},"path":{_json_str(path)},"status":{status},'
+        f'"bytes_in":{_num(bytes_in)},"bytes_out":{_num(bytes_out)},"route":{_json_str(route)},'
+        f'"spiffe_id":{_json_str(spiffe_id)},"upstream":{_opt(upstream)},'
+        f'"duration_ms":{duration_ms},"error":{_opt(error)}'
+    )
+    if trace_id is not None:
+        return f'{line},"trace_id":{_json_str(trace_id)}}}'
+    return line + "}"
+
+
+def log_access(**fields: Any) -> None:
+    """Write one access line (the caller checked ``access_log`` is on)."""
+    send(access_log, access_line(**fields))
+
+
+class HandshakeLog:
+    """Failed handshakes, one line each (``event: "handshake_failed"``, ``peer``, ``reason``),
+    at most ``per_second`` a second: past that they are counted, and the next line written
+    carries ``suppressed`` (how many were not written since the previous one)."""
 
     def __init__(
         self,
-        stream: TextIO,
-        *,
-        interval: float = DEFAULT_INTERVAL,
-        max_pending: int = DEFAULT_MAX_PENDING,
+        per_second: int = HANDSHAKE_LINES_PER_SECOND,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__()
-        self.stream = stream
-        self.interval = interval
-        self.max_pending = max_pending
-        self._pending: deque[str] = deque()
-        self._io_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        _HANDLERS.add(self)
+        self.per_second = per_second
+        self.clock = clock
+        self._window = -1
+        self._written = 0
+        self.suppressed = 0
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record)
-        except Exception:
-            self.handleError(record)
+    def failed(self, peer: object, reason: str, detail: str | None = None) -> None:
+        if not handshake_log.isEnabledFor(logging.INFO):
             return
-        self._pending.append(line)
-        if (
-            self._closed
-            or record.levelno >= logging.ERROR
-            or getattr(record, "durable", False)
-            or len(self._pending) >= self.max_pending
-        ):
-            self.flush()
-        else:
-            if self._thread is None:
-                self._start_writer()
-            if len(self._pending) == 1:  # the writer sleeps until there is something to write
-                self._wake.set()
-
-    def flush(self) -> None:
-        """Write every pending line now (in order), on the calling thread."""
-        with self._io_lock:
-            if not self._pending:
-                return
-            lines: list[str] = []
-            try:
-                while True:
-                    lines.append(self._pending.popleft())
-            except IndexError:
-                pass
-            try:
-                self.stream.write("\n".join(lines) + "\n")
-                self.stream.flush()
-            except (OSError, ValueError):  # closed or broken stream: nothing sensible to do
-                pass
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2.0)
-        self.flush()
-        super().close()
-
-    def _start_writer(self) -> None:
-        with self._io_lock:
-            if self._thread is not None or self._closed:
-                return
-            self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        # Idle: blocked on the event, no periodic wake-ups. Busy: one batch per interval.
-        while not self._closed:
-            self._wake.wait()
-            self._wake.clear()
-            if self._closed:
-                break
-            time.sleep(self.interval)
-            self.flush()
-
-    def _before_fork(self) -> None:
-        self.flush()
-
-    def _after_fork_in_child(self) -> None:
-        # The writer thread does not exist in the child; the next record starts a new one.
-        self._io_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread = None
-        self._pending.clear()  # flushed in the parent just before the fork
+        window = int(self.clock())
+        if window != self._window:
+            self._window, self._written = window, 0
+        if self._written >= self.per_second:
+            self.suppressed += 1
+            return
+        self._written += 1
+        fields: dict[str, Any] = {"peer": _address(peer), "reason": reason}
+        if detail:
+            fields["detail"] = detail
+        if self.suppressed:
+            fields["suppressed"], self.suppressed = self.suppressed, 0
+        emit(handshake_log, "handshake_failed", **fields)
 
 
-def _before_fork() -> None:
-    for handler in list(_HANDLERS):
-        handler._before_fork()
-
-
-def _after_fork_in_child() -> None:
-    for handler in list(_HANDLERS):
-        handler._after_fork_in_child()
-
-
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+def _address(peer: object) -> str | None:
+    """``host:port`` (``[v6]:port``) of a peername tuple."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return None if peer is None else str(peer)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -20,17 +19,19 @@ import time
 from pathlib import Path
 
 from svidgate.gateway.admin import Metrics, admin_app
-from svidgate.gateway.app import GatewayApp, Peer, emit
+from svidgate.gateway.app import GatewayApp, Peer
 from svidgate.gateway.config import LimitsConfig
 from svidgate.gateway.credentials import StateHolder
+from svidgate.gateway.handshake import handshake_failure_reason
 from svidgate.gateway.http1 import Limits
 from svidgate.gateway.http2 import H2Limits
 from svidgate.gateway.listener import Listener
-from svidgate.gateway.logs import BackgroundStreamHandler
 from svidgate.gateway.workers import enable_multiprocess, metrics_directory, worker_exited
 
+from svidgate import logs
 from svidgate.admin_http import AdminServer
 from svidgate.config import parse_host_port
+from svidgate.logs import emit
 
 log = logging.getLogger("svidgate.gateway")
 
@@ -86,6 +87,10 @@ class GatewayServer:
 
             signer = SignerClient.from_config(cfg.signer)
         self.app = GatewayApp(self.holder, self.metrics, signer)
+        if cfg.tracing is not None:  # only then is opentelemetry imported
+            from svidgate.tracing import Tracing
+
+            self.app.tracing = Tracing(cfg.tracing, "gateway")
         self._want_admin = admin and cfg.admin_listen is not None
         self.listener: Listener[Peer] | None = None
         self._admin: AdminServer | None = None
@@ -136,15 +141,17 @@ class GatewayServer:
             self._watch_task = loop.create_task(self._watch_files(interval))
         emit(
             log,
-            event="listening",
+            "listening",
             address=state.config.listen,
             port=self.port,
             admin_port=self.admin_port or None,
             pid=os.getpid(),
         )
 
-    def _handshake_failed(self, reason: str, _peer: object) -> None:
-        self.metrics.handshake_failure(reason).inc()
+    def _handshake_failed(self, peer: object, exc: BaseException) -> None:
+        """A TLS handshake failed: counted by reason, and logged (rate-limited)."""
+        self.metrics.handshake_failure(handshake_failure_reason(exc)).inc()
+        self.app.handshake_failed(peer, exc)
 
     def reload(self) -> bool:
         ok = self.holder.reload()
@@ -172,6 +179,8 @@ class GatewayServer:
             self.metrics.publish()  # the last figures of this worker
         if self._admin is not None:
             await self._admin.close()
+        if self.app.tracing is not None:
+            await asyncio.to_thread(self.app.tracing.shutdown)
 
 
 async def serve_worker(
@@ -186,31 +195,16 @@ async def serve_worker(
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
     await stop.wait()
-    emit(log, event="draining", pid=os.getpid())
+    emit(log, "draining", pid=os.getpid())
     await server.stop()
-    emit(log, event="stopped", pid=os.getpid())
+    emit(log, "stopped", pid=os.getpid())
     return 0
 
 
 def configure_logging() -> None:
-    """JSON lines on stderr: the message of every record is already JSON or plain text; they
-    are written by a background thread (:mod:`svidgate.gateway.logs`), never on the event loop."""
-    handler = BackgroundStreamHandler(sys.stderr)
-
-    class _Json(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            msg = record.getMessage()
-            if msg.startswith("{"):
-                return msg
-            doc = {"level": record.levelname.lower(), "logger": record.name, "msg": msg}
-            if record.exc_info:
-                doc["exc"] = self.formatException(record.exc_info)
-            return json.dumps(doc)
-
-    handler.setFormatter(_Json())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+    """The shared schema on stderr (:mod:`svidgate.logs`), written by a background thread
+    through a bounded queue, never on the event loop."""
+    logs.configure("gateway", fd=sys.stderr.fileno())
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 

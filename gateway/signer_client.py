@@ -528,12 +528,14 @@ class SignerClient:
         expected_subject: str | None = None,
         certificate_thumbprint: str | None = None,
         require_binding: bool | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> VerifiedToken:
         """Verify ``token`` for ``audience``; raises TokenRejected or SignerUnavailable.
 
         ``expected_subject``: ``sub`` must equal it. ``certificate_thumbprint``: the connection's
         ``x5t#S256``; a certificate-bound token always needs it to match, and
         ``require_binding`` (default: whether a thumbprint is given) refuses unbound tokens.
+        ``metadata``: sent with a remote Verify (the trace context).
         """
         if not audience:
             raise ValueError("audience is required")
@@ -545,7 +547,7 @@ class SignerClient:
         if mode != "remote":
             raise ValueError(f"unknown verify mode {mode!r}")
         return await self._verify_remote(
-            token, audience, expected_subject, certificate_thumbprint, require
+            token, audience, expected_subject, certificate_thumbprint, require, metadata=metadata
         )
 
     async def _verify_remote(
@@ -555,6 +557,8 @@ class SignerClient:
         expected_subject: str | None,
         thumbprint: str | None,
         require_binding: bool,
+        *,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> VerifiedToken:
         import grpc
         import grpc.aio
@@ -575,7 +579,9 @@ class SignerClient:
             require_binding=require_binding,
         )
         try:
-            response = await stub.Verify(request, timeout=self.timeout.total_seconds())
+            response = await stub.Verify(
+                request, timeout=self.timeout.total_seconds(), metadata=metadata
+            )
         except grpc.aio.AioRpcError as err:
             code = err.code()
             if code.name in _TOKEN_ERROR_CODES:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from svidgate.gateway.errors import CredentialsError
 from svidgate.pki.bundle import BundleSet
-from svidgate.pki.errors import PkiError, UntrustedSvidError
+from svidgate.pki.errors import NoCertificateError, PkiError, UntrustedSvidError
 from svidgate.pki.svid import X509Svid, check_svid_profile, parse_raw_chain, verify_x509_svid
 
 # TLS 1.2: ECDHE key exchange with AEAD ciphers only. TLS 1.3 suites are all AEAD + (EC)DHE.
@@ -109,7 +109,7 @@ def verify_peer(
         ders = [der] if der else []
     chain = parse_raw_chain(ders)
     if not chain:
-        raise UntrustedSvidError("the peer presented no certificate")
+        raise NoCertificateError("the peer presented no certificate")
     return verify_x509_svid(chain[0], chain[1:], bundles, now=now)
 
 

@@ -28,7 +28,11 @@ class UntrustedSvidError(PkiError):
 
 
 class SvidValidityError(UntrustedSvidError):
-    """An SVID is outside its validity period (expired, or not valid yet)."""
+    """An SVID is outside its validity period (expired, or not yet valid)."""
+
+
+class NoCertificateError(UntrustedSvidError):
+    """The peer presented no certificate."""
 
 
 class BundleError(PkiError):

@@ -32,6 +32,7 @@ from svidgate.config import (
     ListOf,
     Problem,
     SpiffePatternField,
+    TracingConfig,
     TrustDomainField,
     parse_host_port,
 )
@@ -267,6 +268,7 @@ class SignerConfig(ConfigModel):
     limits: LimitsConfig = LimitsConfig()
     # plain HTTP /healthz, /readyz, /metrics (loopback or pod-local; never the Internet)
     admin_listen: ListenAddress | None = None
+    tracing: TracingConfig | None = None  # spans of RPCs over OTLP, parents from the caller
 
     @property
     def td(self) -> TrustDomain:

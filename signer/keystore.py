@@ -71,11 +71,12 @@ def utcnow() -> datetime:
 
 
 class SignedToken(NamedTuple):
-    """What Sign returns: the compact JWS, the key that signed it and its ``exp``."""
+    """What Sign returns: the compact JWS, the key that signed it, its ``exp`` and ``jti``."""
 
     token: str
     kid: str
     expires_at: int
+    jti: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,7 +509,7 @@ class KeyStore:
             raise InvalidRequestError(
                 f"the token would exceed {MAX_TOKEN_BYTES} bytes (too many extra claims)"
             )
-        return SignedToken(token, key.kid, int(claims["exp"]))
+        return SignedToken(token, key.kid, int(claims["exp"]), str(claims["jti"]))
 
     def verify(
         self,

@@ -31,8 +31,10 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from cryptography import x509
@@ -47,6 +49,10 @@ from svidgate.signer.service import GuardedHealth, GuardedReflection, SignerServ
 from svidgate.signer.sources import KeySource
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
+if TYPE_CHECKING:
+    from svidgate.tracing import Tracing
+
+from svidgate import logs
 from svidgate.admin_http import AdminServer
 from svidgate.config import ConfigError
 
@@ -275,6 +281,11 @@ class SignerServer:
         self.unix = UnixSocket(cfg.listen) if cfg.listen.unix is not None else None
         self._servers: dict[str, grpc.aio.Server] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.tracing: Tracing | None = None
+        if cfg.tracing is not None:
+            from svidgate.tracing import Tracing
+
+            self.tracing = Tracing(cfg.tracing, "signer")
         if self.unix is not None:
             self._servers["unix"] = self._server(tcp=False)
         if cfg.listen.tcp is not None:
@@ -282,10 +293,15 @@ class SignerServer:
 
     def _server(self, *, tcp: bool) -> grpc.aio.Server:
         limits = self.cfg.limits
+        interceptors = []
+        if self.tracing is not None:
+            from svidgate.signer.rpc_spans import RpcSpans
+
+            interceptors.append(RpcSpans(self.tracing))
         server = grpc.aio.server(
             options=server_options(limits, tcp=tcp),
             maximum_concurrent_rpcs=limits.rpcs,
-            interceptors=[RpcMetrics(self.metrics)],
+            interceptors=[RpcMetrics(self.metrics), *interceptors],
         )
         signer_pb2_grpc.add_SignerServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -382,6 +398,8 @@ class SignerServer:
             self.unix.remove()
         if self.admin is not None:
             await self.admin.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
 
 async def serve(cfg: SignerConfig, *, stop: asyncio.Event | None = None) -> None:
@@ -406,7 +424,7 @@ async def serve(cfg: SignerConfig, *, stop: asyncio.Event | None = None) -> None
 
 def run(cfg: SignerConfig) -> int:
     """Blocking entry point for ``svidgate signer serve`` (uvloop when available)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure("signer", fd=sys.stderr.fileno())
     try:
         import uvloop
     except ImportError:

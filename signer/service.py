@@ -60,10 +60,13 @@ from svidgate.signer.limits import LimitExceededError, SignGate, StreamSlots
 from svidgate.signer.mint_policy import MintPolicy
 from svidgate.signer.v1 import REASON_METADATA_KEY, signer_pb2, signer_pb2_grpc
 
+from svidgate.logs import emit
+
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
 
 log = logging.getLogger("svidgate.signer.rpc")
+token_log = logging.getLogger("svidgate.signer.tokens")
 _THUMBPRINT = re.compile(r"^[A-Za-z0-9_-]{43}$")
 
 # (error type, status code, reason); the first matching row wins. JwtSvidError carries its reason.
@@ -264,6 +267,17 @@ class SignerService(signer_pb2_grpc.SignerServicer):
                 )
         except Exception as exc:
             await self._fail(context, exc)
+        # the audit of every issued token: never the token itself
+        emit(
+            token_log,
+            "token_issued",
+            subject=str(subject),
+            audience=list(request.audience),
+            kid=signed.kid,
+            jti=signed.jti,
+            expiry=signed.expires_at,
+            caller=caller.key,
+        )
         return signer_pb2.SignResponse(
             token=signed.token, kid=signed.kid, expires_at=signed.expires_at
         )

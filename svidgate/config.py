@@ -41,6 +41,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
     Strict,
     ValidationError,
     ValidationInfo,
@@ -299,3 +300,20 @@ class ConfigFile(Generic[M]):
     def load(self, path: str | Path) -> M:
         """Read and validate the file at ``path`` (see :func:`load`)."""
         return load(path, self.model, rules=self.rules)
+
+
+def _otlp_endpoint(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise ValueError("must be http://HOST:PORT (plain) or https://HOST:PORT (TLS)")
+    parse_host_port(rest.rstrip("/"))
+    return value
+
+
+class TracingConfig(ConfigModel):
+    """``tracing:`` (gateway.yaml and signer.yaml): spans exported over OTLP/gRPC to
+    ``otlp_endpoint``; ``sample_ratio`` of new traces are sampled (a caller's sampled flag is
+    followed). Needs the ``svidgate[otel]`` extra."""
+
+    otlp_endpoint: Annotated[str, AfterValidator(_otlp_endpoint)]
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)

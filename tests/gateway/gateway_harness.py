@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
+from support.logschema import read_events
 from support.pki import (
     B_ID,
     BUNDLES,
@@ -267,10 +268,19 @@ class Harness:
 class GatewayProcess:
     """`svidgate gateway serve` as a child process on two free loopback ports: ``doc`` with
     ``listen`` / ``admin_listen`` set, written to ``pki.dir``/NAME.yaml; stderr (JSON lines)
-    goes to NAME.log."""
+    goes to NAME.log, or with ``stderr_pipe`` to a pipe the test reads (or leaves unread:
+    ``proc.stderr``)."""
 
-    def __init__(self, pki: LabPki, doc: dict[str, Any], name: str = "gateway") -> None:
+    def __init__(
+        self,
+        pki: LabPki,
+        doc: dict[str, Any],
+        name: str = "gateway",
+        *,
+        stderr_pipe: bool = False,
+    ) -> None:
         self.pki = pki
+        self.stderr_pipe = stderr_pipe
         self.port, self.admin = free_port(), free_port()
         doc = {**doc, "listen": f"127.0.0.1:{self.port}", "admin_listen": f"127.0.0.1:{self.admin}"}
         self.config = pki.dir / f"{name}.yaml"
@@ -293,7 +303,7 @@ class GatewayProcess:
                     str(self.config),
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=err,
+                stderr=subprocess.PIPE if self.stderr_pipe else err,
             )
 
         async def up() -> bool:
@@ -331,12 +341,12 @@ class GatewayProcess:
         return self.log.read_text(errors="replace")[-size:] if self.log.exists() else ""
 
     def events(self) -> list[dict[str, Any]]:
-        """The JSON log lines written so far (a line still being written is left out)."""
-        complete = self.log.read_text().rpartition("\n")[0]
-        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+        """The log lines written so far (a line still being written is left out), each
+        checked against the shared schema."""
+        return read_events(self.log, "gateway")
 
     def messages(self) -> list[str]:
-        return [str(e.get("msg", "")) for e in self.events()]
+        return [str(e.get("message", "")) for e in self.events()]
 
     def logged(self, event: str) -> bool:
         return any(e.get("event") == event for e in self.events())

@@ -237,3 +237,14 @@ def test_duplicate_yaml_key_is_refused(tmp_path: Path) -> None:
     path.write_text(path.read_text() + "workers: 3\n")
     with pytest.raises(ConfigError, match=r"invalid YAML \(line \d+\): duplicate key 'workers'"):
         load_config(path)
+
+
+def test_tracing_keys(tmp_path: Path) -> None:
+    tracing = {"otlp_endpoint": "http://127.0.0.1:4317", "sample_ratio": 0.25}
+    cfg = load_config(_write(tmp_path, {**_doc(), "tracing": tracing}))
+    assert cfg.tracing is not None and cfg.tracing.sample_ratio == 0.25
+    assert load_config(_write(tmp_path, _doc())).tracing is None  # off by default
+    bad_endpoint = {"otlp_endpoint": "127.0.0.1:4317"}
+    assert "tracing.otlp_endpoint: " in _error(tmp_path, {**_doc(), "tracing": bad_endpoint})
+    bad_ratio = {**tracing, "sample_ratio": 1.5}
+    assert "tracing.sample_ratio: " in _error(tmp_path, {**_doc(), "tracing": bad_ratio})

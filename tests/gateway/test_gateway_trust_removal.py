@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +31,7 @@ from gateway_harness import (
     raw_exchange,
     write_config,
 )
+from support.logschema import read_events
 from support.waiting import wait_for
 from svidgate.pki.bundle import BundleSet, marshal_pem
 from svidgate.pki.ca import CertificateAuthority
@@ -274,7 +274,7 @@ async def test_sighup_with_a_replaced_bundle_closes_the_open_connection(
     assert echo.targets == ["/public/1", "/orders/1", "/orders/2"]
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 10) == 0
-    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    lines = read_events(log, "gateway")
     denials = [x for x in lines if x.get("event") == "connection"]
     assert any(
         d["decision"] == "deny"
@@ -282,4 +282,4 @@ async def test_sighup_with_a_replaced_bundle_closes_the_open_connection(
         and d["spiffe_id"] == f"spiffe://{B}/ns/shop/sa/web"
         for d in denials
     ), denials
-    assert any("re-checked 2 open connections, closed 1" in x.get("msg", "") for x in lines)
+    assert any("re-checked 2 open connections, closed 1" in x.get("message", "") for x in lines)
