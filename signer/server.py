@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from svidgate.signer.config import ListenConfig, SignerConfig, TlsConfig
+from svidgate.signer.discovery import DiscoveryServer
 from svidgate.signer.keystore import KeyStore
 from svidgate.signer.limits import raise_fd_limit, server_options
 from svidgate.signer.service import GuardedHealth, GuardedReflection, SignerService
@@ -268,6 +269,7 @@ class SignerServer:
         self.tcp_port: int | None = None
         self.unix = UnixSocket(cfg.listen) if cfg.listen.unix is not None else None
         self._servers: dict[str, grpc.aio.Server] = {}
+        self.discovery = DiscoveryServer(cfg, self.store) if cfg.discovery is not None else None
         self._tasks: list[asyncio.Task[None]] = []
         if self.unix is not None:
             self._servers["unix"] = self._server(tcp=False)
@@ -307,6 +309,8 @@ class SignerServer:
         if self.unix is not None:
             self.unix.publish()
         self.store.start()
+        if self.discovery is not None:
+            await self.discovery.start()
         self._tasks.append(asyncio.create_task(self._health_loop(), name="signer-health"))
         if self.tls is not None:
             self._tasks.append(asyncio.create_task(self._tls_loop(), name="signer-tls"))
@@ -343,6 +347,8 @@ class SignerServer:
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         await self.health.enter_graceful_shutdown()
         await self.store.end_watches()
+        if self.discovery is not None:
+            await self.discovery.stop()
         await asyncio.gather(*(server.stop(grace) for server in self._servers.values()))
         for task in self._tasks:
             task.cancel()
