@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from json.encoder import encode_basestring_ascii
@@ -35,7 +35,7 @@ from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict
 from svidgate.gateway.admin import Metrics
-from svidgate.gateway.config import JwtConfig
+from svidgate.gateway.config import SIGNER_ISSUER, JwtConfig
 from svidgate.gateway.credentials import GatewayState, StateHolder
 from svidgate.gateway.errors import Forbidden, GatewayError, TokenRejected, response_spec
 from svidgate.gateway.headers import identity_header_names, strip_bearer, upstream_request_headers
@@ -52,6 +52,7 @@ from svidgate.gateway.http1 import (
     ResponseError,
 )
 from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
+from svidgate.gateway.jwt_issuers import JwtIssuers
 from svidgate.gateway.policy import Decision, PolicyDenial
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
 from svidgate.gateway.routes import Route, parse_target
@@ -177,12 +178,15 @@ class GatewayApp:
         self.draining = False
         self._retired: set[asyncio.Task[None]] = set()
         self._owned = identity_header_names(())
+        cfg = holder.current.config
+        self.jwt_issuers = JwtIssuers(cfg.jwt_issuers, poll=cfg.reload_interval)
         holder.listeners.append(self._on_reload)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._install(self.holder.current)
+        await self.jwt_issuers.start()
         if self.signer is not None:
             await self.signer.start()
 
@@ -196,6 +200,7 @@ class GatewayApp:
             self.trust_sweep.cancel()
         if self.signer is not None:
             await self.signer.close()
+        await self.jwt_issuers.close()
 
     def _install(self, state: GatewayState) -> None:
         cfg = state.config
@@ -217,6 +222,7 @@ class GatewayApp:
             self.trust_sweep = asyncio.get_running_loop().create_task(self._trust_sweep())
         if new.config.signer != old.config.signer:
             log.warning("signer settings changed: they take effect after a restart")
+        self._spawn(self.jwt_issuers.reconfigure(new.config.jwt_issuers))
         grace = max((u.cfg.timeouts.read.total_seconds() for u in previous.values()), default=0.0)
 
         async def retire() -> None:
@@ -224,7 +230,11 @@ class GatewayApp:
             for upstream in previous.values():
                 await upstream.close()
 
-        task = asyncio.get_running_loop().create_task(retire())
+        self._spawn(retire())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run reload work in the background; close() cancels what is still running."""
+        task = asyncio.get_running_loop().create_task(work)
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
 
@@ -235,7 +245,11 @@ class GatewayApp:
         state = self.holder.current
         if datetime.now(UTC) >= state.cert_not_after:
             return False, "certificate_expired"
-        modes = {r.jwt.verify for r in state.config.routes if r.jwt is not None and r.jwt.required}
+        jwts = [r.jwt for r in state.config.routes if r.jwt is not None and r.jwt.required]
+        unready = self.jwt_issuers.unready(name for jwt in jwts for name in jwt.issuers)
+        if unready is not None:
+            return False, f"jwt_issuer_not_ready:{unready}"
+        modes = {jwt.verify for jwt in jwts if jwt.uses_signer}
         if modes:
             if self.signer is None:
                 return False, "signer_not_configured"
@@ -575,12 +589,27 @@ class GatewayApp:
         match = _BEARER.fullmatch(values[0])
         if match is None:
             raise TokenRejected("malformed_authorization", "expected 'Bearer <token>'")
+        raw = match.group(1)
+        if self.jwt_issuers:
+            signer_issuer = self.signer.known_issuer if self.signer is not None else None
+            name = self.jwt_issuers.select(raw, jwt.issuers, signer_issuer)
+            if name != SIGNER_ISSUER:
+                verified = await self.jwt_issuers.verify(
+                    name,
+                    raw,
+                    audience=jwt.audience,
+                    now=datetime.now(UTC),
+                    expected_subject=identity.id_text if jwt.bind == "subject" else None,
+                    certificate_thumbprint=identity.x5t_s256,
+                    require_binding=jwt.bind == "certificate",
+                )
+                return verified.claims
         if self.signer is None:
             raise TokenRejected("no_signer")
         started = time.perf_counter()
         try:
             token = await self.signer.verify(
-                match.group(1),
+                raw,
                 audience=jwt.audience,
                 mode=jwt.verify,
                 expected_subject=identity.id_text if jwt.bind == "subject" else None,
