@@ -303,9 +303,14 @@ class UrlIssuerKeys(IssuerKeys):
         async with self._session.get(self.url, allow_redirects=False, headers=headers) as resp:
             if resp.status != 200:
                 raise KeySetError(f"HTTP status {resp.status}")
-            body = await resp.content.read(MAX_BUNDLE_BYTES + 1)
-        if len(body) > MAX_BUNDLE_BYTES:
-            raise KeySetError(f"response larger than {MAX_BUNDLE_BYTES} bytes")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > MAX_BUNDLE_BYTES:
+                    raise KeySetError(f"response larger than {MAX_BUNDLE_BYTES} bytes")
+                chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:

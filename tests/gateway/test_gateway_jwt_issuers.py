@@ -192,6 +192,7 @@ class JwksServer:
         self.pki = pki
         self.port = free_port()
         self.keys: list[KeyPair] = []
+        self.padding = 0  # bytes of filler in the document (an oversized answer)
         self.requests = 0
         self.runner: web.AppRunner | None = None
 
@@ -200,7 +201,10 @@ class JwksServer:
 
         async def handler(request: web.Request) -> web.Response:
             self.requests += 1
-            return web.json_response({"keys": [k.jwk for k in self.keys]})
+            doc: dict[str, Any] = {"keys": [k.jwk for k in self.keys]}
+            if self.padding:
+                doc["filler"] = "x" * self.padding
+            return web.json_response(doc)
 
         app = web.Application()
         app.router.add_get("/keys", handler)
@@ -256,6 +260,10 @@ async def test_url_issuer_refetches_an_unknown_kid_at_most_once_per_interval(
     assert jwks_server.requests == 2
     # the refresh picks it up
     assert await remote.refresh()
+    assert (await call(gw, "/remote/x", mint(third, THIRD_ID)))[0] == 200
+    # an oversized answer (over 256 KiB) is refused and the keys stay
+    jwks_server.keys, jwks_server.padding = [], 300 * 1024
+    assert not await remote.refresh()
     assert (await call(gw, "/remote/x", mint(third, THIRD_ID)))[0] == 200
 
 
