@@ -9,12 +9,15 @@ only another issuer publishes never verifies.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from gateway_harness import B_ID, WEB_ID, Echo, Harness, LabPki, gateway_config
 from support.jwt_keys import Signer as KeyPair
@@ -372,3 +375,33 @@ def test_config_accepts_every_source(test_pki: LabPki) -> None:
     assert cfg.routes[-1].jwt.issuers == ("p", "q", "u")
     assert cfg.jwt_issuers["p"].bundle.file == test_pki.dir / "a.json"
     assert not cfg.needs_signer
+
+
+def test_check_lists_issuers_and_route_issuers(test_pki: LabPki) -> None:
+    doc = gateway_config(test_pki, 9000)
+    doc["jwt_issuers"] = {
+        "spire": {"trust_domain": A, "bundle": {"source": "workload_api"}},
+        "partner": {
+            "trust_domain": B,
+            "issuer": "https://partner.example",
+            "bundle": {"url": "https://partner.example/keys", "ca": "bundle.pem"},
+        },
+    }
+    doc["routes"] += [jwt_route("mixed", ["spire", "partner"])]
+    path = test_pki.dir / "issuers.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = subprocess.run(
+        [sys.executable, "-m", "svidgate.cli", "gateway", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"jwt issuer:    spire: {A} from workload_api $SPIFFE_ENDPOINT_SOCKET" in lines
+    assert (
+        f"jwt issuer:    partner: {B} from https://partner.example/keys, "
+        "iss https://partner.example"
+    ) in lines
+    assert "      jwt audience=orders bind=none verify=remote issuers=spire,partner" in lines
