@@ -25,7 +25,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from json.encoder import encode_basestring_ascii
@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict
 from svidgate.gateway.admin import Metrics
-from svidgate.gateway.config import JwtConfig
+from svidgate.gateway.config import SIGNER_ISSUER, JwtConfig
 from svidgate.gateway.credentials import GatewayState, StateHolder
 from svidgate.gateway.errors import (
     Forbidden,
@@ -58,6 +58,7 @@ from svidgate.gateway.http1 import (
     ResponseError,
 )
 from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
+from svidgate.gateway.jwt_issuers import JwtIssuers
 from svidgate.gateway.logs import HandshakeLog, log_access
 from svidgate.gateway.policy import Decision, PolicyDenial
 from svidgate.gateway.proxy import ForwardOutcome, Upstream
@@ -183,12 +184,15 @@ class GatewayApp:
         self._retired: set[asyncio.Task[None]] = set()
         self._owned = identity_header_names(())
         self.limiter = self._limiter(holder.current)
+        cfg = holder.current.config
+        self.jwt_issuers = JwtIssuers(cfg.jwt_issuers, poll=cfg.reload_interval)
         holder.listeners.append(self._on_reload)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._install(self.holder.current)
+        await self.jwt_issuers.start()
         if self.signer is not None:
             await self.signer.start()
 
@@ -203,6 +207,7 @@ class GatewayApp:
         if self.signer is not None:
             await self.signer.close()
         await self.limiter.close()
+        await self.jwt_issuers.close()
 
     def _limiter(self, state: GatewayState) -> RateLimiter:
         count = self.metrics.rate_limit_backend_errors.inc
@@ -235,6 +240,7 @@ class GatewayApp:
             self.trust_sweep = asyncio.get_running_loop().create_task(self._trust_sweep())
         if new.config.signer != old.config.signer:
             log.warning("signer settings changed: they take effect after a restart")
+        self._spawn(self.jwt_issuers.reconfigure(new.config.jwt_issuers))
         grace = max((u.cfg.timeouts.read.total_seconds() for u in previous.values()), default=0.0)
 
         async def retire() -> None:
@@ -242,7 +248,11 @@ class GatewayApp:
             for upstream in previous.values():
                 await upstream.close()
 
-        task = asyncio.get_running_loop().create_task(retire())
+        self._spawn(retire())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run reload work in the background; close() cancels what is still running."""
+        task = asyncio.get_running_loop().create_task(work)
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
 
@@ -253,7 +263,11 @@ class GatewayApp:
         state = self.holder.current
         if datetime.now(UTC) >= state.cert_not_after:
             return False, "certificate_expired"
-        modes = {r.jwt.verify for r in state.config.routes if r.jwt is not None and r.jwt.required}
+        jwts = [r.jwt for r in state.config.routes if r.jwt is not None and r.jwt.required]
+        unready = self.jwt_issuers.unready(name for jwt in jwts for name in jwt.issuers)
+        if unready is not None:
+            return False, f"jwt_issuer_not_ready:{unready}"
+        modes = {jwt.verify for jwt in jwts if jwt.uses_signer}
         if modes:
             if self.signer is None:
                 return False, "signer_not_configured"
@@ -627,12 +641,27 @@ class GatewayApp:
         match = _BEARER.fullmatch(values[0])
         if match is None:
             raise TokenRejected("malformed_authorization", "expected 'Bearer <token>'")
+        raw = match.group(1)
+        if self.jwt_issuers:
+            signer_issuer = self.signer.known_issuer if self.signer is not None else None
+            name = self.jwt_issuers.select(raw, jwt.issuers, signer_issuer)
+            if name != SIGNER_ISSUER:
+                verified = await self.jwt_issuers.verify(
+                    name,
+                    raw,
+                    audience=jwt.audience,
+                    now=datetime.now(UTC),
+                    expected_subject=identity.id_text if jwt.bind == "subject" else None,
+                    certificate_thumbprint=identity.x5t_s256,
+                    require_binding=jwt.bind == "certificate",
+                )
+                return verified.claims
         if self.signer is None:
             raise TokenRejected("no_signer")
         started = time.perf_counter()
         try:
             token = await self.signer.verify(
-                match.group(1),
+                raw,
                 audience=jwt.audience,
                 mode=jwt.verify,
                 expected_subject=identity.id_text if jwt.bind == "subject" else None,

@@ -81,7 +81,9 @@ def _check_offline(path: Path) -> int:
 
 
 def _print_routes(cfg: GatewayConfig) -> None:
-    """Listeners, signer and the route table with each route's allow list and JWT rule."""
+    """Listeners, signer, other JWT issuers and the route table with each route's allow list
+    and JWT rule."""
+    from svidgate.gateway.config import SIGNER_ISSUER
     from svidgate.pki.durations import format_duration
 
     print(f"listen:        {cfg.listen} (workers {cfg.workers}); admin {cfg.admin_listen or '-'}")
@@ -89,6 +91,12 @@ def _print_routes(cfg: GatewayConfig) -> None:
         print(
             f"signer:        {cfg.signer.address} (timeout {format_duration(cfg.signer.timeout)})"
         )
+    for name, issuer in cfg.jwt_issuers.items():
+        bundle = issuer.bundle
+        socket = bundle.socket or "$SPIFFE_ENDPOINT_SOCKET"
+        where = bundle.url or (str(bundle.file) if bundle.file else f"workload_api {socket}")
+        iss = f", iss {issuer.issuer}" if issuer.issuer else ""
+        print(f"jwt issuer:    {name}: {issuer.trust_domain} from {where}{iss}")
     print(f"routes ({len(cfg.routes)}):")
     for route in cfg.routes:
         methods = ",".join(route.match.methods) if route.match.methods else "*"
@@ -104,9 +112,11 @@ def _print_routes(cfg: GatewayConfig) -> None:
         else:
             print("      allow (nobody: empty allow list)")
         if route.jwt is not None and route.jwt.required:
+            issuers = route.jwt.issuers
             print(
                 f"      jwt audience={route.jwt.audience} bind={route.jwt.bind} "
                 f"verify={route.jwt.verify}"
+                + (f" issuers={','.join(issuers)}" if issuers != (SIGNER_ISSUER,) else "")
             )
         elif route.forward_authorization:
             print("      authorization: Bearer tokens forwarded unverified")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from svidgate.config import (
     ConfigFile,
@@ -181,12 +182,68 @@ class RouteMatch(ConfigModel):
         return tuple(dict.fromkeys(out))
 
 
+SIGNER_ISSUER = "signer"  # the implicit jwt_issuers name of the sidecar signer
+
+
+class JwtBundleSource(ConfigModel):
+    """Where an issuer's JWT bundle comes from: exactly one of ``source: workload_api``,
+    ``file`` or ``url`` (gateway/jwt_issuers.py)."""
+
+    source: Literal["workload_api"] | None = None
+    socket: str | None = Field(default=None, min_length=1)  # default: $SPIFFE_ENDPOINT_SOCKET
+    file: ConfigPath | None = None
+    url: str | None = None
+    ca: ConfigPath | None = None
+    refresh: Duration = timedelta(minutes=5)
+    refetch_min_interval: Duration = timedelta(seconds=30)
+    timeout: Duration = timedelta(seconds=5)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JwtBundleSource:
+        chosen = [name for name in ("source", "file", "url") if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                "expected exactly one of {source: workload_api}, {file: PATH} or "
+                f"{{url: https://…, ca: PATH}}, got {chosen or 'none'}"
+            )
+        if self.socket is not None and self.source is None:
+            raise ValueError("socket is only for source: workload_api")
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            if parts.scheme != "https" or not parts.hostname or parts.fragment:
+                raise ValueError(f"url must be an https:// URL with a host, got {self.url!r}")
+            if self.ca is None:
+                raise ValueError("url needs ca (the CA bundle that the server's certificate pins)")
+        elif self.ca is not None:
+            raise ValueError("ca is only for url")
+        for name in ("refresh", "refetch_min_interval", "timeout"):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be longer than 0s")
+        return self
+
+
+class JwtIssuerConfig(ConfigModel):
+    """Another issuer of JWT-SVIDs: its trust domain, where its keys come from, its ``iss``."""
+
+    trust_domain: TrustDomainField
+    bundle: JwtBundleSource
+    issuer: str | None = Field(default=None, min_length=1)  # None: iss is not checked
+    max_ttl: Duration = timedelta(hours=1)
+    clock_skew: Duration = timedelta(seconds=30)
+
+
 class JwtConfig(ConfigModel):
     required: bool = True
     audience: str = Field(min_length=1)
     bind: Literal["subject", "certificate", "none"] = "subject"
     verify: Literal["remote", "local"] = "remote"
     forward: bool = False  # pass the verified Authorization header upstream (default: strip it)
+    # which issuers' tokens the route accepts: `signer` and names of jwt_issuers
+    issuers: ListOf[Annotated[str, Field(min_length=1)]] = (SIGNER_ISSUER,)
+
+    @property
+    def uses_signer(self) -> bool:
+        return SIGNER_ISSUER in self.issuers
 
 
 class RouteRateLimit(ConfigModel):
@@ -314,6 +371,7 @@ class GatewayConfig(ConfigModel):
     tls: ServerTLS
     trust_domains: dict[TrustDomainField, TrustDomainConfig] = Field(min_length=1)
     signer: SignerClientConfig | None = None
+    jwt_issuers: dict[str, JwtIssuerConfig] = Field(default_factory=dict)
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     routes: ListOf[RouteConfig] = ()
     routing: RoutingConfig = RoutingConfig()
@@ -330,7 +388,7 @@ class GatewayConfig(ConfigModel):
 
     @property
     def needs_signer(self) -> bool:
-        return any(r.requires_jwt for r in self.routes)
+        return any(r.requires_jwt and r.jwt is not None and r.jwt.uses_signer for r in self.routes)
 
 
 def _cross_check(cfg: GatewayConfig) -> list[Problem]:
@@ -343,7 +401,14 @@ def _cross_check(cfg: GatewayConfig) -> list[Problem]:
         seen.add(route.name)
         if route.upstream not in cfg.upstreams:
             problems.append((f"routes.{i}.upstream", f"unknown upstream {route.upstream!r}"))
-        if route.requires_jwt and cfg.signer is None:
+        if route.jwt is not None:
+            problems += _issuer_problems(cfg, route.jwt, f"routes.{i}.jwt")
+        if (
+            route.requires_jwt
+            and route.jwt is not None
+            and route.jwt.uses_signer
+            and cfg.signer is None
+        ):
             problems.append((f"routes.{i}.jwt", "the route requires a JWT but 'signer' is not set"))
         if route.requires_jwt and route.forward_authorization:
             problems.append(
@@ -352,8 +417,40 @@ def _cross_check(cfg: GatewayConfig) -> list[Problem]:
                     "only for routes without a JWT; a JWT route passes its token with jwt.forward",
                 )
             )
+    if SIGNER_ISSUER in cfg.jwt_issuers:
+        problems.append(
+            (f"jwt_issuers.{SIGNER_ISSUER}", "the name 'signer' is the sidecar signer's (implicit)")
+        )
     if cfg.signer is not None and not cfg.signer.is_unix and cfg.signer.tls is None:
         problems.append(("signer.tls", "a TCP signer address needs tls (cert, key, bundle)"))
+    return problems
+
+
+def _issuer_problems(cfg: GatewayConfig, jwt: JwtConfig, where: str) -> list[Problem]:
+    """A route's ``jwt.issuers``: known names, listed once, and never two that a token could
+    not tell apart (no ``issuer`` and the same trust domain)."""
+    problems: list[Problem] = []
+    if not jwt.issuers:
+        problems.append((f"{where}.issuers", "list at least one issuer (default: [signer])"))
+    if len(set(jwt.issuers)) != len(jwt.issuers):
+        problems.append((f"{where}.issuers", "an issuer is listed twice"))
+    by_domain: dict[str, str] = {}
+    for name in jwt.issuers:
+        if name == SIGNER_ISSUER:
+            continue
+        issuer = cfg.jwt_issuers.get(name)
+        if issuer is None:
+            problems.append((f"{where}.issuers", f"unknown issuer {name!r} (not in jwt_issuers)"))
+        elif issuer.issuer is None:
+            other = by_domain.setdefault(issuer.trust_domain, name)
+            if other != name:
+                problems.append(
+                    (
+                        f"{where}.issuers",
+                        f"{other!r} and {name!r} share trust domain {issuer.trust_domain} and "
+                        f"neither sets issuer: a token could not tell them apart",
+                    )
+                )
     return problems
 
 

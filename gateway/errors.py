@@ -66,6 +66,12 @@ class SignerUnavailable(GatewayError):
     reason = "signer_unavailable"
 
 
+class IssuerUnavailable(SignerUnavailable):
+    """Another JWT issuer's keys are not known (yet): fail closed with 503 + Retry-After."""
+
+    reason = "issuer_unavailable"
+
+
 class UpstreamError(RequestError):
     """The upstream failed: unreachable, bad TLS identity, or an unsafe response."""
 
@@ -123,6 +129,7 @@ _TABLE: dict[type[GatewayError], ResponseSpec] = {
     NoRoute: ResponseSpec(404, "no_route"),
     UpstreamError: ResponseSpec(502, "bad_gateway"),
     SignerUnavailable: ResponseSpec(503, "signer_unavailable", (("Retry-After", "1"),)),
+    IssuerUnavailable: ResponseSpec(503, "issuer_unavailable", (("Retry-After", "1"),)),
     CircuitOpen: ResponseSpec(503, "upstream_unavailable", (("Retry-After", "1"),)),
     UpstreamBusy: ResponseSpec(503, "upstream_busy", (("Retry-After", "1"),)),
     RateLimited: ResponseSpec(429, "rate_limited"),

@@ -250,10 +250,16 @@ class KeySet:
         *,
         max_ttl_seconds: int = 0,
         clock_skew_seconds: int = 0,
+        bundle: bool = False,
     ) -> KeySet:
         """Parse and check a JWKS: every key needs a unique ``kid``, an allowed ``alg`` that
         fits its key type, no private members; ``use`` (when present) must be ``sig``.
-        ``max_ttl_seconds`` 0 means the signer sent none (then the skew is unknown too)."""
+        ``max_ttl_seconds`` 0 means the signer sent none (then the skew is unknown too).
+
+        ``bundle``: another issuer's JWKS or SPIFFE bundle (:mod:`gateway.jwt_issuers`): keys
+        for other uses (``x509-svid``, ``enc``) or of types no allowed algorithm takes are
+        skipped, ``use`` may also be ``jwt-svid``, and a key without ``alg`` gets the one its
+        type implies (:func:`implied_algorithm`); kids must still be unique."""
         try:
             doc = loads_strict(jwks_json)
         except ValueError as exc:
@@ -264,7 +270,13 @@ class KeySet:
             raise KeySetError("negative max_ttl_seconds or clock_skew_seconds")
         keys: dict[str, VerificationKey] = {}
         for index, raw in enumerate(doc["keys"]):
-            key = _parse_jwk(raw, f"keys[{index}]")
+            if bundle:
+                found = _parse_bundle_jwk(raw, f"keys[{index}]")
+                if found is None:
+                    continue
+                key = found
+            else:
+                key = _parse_jwk(raw, f"keys[{index}]")
             if key.kid in keys:
                 raise KeySetError(f"keys[{index}]: duplicate kid {key.kid!r}")
             keys[key.kid] = key
@@ -284,6 +296,38 @@ class KeySet:
         if key is None:
             raise UnknownKidError("no such key")
         return key
+
+
+def implied_algorithm(public_key: object) -> str | None:
+    """The algorithm a key without ``alg`` is taken with: EC P-256 → ES256, Ed25519 → EdDSA,
+    RSA (≥ 2048 bits) → RS256 (what SPIRE signs with); None for anything else."""
+    for alg in ("ES256", "EdDSA", "RS256"):
+        if key_fits_algorithm(alg, public_key):
+            return alg
+    return None
+
+
+def _parse_bundle_jwk(raw: Any, where: str) -> VerificationKey | None:
+    """One member of another issuer's JWKS / SPIFFE bundle, or None when it is not a JWT
+    signing key svidgate can use; raises KeySetError for a broken or private key."""
+    if not isinstance(raw, dict):
+        raise KeySetError(f"{where}: not an object")
+    if PRIVATE_JWK_MEMBERS & raw.keys():
+        raise KeySetError(f"{where}: contains private key material")
+    if raw.get("use", "sig") not in ("sig", "jwt-svid"):
+        return None
+    if "alg" in raw:
+        if raw["alg"] not in ALGORITHMS:
+            return None
+        return _parse_jwk({**raw, "use": "sig"}, where)
+    kty = {"EC": "ES256", "OKP": "EdDSA", "RSA": "RS256"}.get(str(raw.get("kty")))
+    if kty is None:
+        return None
+    try:
+        key = _parse_jwk({**raw, "use": "sig", "alg": kty}, where)
+    except KeySetError:
+        return None  # e.g. an EC key on another curve: not one svidgate verifies with
+    return key if implied_algorithm(key.public_key) == key.algorithm else None
 
 
 def _parse_jwk(raw: Any, where: str) -> VerificationKey:
@@ -511,6 +555,12 @@ class SignerClient:
         return local_policy(
             keyset, issuer=self.issuer, max_ttl=self.max_ttl, clock_skew=self.clock_skew
         )
+
+    @property
+    def known_issuer(self) -> str | None:
+        """The ``iss`` of this signer's tokens: ``signer.issuer``, else the one it publishes."""
+        keyset = self._state.keyset
+        return self.issuer or (keyset.issuer if keyset is not None else None)
 
     @property
     def keyset(self) -> KeySet | None:

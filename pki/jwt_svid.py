@@ -53,6 +53,7 @@ ALLOWED_HEADERS: Final = frozenset({"alg", "kid", "typ"})
 # Header parameters that would let a token pick its own key or demand unknown semantics.
 FORBIDDEN_HEADERS: Final = ("jku", "x5u", "jwk", "x5c", "crit", "zip", "cty", "b64")
 REQUIRED_CLAIMS: Final = ("exp", "iat", "iss", "aud", "sub")
+_REQUIRED_WITHOUT_ISS: Final = tuple(name for name in REQUIRED_CLAIMS if name != "iss")
 CNF_THUMBPRINT: Final = "x5t#S256"
 MAX_NUMERIC_DATE: Final = 253_402_300_799  # 9999-12-31T23:59:59Z
 _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())  # stateless: one instance serves every call
@@ -143,15 +144,17 @@ KeyLookup = Callable[[str], VerificationKey]
 @dataclass(frozen=True, slots=True)
 class VerificationPolicy:
     """What the verifier expects of every token: its issuer, the clock skew allowed on
-    exp/iat/nbf, and the longest lifetime (``exp - iat``) a token may claim."""
+    exp/iat/nbf, and the longest lifetime (``exp - iat``) a token may claim. ``issuer=None``
+    (another trust domain's JWT-SVIDs, where SPIFFE makes ``iss`` optional): ``iss`` is neither
+    required nor checked; the caller pins the trust domain instead."""
 
-    issuer: str
+    issuer: str | None
     clock_skew: timedelta
     max_ttl: timedelta
 
     def __post_init__(self) -> None:
-        if not self.issuer:
-            raise ValueError("issuer is required")
+        if self.issuer is not None and not self.issuer:
+            raise ValueError("issuer must not be empty (None: not checked)")
         if self.clock_skew < timedelta(0) or self.max_ttl <= timedelta(0):
             raise ValueError("clock_skew must be >= 0 and max_ttl > 0")
 
@@ -330,7 +333,8 @@ def check_registered_claims(
     now: datetime,
 ) -> str:
     """The registered-claim checks in their fixed order; returns ``sub``."""
-    missing = [name for name in REQUIRED_CLAIMS if name not in claims]
+    required = REQUIRED_CLAIMS if policy.issuer is not None else _REQUIRED_WITHOUT_ISS
+    missing = [name for name in required if name not in claims]
     if missing:
         raise MalformedTokenError(f"required claims missing: {missing}")
     exp = _numeric_date(claims, "exp")
@@ -347,9 +351,10 @@ def check_registered_claims(
         raise NotYetValidError("iat is in the future")
     if "nbf" in claims and _numeric_date(claims, "nbf") > ts + skew:
         raise NotYetValidError("nbf is in the future")
-    iss = claims["iss"]
-    if not isinstance(iss, str) or not _same(iss, policy.issuer):
-        raise BadIssuerError("unexpected issuer")
+    if policy.issuer is not None:
+        iss = claims["iss"]
+        if not isinstance(iss, str) or not _same(iss, policy.issuer):
+            raise BadIssuerError("unexpected issuer")
     aud = claims["aud"]
     token_aud = [aud] if isinstance(aud, str) else aud
     if (

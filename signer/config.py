@@ -256,6 +256,34 @@ class LimitsConfig(ConfigModel):
     diagnostic_streams_per_caller: Count = 8
 
 
+def _public_url(value: str) -> str:
+    """An http(s) URL with a host and no query, fragment or credentials; kept without its
+    trailing slash (``jwks_uri`` is this + ``/keys``)."""
+    problem = _url_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"{value!r}: expected a URL without query, fragment or credentials")
+    return value.rstrip("/")
+
+
+class DiscoveryTlsConfig(ConfigModel):
+    """The discovery listener's server certificate (HTTPS; no client certificates asked)."""
+
+    cert: ConfigPath
+    key: ConfigPath
+
+
+class DiscoveryConfig(ConfigModel):
+    """OpenID Connect discovery and the SPIFFE bundle over HTTP(S) (signer/discovery.py)."""
+
+    listen: ListenAddress
+    public_url: Annotated[str, AfterValidator(_public_url)]
+    tls: DiscoveryTlsConfig | None = None
+    max_connections: Count = 256
+
+
 class SignerConfig(ConfigModel):
     trust_domain: TrustDomainField
     issuer: str = Field(min_length=1)
@@ -269,6 +297,7 @@ class SignerConfig(ConfigModel):
     # plain HTTP /healthz, /readyz, /metrics (loopback or pod-local; never the Internet)
     admin_listen: ListenAddress | None = None
     tracing: TracingConfig | None = None  # spans of RPCs over OTLP, parents from the caller
+    discovery: DiscoveryConfig | None = None
 
     @property
     def td(self) -> TrustDomain:

@@ -43,6 +43,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from svidgate.signer.admin import RpcMetrics, SignerMetrics, admin_server, readiness
 from svidgate.signer.config import ListenConfig, SignerConfig, TlsConfig
+from svidgate.signer.discovery import DiscoveryServer
 from svidgate.signer.keystore import KeyStore
 from svidgate.signer.limits import raise_fd_limit, server_options
 from svidgate.signer.service import GuardedHealth, GuardedReflection, SignerService
@@ -280,6 +281,7 @@ class SignerServer:
         self.tcp_port: int | None = None
         self.unix = UnixSocket(cfg.listen) if cfg.listen.unix is not None else None
         self._servers: dict[str, grpc.aio.Server] = {}
+        self.discovery = DiscoveryServer(cfg, self.store) if cfg.discovery is not None else None
         self._tasks: list[asyncio.Task[None]] = []
         self.tracing: Tracing | None = None
         if cfg.tracing is not None:
@@ -331,6 +333,8 @@ class SignerServer:
         if self.unix is not None:
             self.unix.publish()
         self.store.start()
+        if self.discovery is not None:
+            await self.discovery.start()
         self._tasks.append(asyncio.create_task(self._health_loop(), name="signer-health"))
         await self._start_admin()
         if self.tls is not None:
@@ -387,6 +391,8 @@ class SignerServer:
         self.stopping = True  # /readyz: 503 from now on
         await self.health.enter_graceful_shutdown()
         await self.store.end_watches()
+        if self.discovery is not None:
+            await self.discovery.stop()
         await asyncio.gather(*(server.stop(grace) for server in self._servers.values()))
         for task in self._tasks:
             task.cancel()
