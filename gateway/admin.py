@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
@@ -17,6 +17,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from svidgate.gateway.handshake import REASONS
 from svidgate.gateway.workers import ProcessMetrics
+
+from svidgate.admin_http import probe_app
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -229,25 +231,4 @@ class _Publisher(Collector):
 
 def admin_app(metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> web.Application:
     """``ready()`` returns (ready, reason); /readyz answers 503 with the reason when not."""
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(_: web.Request) -> web.Response:
-        ok, reason = ready()
-        return web.json_response(
-            {"status": "ready" if ok else "not_ready", "reason": reason},
-            status=200 if ok else 503,
-        )
-
-    async def metrics_handler(_: web.Request) -> web.Response:
-        body = metrics.exposition()
-        resp = web.Response(body=body)
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return resp
-
-    app = web.Application(client_max_size=1024)  # served by svidgate.admin_http.AdminServer
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    return app
+    return probe_app(ready, metrics.exposition)

@@ -21,9 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
-from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     ProcessCollector,
@@ -33,7 +31,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from svidgate.signer.keystore import KeyStore
 
-from svidgate.admin_http import AdminServer
+from svidgate.admin_http import AdminServer, probe_app
 
 _SIGN = "Sign"
 WATCH_INTERVAL = 1.0  # seconds between two looks at the active key (rotations)
@@ -217,30 +215,7 @@ def readiness(store: KeyStore, stopping: Callable[[], bool]) -> tuple[bool, str]
     return True, "ok"
 
 
-def admin_app(metrics: SignerMetrics, ready: Callable[[], tuple[bool, str]]) -> web.Application:
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(_: web.Request) -> web.Response:
-        ok, reason = ready()
-        return web.json_response(
-            {"status": "ready" if ok else "not_ready", "reason": reason},
-            status=200 if ok else 503,
-        )
-
-    async def metrics_handler(_: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(metrics.registry))
-        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return resp
-
-    app = web.Application(client_max_size=1024)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    return app
-
-
 def admin_server(
     address: str, metrics: SignerMetrics, ready: Callable[[], tuple[bool, str]]
 ) -> AdminServer:
-    return AdminServer(admin_app(metrics, ready), address)
+    return AdminServer(probe_app(ready, lambda: generate_latest(metrics.registry)), address)

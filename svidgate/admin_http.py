@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from svidgate.config import parse_host_port
 
@@ -38,6 +40,34 @@ def bind(address: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def probe_app(
+    ready: Callable[[], tuple[bool, str]], exposition: Callable[[], bytes]
+) -> web.Application:
+    """``/healthz`` (200 while the process serves), ``/readyz`` (``ready()`` → (ready, reason):
+    200, or 503 with the reason) and ``/metrics`` (``exposition()``: Prometheus text)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok, reason = ready()
+        return web.json_response(
+            {"status": "ready" if ok else "not_ready", "reason": reason},
+            status=200 if ok else 503,
+        )
+
+    async def metrics(_: web.Request) -> web.Response:
+        resp = web.Response(body=exposition())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    app = web.Application(client_max_size=1024)  # GETs only: no body is read
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
 
 
 class _Refused(asyncio.Protocol):
