@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 
 import h2.config
@@ -21,6 +22,7 @@ import h2.exceptions
 import h2.settings
 from svidgate.gateway.upstream_client import BadResponse, Disconnected, UpstreamClientError
 
+log = logging.getLogger("svidgate.gateway")
 Headers = list[tuple[bytes, bytes]]
 CANCEL = 0x8
 _STREAM_WINDOW = 256 * 1024
@@ -295,6 +297,13 @@ class H2ClientConnection(asyncio.Protocol):
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
+            if self.goaway or "state ConnectionState.CLOSED" in str(exc):
+                # frames after the upstream's GOAWAY (gRPC pings): h2 refuses them; just close
+                self._lose(Disconnected("the upstream went away", before_response=False))
+                if self._transport is not None:
+                    self._transport.close()
+                return
+            log.warning("HTTP/2 protocol error from an upstream: %s", exc)
             self._flush()
             self._lose(BadResponse(f"HTTP/2 protocol error from the upstream: {exc}"))
             if self._transport is not None:
