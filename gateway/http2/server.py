@@ -509,9 +509,10 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
     def _close(self) -> None:
         if self._closing:
             return
-        self._closing = True
         if self._info is not None:
+            self._flush()  # what the last streams queued goes out before the close
             self._deadline.cancel()
+        self._closing = True
         if self._transport is not None:
             self._transport.close()
 

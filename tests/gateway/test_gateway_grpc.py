@@ -333,3 +333,22 @@ async def test_slow_reader_slows_the_upstream(ggw: Harness, upstream: EchoServic
             await call.read()
         call.cancel()
     assert upstream.flooded > stalled_at
+
+
+async def test_drain_lets_open_calls_finish(ggw: Harness, upstream: EchoService) -> None:
+    """A drain (SIGTERM) sends GOAWAY: a call in flight still completes, then the connection
+    closes and new calls are not accepted."""
+    async with channel(ggw.pki, ggw.port) as ch:
+        pause = method(ch, "Pause")
+        assert await pause(b"0", timeout=20) == b"0"  # connected
+        in_flight = asyncio.ensure_future(pause(b"1.5", timeout=20))
+        for _ in range(200):
+            if len(upstream.calls) == 2:
+                break
+            await asyncio.sleep(0.02)
+        listener = ggw.server.listener
+        assert listener is not None
+        drain = asyncio.create_task(listener.shutdown(10))
+        assert await in_flight == b"1.5"
+        await asyncio.wait_for(drain, 15)
+        assert listener.open_connections == 0
