@@ -109,6 +109,10 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
             header_encoding=None,
             validate_inbound_headers=False,  # our own checks: a malformed request is a stream error
             normalize_inbound_headers=False,
+            # responses: names lower-cased and connection-specific ones dropped by H2Responder,
+            # values checked for CR/LF/NUL where they came from (the upstream's parser)
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         conn = self._h2 = h2.connection.H2Connection(config=config)
         conn.local_settings = h2.settings.Settings(
