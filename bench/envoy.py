@@ -114,7 +114,12 @@ def _routes(client_id: str, rbac_path: str, jwt_path: str | None) -> list[dict[s
 
 
 def _hcm(
-    client_id: str, rbac_path: str, jwt_path: str | None, jwt_filter: dict[str, Any] | None
+    client_id: str,
+    rbac_path: str,
+    jwt_path: str | None,
+    jwt_filter: dict[str, Any] | None,
+    *,
+    grpc: bool = False,
 ) -> dict[str, Any]:
     rbac = {
         "name": "envoy.filters.http.rbac",
@@ -133,7 +138,7 @@ def _hcm(
     return {
         "@type": _T + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "bench",
-        "codec_type": "HTTP1",
+        "codec_type": "AUTO" if grpc else "HTTP1",
         "http_protocol_options": {"accept_http_10": True},
         "generate_request_id": False,
         "forward_client_cert_details": "SANITIZE_SET",
@@ -152,8 +157,8 @@ def _hcm(
     }
 
 
-def _tls(cert: Path, key: Path, bundle: Path) -> dict[str, Any]:
-    return {
+def _tls(cert: Path, key: Path, bundle: Path, *, grpc: bool = False) -> dict[str, Any]:
+    tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": _T + "extensions.transport_sockets.tls.v3.DownstreamTlsContext",
@@ -177,6 +182,9 @@ def _tls(cert: Path, key: Path, bundle: Path) -> dict[str, Any]:
             },
         },
     }
+    if grpc:  # gRPC clients need ALPN h2
+        tls["typed_config"]["common_tls_context"]["alpn_protocols"] = ["h2", "http/1.1"]  # type: ignore[index]
+    return tls
 
 
 def write_bootstrap(
@@ -193,8 +201,10 @@ def write_bootstrap(
     jwks_json: str = '{"keys": []}',
     issuer: str = "",
     audience: str = "",
+    grpc: bool = False,
 ) -> Path:
-    """Write the static bootstrap; ``jwt_path`` None = no JWT route and no jwt_authn filter."""
+    """Write the static bootstrap; ``jwt_path`` None = no JWT route and no jwt_authn filter;
+    ``grpc``: HTTP/2 on both legs (ALPN h2 downstream, an HTTP/2 cluster)."""
     jwt_filter = (
         _jwt_filter(jwks_json=jwks_json, issuer=issuer, audience=audience, jwt_path=jwt_path)
         if jwt_path
@@ -208,10 +218,10 @@ def write_bootstrap(
                 "filters": [
                     {
                         "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": _hcm(client_id, rbac_path, jwt_path, jwt_filter),
+                        "typed_config": _hcm(client_id, rbac_path, jwt_path, jwt_filter, grpc=grpc),
                     }
                 ],
-                "transport_socket": _tls(cert, key, bundle),
+                "transport_socket": _tls(cert, key, bundle, grpc=grpc),
             }
         ],
     }
@@ -230,7 +240,9 @@ def write_bootstrap(
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _T + "extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http_protocol_options": {}},
+                "explicit_http_config": (
+                    {"http2_protocol_options": {}} if grpc else {"http_protocol_options": {}}
+                ),
             }
         },
     }

@@ -183,6 +183,7 @@ def _gateway_config(
     routes: tuple[str, ...],
     access_log: bool,
     audit_allow: bool,
+    upstream_protocol: str = "http1",
 ) -> Path:
     def route(name: str, prefix: str) -> dict[str, object]:
         r: dict[str, object] = {
@@ -203,7 +204,9 @@ def _gateway_config(
         "tls": {"cert": str(pki.server_crt), "key": str(pki.server_key), "min_version": "1.3"},
         "trust_domains": {TRUST_DOMAIN: {"bundle": str(pki.bundle)}},
         "signer": {"address": f"unix:{signer_sock}", "timeout": "250ms"} if signer_sock else None,
-        "upstreams": {"upstream": {"url": f"http://127.0.0.1:{upstream_port}"}},
+        "upstreams": {
+            "upstream": {"url": f"http://127.0.0.1:{upstream_port}", "protocol": upstream_protocol}
+        },
         "routes": [route(name, ROUTES[name]) for name in routes],
         "identity_headers": {"xfcc": True},
         "access_log": access_log,
@@ -243,6 +246,7 @@ def start_stack(
     routes: tuple[str, ...] = tuple(ROUTES),
     access_log: bool = False,
     audit_allow: bool = True,
+    upstream_protocol: str = "http1",
 ) -> SvidgateStack:
     """Start signer (if a JWT route is wanted) then gateway, pinned; mint the bench token."""
     env = {**os.environ, "SVIDGATE_DEBUG": "1"}
@@ -275,6 +279,7 @@ def start_stack(
             routes=routes,
             access_log=access_log,
             audit_allow=audit_allow,
+            upstream_protocol=upstream_protocol,
         )
         cli("gateway", "check", "--config", str(gw_conf))
         gateway = Service.start(

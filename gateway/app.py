@@ -57,6 +57,7 @@ from svidgate.gateway.http1 import (
     Responder,
     ResponseError,
 )
+from svidgate.gateway.http2 import H2ServerConnection
 from svidgate.gateway.identity import PeerIdentity, VerifiedChainCache
 from svidgate.gateway.jwt_issuers import JwtIssuers
 from svidgate.gateway.logs import HandshakeLog, log_access
@@ -751,9 +752,11 @@ def _limit_body(request: Request, body: Body, limit: int) -> None:
         raise BodyTooLarge("body_too_large")
 
 
-def _connection_of(transport: asyncio.BaseTransport) -> H1Connection[Any] | None:
+def _connection_of(
+    transport: asyncio.BaseTransport,
+) -> H1Connection[Any] | H2ServerConnection[Any] | None:
     protocol = transport.get_protocol()
-    return protocol if isinstance(protocol, H1Connection) else None
+    return protocol if isinstance(protocol, H1Connection | H2ServerConnection) else None
 
 
 def _close_after_response(transport: asyncio.BaseTransport) -> None:

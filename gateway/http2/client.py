@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 
 import h2.config
@@ -21,6 +22,7 @@ import h2.exceptions
 import h2.settings
 from svidgate.gateway.upstream_client import BadResponse, Disconnected, UpstreamClientError
 
+log = logging.getLogger("svidgate.gateway")
 Headers = list[tuple[bytes, bytes]]
 CANCEL = 0x8
 _STREAM_WINDOW = 256 * 1024
@@ -166,6 +168,7 @@ class H2ClientConnection(asyncio.Protocol):
         self._settings: asyncio.Future[None] | None = None
         self._paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._flush_soon: asyncio.Handle | None = None
         self.on_free = on_free  # set whenever a stream slot frees up
         self.lost = False
         self.goaway = False
@@ -224,7 +227,7 @@ class H2ClientConnection(asyncio.Protocol):
         except h2.exceptions.ProtocolError as exc:
             del self._streams[stream_id]
             raise ValueError(f"cannot send the request headers: {exc}") from None
-        self._flush()
+        self._schedule_flush()
         return stream
 
     # -- frames out -----------------------------------------------------------------------------
@@ -241,7 +244,7 @@ class H2ClientConnection(asyncio.Protocol):
             self._h2.send_data(stream_id, data)
         except h2.exceptions.ProtocolError:
             self._fail_stream(stream_id, "the upstream stream closed")
-        self._flush()
+        self._schedule_flush()
 
     def end_stream(self, stream_id: int, trailers: Headers | None) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):
@@ -249,20 +252,20 @@ class H2ClientConnection(asyncio.Protocol):
                 self._h2.send_headers(stream_id, trailers, end_stream=True)
             else:
                 self._h2.end_stream(stream_id)
-        self._flush()
+        self._schedule_flush()
 
     def reset(self, stream_id: int, code: int) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self._h2.reset_stream(stream_id, code)
         self._forget(stream_id)
-        self._flush()
+        self._schedule_flush()
 
     def credit(self, stream_id: int, size: int) -> None:
         if self.lost:
             return
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self._h2.acknowledge_received_data(size, stream_id)
-        self._flush()
+        self._schedule_flush()
 
     async def drain(self) -> None:
         if self.lost:
@@ -281,7 +284,13 @@ class H2ClientConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _schedule_flush(self) -> None:
+        """Frames queued in one turn of the event loop leave in one write."""
+        if self._flush_soon is None:
+            self._flush_soon = self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_soon = None
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -295,6 +304,13 @@ class H2ClientConnection(asyncio.Protocol):
         try:
             events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
+            if self.goaway or "state ConnectionState.CLOSED" in str(exc):
+                # frames after the upstream's GOAWAY (gRPC pings): h2 refuses them; just close
+                self._lose(Disconnected("the upstream went away", before_response=False))
+                if self._transport is not None:
+                    self._transport.close()
+                return
+            log.warning("HTTP/2 protocol error from an upstream: %s", exc)
             self._flush()
             self._lose(BadResponse(f"HTTP/2 protocol error from the upstream: {exc}"))
             if self._transport is not None:

@@ -49,7 +49,7 @@ class H2Pool:
         self._queue_timeout = queue_timeout
         self._idle_timeout = idle_timeout
         self._conns: list[H2ClientConnection] = []
-        self._connecting = 0
+        self._dialing: asyncio.Future[None] | None = None
         self._free = asyncio.Event()
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -68,7 +68,12 @@ class H2Pool:
             conn = self._pick()
             if conn is not None:
                 return conn, conn.open(headers, end_stream=end_stream)
-            if len(self._conns) + self._connecting < self._max_connections:
+            dialing = self._dialing
+            if dialing is not None:
+                # one connection is being made: it most likely has room for this one too
+                await asyncio.shield(dialing)
+                continue
+            if len(self._conns) < self._max_connections:
                 conn = await self._connect(loop)
                 if conn.free_streams > 0:
                     return conn, conn.open(headers, end_stream=end_stream)
@@ -99,11 +104,13 @@ class H2Pool:
         return best
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> H2ClientConnection:
-        self._connecting += 1
+        dialing: asyncio.Future[None] = loop.create_future()
+        self._dialing = dialing
         try:
             conn = await self._dial(loop)
         finally:
-            self._connecting -= 1
+            self._dialing = None
+            dialing.set_result(None)  # waiters try again (and dial themselves on a failure)
         self._conns.append(conn)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._idle_timeout, self._sweep)

@@ -109,6 +109,10 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
             header_encoding=None,
             validate_inbound_headers=False,  # our own checks: a malformed request is a stream error
             normalize_inbound_headers=False,
+            # responses: names lower-cased and connection-specific ones dropped by H2Responder,
+            # values checked for CR/LF/NUL where they came from (the upstream's parser)
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         conn = self._h2 = h2.connection.H2Connection(config=config)
         conn.local_settings = h2.settings.Settings(
@@ -509,9 +513,10 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
     def _close(self) -> None:
         if self._closing:
             return
-        self._closing = True
         if self._info is not None:
+            self._flush()  # what the last streams queued goes out before the close
             self._deadline.cancel()
+        self._closing = True
         if self._transport is not None:
             self._transport.close()
 

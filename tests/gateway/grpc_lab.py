@@ -26,6 +26,7 @@ class EchoService:
     port: int = 0
     calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    flooded: int = 0  # messages the Flood call handed to gRPC
 
     def _seen(self, method: str, context: grpc.aio.ServicerContext) -> None:
         meta = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -82,6 +83,28 @@ class EchoService:
             self.cancelled.set()
             raise
 
+    async def flood(
+        self, request: bytes, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """64 KiB messages as fast as the caller takes them (``await write`` blocks on flow
+        control), counted."""
+        self._seen("Flood", context)
+        message = b"f" * 65536
+        try:
+            for _ in range(4096):
+                await context.write(message)
+                self.flooded += 1
+        except (asyncio.CancelledError, Exception):  # ExecuteBatchError once it is gone
+            self.cancelled.set()  # the caller went away
+            return
+        if False:  # an async generator: the messages go out through context.write
+            yield b""
+
+    async def pause(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self._seen("Pause", context)
+        await asyncio.sleep(float(request or b"0.3"))
+        return request
+
 
 def _identity(data: bytes) -> bytes:
     return data
@@ -98,22 +121,34 @@ def _handlers(service: EchoService) -> grpc.GenericRpcHandler:
             "Bidi": grpc.stream_stream_rpc_method_handler(service.bidi, **kw),
             "Slow": grpc.unary_unary_rpc_method_handler(service.slow, **kw),
             "Forever": grpc.unary_stream_rpc_method_handler(service.forever, **kw),
+            "Flood": grpc.unary_stream_rpc_method_handler(service.flood, **kw),
+            "Pause": grpc.unary_unary_rpc_method_handler(service.pause, **kw),
         },
     )
 
 
-async def start_grpc_upstream(pki: LabPki) -> tuple[EchoService, grpc.aio.Server]:
-    """The upstream on a free loopback port, requiring a client certificate of example.org."""
+async def start_grpc_upstream(
+    pki: LabPki, *, plaintext: bool = False, max_streams: int | None = None
+) -> tuple[EchoService, grpc.aio.Server]:
+    """The upstream on a free loopback port, requiring a client certificate of example.org
+    (``plaintext``: h2c, no TLS); ``max_streams`` is its SETTINGS_MAX_CONCURRENT_STREAMS."""
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
+    if max_streams is not None:
+        options.append(("grpc.max_concurrent_streams", max_streams))
+    service = EchoService()
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers((_handlers(service),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    if plaintext:
+        service.port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return service, server
     cert, key = pki.files("upstream")
     credentials = grpc.ssl_server_credentials(
         [(key.read_bytes(), cert.read_bytes())],
         root_certificates=pki.bundle().read_bytes(),
         require_client_auth=True,
     )
-    service = EchoService()
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)])
-    server.add_generic_rpc_handlers((_handlers(service),))
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     service.port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     return service, server

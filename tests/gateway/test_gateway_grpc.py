@@ -278,3 +278,77 @@ async def test_grpc_through_a_gateway_process(
         assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         gw.kill()
+
+
+async def test_h2c_upstream(
+    test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]
+) -> None:
+    """An http:// upstream with protocol h2 is spoken to with HTTP/2 prior knowledge."""
+    service, server = await start_grpc_upstream(test_pki, plaintext=True)
+    try:
+        doc = grpc_gateway_config(test_pki, echo.port, service.port)
+        doc["upstreams"]["grpc"]["url"] = f"http://127.0.0.1:{service.port}"
+        del doc["upstreams"]["grpc"]["tls"]
+        gw = await start_gateway(doc)
+        async with channel(test_pki, gw.port) as ch:
+            assert await method(ch, "Unary")(b"plain", timeout=20) == b"plain"
+        assert service.calls[0][1]["x-forwarded-proto"] == "https"
+    finally:
+        await server.stop(0)
+
+
+async def test_upstream_settings_bound_streams_per_connection(
+    test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]
+) -> None:
+    """The upstream allows 2 concurrent streams: 6 calls at once need 3 pooled connections,
+    all of them succeed, and later calls reuse those connections."""
+    service, server = await start_grpc_upstream(test_pki, max_streams=2)
+    try:
+        gw = await start_gateway(grpc_gateway_config(test_pki, echo.port, service.port))
+        async with channel(test_pki, gw.port) as ch:
+            pause = method(ch, "Pause")
+            replies = await asyncio.gather(*(pause(b"0.5", timeout=20) for _ in range(6)))
+            assert replies == [b"0.5"] * 6
+            pool = gw.server.app.upstreams["grpc"].h2pool
+            assert pool.connections == 3
+            await asyncio.gather(*(pause(b"0.1", timeout=20) for _ in range(4)))
+            assert pool.connections == 3
+    finally:
+        await server.stop(0)
+
+
+async def test_slow_reader_slows_the_upstream(ggw: Harness, upstream: EchoService) -> None:
+    """Flow control end to end: a client that stops reading stops the upstream's writes (the
+    gateway credits the upstream only for what the client took); memory stays bounded."""
+    async with channel(ggw.pki, ggw.port) as ch:
+        call = method(ch, "Flood", "unary_stream")(b"", timeout=30)
+        assert len(await call.read()) == 65536
+        await asyncio.sleep(2)  # the client reads nothing more
+        stalled_at = upstream.flooded
+        await asyncio.sleep(1)
+        assert upstream.flooded == stalled_at, "the upstream kept writing to a stalled reader"
+        # windows and socket buffers on three hops: a few MiB, never the 256 MiB the call has
+        assert stalled_at * 65536 < 24 * 1024 * 1024, stalled_at
+        for _ in range(stalled_at + 20):  # reading again (past what was buffered) lets it go on
+            await call.read()
+        call.cancel()
+    assert upstream.flooded > stalled_at
+
+
+async def test_drain_lets_open_calls_finish(ggw: Harness, upstream: EchoService) -> None:
+    """A drain (SIGTERM) sends GOAWAY: a call in flight still completes, then the connection
+    closes and new calls are not accepted."""
+    async with channel(ggw.pki, ggw.port) as ch:
+        pause = method(ch, "Pause")
+        assert await pause(b"0", timeout=20) == b"0"  # connected
+        in_flight = asyncio.ensure_future(pause(b"1.5", timeout=20))
+        for _ in range(200):
+            if len(upstream.calls) == 2:
+                break
+            await asyncio.sleep(0.02)
+        listener = ggw.server.listener
+        assert listener is not None
+        drain = asyncio.create_task(listener.shutdown(10))
+        assert await in_flight == b"1.5"
+        await asyncio.wait_for(drain, 15)
+        assert listener.open_connections == 0
