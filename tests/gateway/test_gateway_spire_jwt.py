@@ -108,3 +108,27 @@ async def test_spire_jwt_svid_is_accepted_only_where_spire_is_listed(
     other = await asyncio.to_thread(spire.fetch_jwt, WEB_ID, "payments")
     status, body = await call(gw, "/spire-only/x", other)
     assert (status, body["reason"]) == (401, "bad_audience")
+
+
+async def test_spire_keys_stay_while_the_agent_restarts(
+    test_pki: LabPki, echo: Echo, spire: Any, start_gateway: Callable[..., Any]
+) -> None:
+    """The last JWT bundle from the Workload API stays in force while the agent is away, and the
+    stream comes back by itself when the agent does."""
+    doc = gateway_config(test_pki, echo.port)
+    doc["jwt_issuers"] = {
+        "spire": {"trust_domain": A, "bundle": {"source": "workload_api", "socket": spire.socket}}
+    }
+    doc["routes"] += [route("spire-only", ["spire"])]
+    gw: Harness = await start_gateway(doc)
+    issuer = gw.server.app.jwt_issuers.issuers["spire"]
+    await wait_for(lambda: bool(issuer.keyset and issuer.keyset.keys), 30, "SPIRE's JWT bundle")
+    token = await asyncio.to_thread(spire.fetch_jwt, WEB_ID, AUDIENCE)
+    held = issuer.keyset
+    await asyncio.to_thread(spire.stop_agent)
+    assert (await call(gw, "/spire-only/x", token))[0] == 200
+    assert gw.server.app.readiness() == (True, "ok")
+    await asyncio.to_thread(spire.start_agent)
+    # the stream reconnects and delivers the bundle again (a new key set object)
+    await wait_for(lambda: issuer.keyset is not held, 60, "the bundle after the agent restart")
+    assert (await call(gw, "/spire-only/x", token))[0] == 200
