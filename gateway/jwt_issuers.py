@@ -182,6 +182,8 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 
 
 class FileIssuerKeys(IssuerKeys):
+    """A JWKS / SPIFFE bundle file: read at start, on change and on every reload."""
+
     def __init__(self, name: str, cfg: JwtIssuerConfig, poll: timedelta) -> None:
         super().__init__(name, cfg)
         assert cfg.bundle.file is not None
@@ -193,11 +195,16 @@ class FileIssuerKeys(IssuerKeys):
     def _read(self) -> KeySet:
         stamp = _stamp(self.path)
         try:
-            if self.path.stat().st_size > MAX_BUNDLE_BYTES:
-                raise KeySetError(f"larger than {MAX_BUNDLE_BYTES} bytes")
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KeySetError(f"cannot read it ({exc})") from None
+            with self.path.open("rb") as file:
+                data = file.read(MAX_BUNDLE_BYTES + 1)
+        except OSError as exc:
+            raise KeySetError(f"cannot read it ({exc.strerror})") from None
+        if len(data) > MAX_BUNDLE_BYTES:
+            raise KeySetError(f"larger than {MAX_BUNDLE_BYTES} bytes")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise KeySetError("not UTF-8") from None
         keyset = self.parse(text)
         self._stamp = stamp
         return keyset
