@@ -307,7 +307,7 @@ class GatewayApp:
             reason = refusal_reason(exc)
             self.metrics.handshake_failure(reason).inc()
             peername = transport.get_extra_info("peername")
-            self.handshakes.failed(peername, reason, str(exc))
+            self._handshake_failure(peername, reason, str(exc))
             raise Refused(str(exc)) from None
         lifetime = max((identity.not_after - now).total_seconds(), 0.0)
         # A resumed session has no presented chain: its leaf alone is what was verified.
@@ -317,9 +317,14 @@ class GatewayApp:
         return Admission(peer, identity.id_text, lifetime)
 
     def handshake_failed(self, peer: object, exc: BaseException) -> None:
-        """The listener's hook for a failed TLS handshake: one (rate-limited) log line."""
+        """The listener's hook for a failed TLS handshake."""
         detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
-        self.handshakes.failed(peer, handshake_failure_reason(exc), detail or type(exc).__name__)
+        self._handshake_failure(peer, handshake_failure_reason(exc), detail or type(exc).__name__)
+
+    def _handshake_failure(self, peer: object, reason: str, detail: str) -> None:
+        """Every failed handshake and every identity refused right after one, with its reason
+        word (gateway.handshake): one rate-limited log line."""
+        self.handshakes.failed(peer, reason, detail)
 
     def connection_closed(self, peer: Peer) -> None:
         """An admitted connection ended (or was refused by the per-identity cap): forget it."""

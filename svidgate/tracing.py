@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
+from svidgate.config import ConfigError
 from svidgate.tracecontext import TraceParent
 
 if TYPE_CHECKING:
@@ -25,8 +26,9 @@ Kind = Literal["server", "client", "internal"]
 EXPORT_DELAY_MS = 1000  # the batch processor's schedule delay
 
 
-class TracingUnavailable(RuntimeError):
-    """``tracing:`` is configured but the ``svidgate[otel]`` extra is not installed."""
+class TracingUnavailable(ConfigError):
+    """``tracing:`` is configured but the ``svidgate[otel]`` extra is not installed (a config
+    error: the CLI prints its one line and exits)."""
 
 
 class Tracing:

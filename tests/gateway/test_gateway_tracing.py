@@ -212,3 +212,27 @@ def test_nothing_of_opentelemetry_is_imported_when_tracing_is_off(
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+MISSING_OTEL_SCRIPT = """
+import sys
+sys.modules["opentelemetry"] = None  # as if the svidgate[otel] extra were not installed
+from svidgate.cli import main
+sys.argv = ["svidgate", "gateway", "serve", "--config", sys.argv[1]]
+sys.exit(main())
+"""
+
+
+def test_tracing_without_the_extra_is_one_clear_error(test_pki: LabPki) -> None:
+    doc = {**gateway_config(test_pki, 9), "tracing": {"otlp_endpoint": "http://127.0.0.1:4317"}}
+    out = subprocess.run(
+        [sys.executable, "-c", MISSING_OTEL_SCRIPT, str(write_config(test_pki, doc))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("svidgate:")]
+    assert "tracing: needs the svidgate[otel] extra" in line
+    assert "Traceback" not in out.stderr
