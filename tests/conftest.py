@@ -8,6 +8,8 @@ through pyproject's pytest ``pythonpath``):
 - ``signer_process`` — starts ``svidgate signer serve`` child processes
   (:class:`support.signer_process.SignerProcess`) and stops whatever is left at teardown.
 - ``short_dir`` — a short directory for Unix sockets.
+- ``spire`` — starts a real SPIRE server + agent (:class:`support.spire.Spire`, binaries from
+  ``.ci/spire``) and stops it at teardown.
 
 Free ports come from :func:`support.ports.free_port`; waits use :mod:`support.waiting`.
 """
@@ -23,6 +25,7 @@ import pytest
 from support.bao import BaoServer
 from support.pki import Pki
 from support.signer_process import SignerProcess
+from support.spire import Spire
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +69,19 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="sg-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def spire() -> Iterator[Callable[..., Spire]]:
+    """``spire(trust_domain=…, x509_ttl=…)`` → a started real SPIRE server + agent
+    (:class:`support.spire.Spire`), stopped at teardown."""
+    made: list[Spire] = []
+
+    def make(**kwargs: str) -> Spire:
+        instance = Spire(**kwargs)
+        made.append(instance)
+        return instance.start()
+
+    yield make
+    for instance in made:
+        instance.stop()
