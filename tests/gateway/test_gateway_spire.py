@@ -17,11 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from gateway_harness import Echo, GatewayProcess, LabPki, parse_response, start_echo
 from support.pki import B_ID, B
 from support.spire import Spire
+from svidgate.gateway.config import load_config
+
+from svidgate.config import ConfigError
 
 TD = "spire.test"
 GW_ID = f"spiffe://{TD}/gateway"
@@ -271,3 +275,49 @@ def test_start_up_fails_clearly_when_the_agent_has_no_svid_for_it(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "no X.509 SVID from the Workload API" in lines[0]
+
+
+def config_error(tmp_path: Path, tls: dict[str, Any], **more: Any) -> str:
+    doc = {"listen": "127.0.0.1:0", "tls": tls, "trust_domains": {TD: {"source": "workload_api"}}}
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({**doc, **more}))
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("tls", "more", "expected"),
+    [
+        ({"source": "workload_api", "cert": "a.crt"}, {}, "tls.cert: not used with tls.source"),
+        ({"key": "a.key"}, {}, "tls.cert: required when tls.source is files"),
+        (
+            {"source": "workload_api", "workload_api": {"socket": "unix:agent.sock"}},
+            {},
+            "tls.workload_api.socket: expected unix:///ABSOLUTE/PATH",
+        ),
+        (
+            {"source": "workload_api"},
+            {"trust_domains": {TD: {"source": "workload_api", "bundle": "b.pem"}}},
+            f"trust_domains.{TD}.bundle: not used with source: workload_api",
+        ),
+        (
+            {"source": "workload_api"},
+            {"trust_domains": {TD: {}}},
+            f"trust_domains.{TD}.bundle: required (or source: workload_api)",
+        ),
+        (
+            {"source": "workload_api"},
+            {
+                "upstreams": {
+                    "x": {"url": "https://127.0.0.1:1", "tls": {"spiffe_id": "spiffe://o.org/x"}}
+                }
+            },
+            "upstreams.x.tls.bundle: required: o.org is not in trust_domains",
+        ),
+    ],
+)
+def test_workload_api_config_names_the_field(
+    tmp_path: Path, tls: dict[str, Any], more: dict[str, Any], expected: str
+) -> None:
+    assert expected in config_error(tmp_path, tls, **more)
