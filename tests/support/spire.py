@@ -112,9 +112,11 @@ class Spire:
         selectors: tuple[str, ...] = (),
         x509_ttl: int | None = None,
         federates_with: tuple[str, ...] = (),
+        dns: tuple[str, ...] = (),
     ) -> str:
         """Create a registration entry under the agent; returns the entry ID. ``gid`` adds the
-        selector ``unix:gid:GID``; ``x509_ttl`` (seconds) overrides the server default."""
+        selector ``unix:gid:GID``; ``x509_ttl`` (seconds) overrides the server default; ``dns``
+        adds DNS SANs (a Python gRPC client checks the server's host name)."""
         args = ["entry", "create", "-parentID", self.id(AGENT_ID_PATH), "-spiffeID", spiffe_id]
         for selector in ((f"unix:gid:{gid}",) if gid is not None else ()) + selectors:
             args += ["-selector", selector]
@@ -122,11 +124,23 @@ class Spire:
             args += ["-x509SVIDTTL", str(x509_ttl)]
         for td in federates_with:
             args += ["-federatesWith", f"spiffe://{td}"]
+        for name in dns:
+            args += ["-dns", name]
         out = self.server(*args)
         for line in out.splitlines():
             if line.startswith("Entry ID"):
                 return line.split(":", 1)[1].strip()
         raise RuntimeError(f"spire-server entry create: no entry ID in {out!r}")
+
+    def mint_x509(self, spiffe_id: str, directory: Path, ttl: str = "1h") -> tuple[Path, Path]:
+        """An X.509-SVID minted by the server itself (``spire-server x509 mint``), for a test
+        client that is no workload of the agent: (cert chain PEM, key PEM 0600) in
+        ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.server("x509", "mint", "-spiffeID", spiffe_id, "-ttl", ttl, "-write", str(directory))
+        key = directory / "key.pem"
+        key.chmod(0o600)
+        return directory / "svid.pem", key
 
     def set_federated_bundle(self, trust_domain: str, pem: Path) -> None:
         """Trust another domain's CA (PEM) in SPIRE; entries that federate with it get it too."""
