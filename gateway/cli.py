@@ -55,9 +55,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     if args.offline:
         return _check_offline(args.config)
-    from svidgate.gateway.credentials import build_state
+    from svidgate.gateway.credentials import StateHolder
 
-    state = build_state(args.config)
+    holder = StateHolder(args.config)  # with the Workload API: fetches the SVID, then closes
+    holder.close()
+    state = holder.current
     print(f"config:        {state.config_path} OK")
     print(
         f"gateway id:    {state.gateway_id} (certificate valid until "

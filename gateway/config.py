@@ -28,6 +28,7 @@ from svidgate.config import (
     SpiffePatternField,
     TracingConfig,
     TrustDomainField,
+    WorkloadApiConfig,
     parse_host_port,
     resolve_path,
 )
@@ -42,15 +43,24 @@ def _version_text(value: Any) -> Any:
 
 
 class ServerTLS(ConfigModel):
-    """The gateway's own SVID (server certificate) and the minimum TLS version."""
+    """The gateway's own SVID (server certificate) and the minimum TLS version.
 
-    cert: ConfigPath
-    key: ConfigPath
+    ``source: files`` reads ``cert`` + ``key``; ``source: workload_api`` takes the SVID from the
+    SPIFFE Workload API (``workload_api``, which trust domains with ``source: workload_api``
+    use too) and rotates it as the agent does."""
+
+    source: Literal["files", "workload_api"] = "files"
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+    workload_api: WorkloadApiConfig = WorkloadApiConfig()
     min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_version_text)] = "1.2"
 
 
 class TrustDomainConfig(ConfigModel):
-    bundle: ConfigPath
+    """A trust domain's bundle: a file (``bundle``) or the Workload API (``source``)."""
+
+    source: Literal["file", "workload_api"] = "file"
+    bundle: ConfigPath | None = None
 
 
 class SignerTLS(ConfigModel):
@@ -108,7 +118,8 @@ class UpstreamTLS(ConfigModel):
 
     cert: ConfigPath | None = None
     key: ConfigPath | None = None
-    bundle: ConfigPath
+    # None: the trust_domains bundle of spiffe_id's trust domain (files or Workload API)
+    bundle: ConfigPath | None = None
     spiffe_id: SpiffeIdField
 
 
@@ -390,6 +401,37 @@ class GatewayConfig(ConfigModel):
     def needs_signer(self) -> bool:
         return any(r.requires_jwt and r.jwt is not None and r.jwt.uses_signer for r in self.routes)
 
+    @property
+    def uses_workload_api(self) -> bool:
+        return self.tls.source == "workload_api" or any(
+            td.source == "workload_api" for td in self.trust_domains.values()
+        )
+
+
+def _check_sources(cfg: GatewayConfig) -> list[Problem]:
+    """Files vs the Workload API: each source with exactly the keys it uses."""
+    problems: list[Problem] = []
+    files = cfg.tls.source == "files"
+    for key in ("cert", "key"):
+        if files and getattr(cfg.tls, key) is None:
+            problems.append((f"tls.{key}", "required when tls.source is files"))
+        if not files and getattr(cfg.tls, key) is not None:
+            problems.append((f"tls.{key}", "not used with tls.source: workload_api; remove it"))
+    for name, td in cfg.trust_domains.items():
+        if td.source == "file" and td.bundle is None:
+            problems.append((f"trust_domains.{name}.bundle", "required (or source: workload_api)"))
+        if td.source == "workload_api" and td.bundle is not None:
+            problems.append((f"trust_domains.{name}.bundle", "not used with source: workload_api"))
+    for name, up in cfg.upstreams.items():
+        if up.tls is None or up.tls.bundle is not None:
+            continue
+        domain = up.tls.spiffe_id.split("/")[2]
+        if domain not in cfg.trust_domains:
+            problems.append(
+                (f"upstreams.{name}.tls.bundle", f"required: {domain} is not in trust_domains")
+            )
+    return problems
+
 
 def _cross_check(cfg: GatewayConfig) -> list[Problem]:
     """References between sections, reported with their field paths."""
@@ -423,7 +465,7 @@ def _cross_check(cfg: GatewayConfig) -> list[Problem]:
         )
     if cfg.signer is not None and not cfg.signer.is_unix and cfg.signer.tls is None:
         problems.append(("signer.tls", "a TCP signer address needs tls (cert, key, bundle)"))
-    return problems
+    return problems + _check_sources(cfg)
 
 
 def _issuer_problems(cfg: GatewayConfig, jwt: JwtConfig, where: str) -> list[Problem]:

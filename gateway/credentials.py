@@ -5,10 +5,16 @@ and has no side effects, so :class:`StateHolder` can keep the old state when a r
 New TLS connections pick up the current server context through the SNI callback (it fires
 also when the client sends no SNI); open connections keep theirs. :func:`trust_digest` tells
 a reload that changed what is trusted (the gateway then re-checks its open connections).
+
+With ``tls.source: workload_api`` (or a trust domain with ``source: workload_api``) the holder
+owns an :class:`~svidgate.workload_api.X509Watcher`: each SVID or bundle update from the agent
+builds a new state from the current config exactly like a reload (new handshakes get the new
+SVID, upstream pools present it, a trust change re-checks open connections).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import ssl
@@ -22,13 +28,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from svidgate.gateway.config import GatewayConfig, load_config
 from svidgate.gateway.errors import CredentialsError, GatewayError
 from svidgate.gateway.policy import Policy
-from svidgate.gateway.tls import build_client_context, build_server_context
+from svidgate.gateway.tls import Certificate, PemKeyPair, build_client_context, build_server_context
 from svidgate.pki.bundle import Bundle, BundleSet, load_bundle, marshal_pem
 from svidgate.pki.errors import PkiError
-from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id
+from svidgate.pki.spiffe_id import SpiffeId, parse_spiffe_id, parse_trust_domain
 from svidgate.pki.svid import check_svid_profile, load_certificates, verify_x509_svid
 
 from svidgate.config import ConfigError
+from svidgate.workload_api import WorkloadApiUnavailable, X509Material, X509Watcher, endpoint
 
 log = logging.getLogger("svidgate.gateway")
 
@@ -48,6 +55,7 @@ class GatewayState:
     upstream_contexts: dict[str, ssl.SSLContext | None]
     watched: dict[Path, tuple[int, int, int]] = field(default_factory=dict)  # stamps at build
     trust: bytes = b""  # trust_digest(bundles): equal digests, equal trust
+    workload_serial: int = 0  # the Workload API update it was built from (0: none)
 
 
 def trust_digest(bundles: BundleSet) -> bytes:
@@ -78,25 +86,56 @@ def watched_files(config_path: Path, cfg: GatewayConfig) -> list[Path]:
     paths += [td.bundle for td in cfg.trust_domains.values()]
     for up in cfg.upstreams.values():
         if up.tls is not None:
-            paths += [p for p in (up.tls.cert, up.tls.key, up.tls.bundle) if p is not None]
-    return list(dict.fromkeys(paths))
+            paths += [up.tls.cert, up.tls.key, up.tls.bundle]
+    return list(dict.fromkeys(p for p in paths if p is not None))
 
 
-def _load_bundles(cfg: GatewayConfig) -> BundleSet:
+def _workload_bundle(name: str, workload: X509Material | None) -> Bundle:
+    if workload is None:
+        raise CredentialsError(f"trust_domains.{name}: the Workload API is not connected")
+    authorities = workload.bundles.get(name)
+    if not authorities:
+        raise CredentialsError(f"trust_domains.{name}: the Workload API sent no bundle for it")
+    return Bundle(parse_trust_domain(name), authorities)
+
+
+def _load_bundles(cfg: GatewayConfig, workload: X509Material | None) -> BundleSet:
     bundles: list[Bundle] = []
     for name, td in cfg.trust_domains.items():
+        if td.source == "workload_api":
+            bundles.append(_workload_bundle(name, workload))
+            continue
         try:
+            assert td.bundle is not None  # the config rules require it for source: file
             bundles.append(load_bundle(td.bundle, name))
         except PkiError as exc:
             raise CredentialsError(f"trust_domains.{name}.bundle: {exc}") from None
     return BundleSet.from_bundles(bundles)
 
 
+def _own_chain(cfg: GatewayConfig, workload: X509Material | None) -> list[x509.Certificate]:
+    if cfg.tls.source == "workload_api":
+        if workload is None:
+            raise CredentialsError("tls.workload_api: the Workload API is not connected")
+        return list(workload.chain)
+    assert cfg.tls.cert is not None  # the config rules require it for source: files
+    return load_certificates(cfg.tls.cert)
+
+
+def _own_certificate(cfg: GatewayConfig, workload: X509Material | None) -> Certificate:
+    """What the listener (and upstream mTLS) presents: the SVID in memory, or the cert file."""
+    if cfg.tls.source == "workload_api" and workload is not None:
+        return PemKeyPair(workload.chain_pem(), workload.key_pem)
+    assert cfg.tls.cert is not None
+    return cfg.tls.cert
+
+
 def _check_own_certificate(
-    cfg: GatewayConfig, bundles: BundleSet, now: datetime
+    cfg: GatewayConfig, bundles: BundleSet, now: datetime, workload: X509Material | None
 ) -> x509.Certificate:
+    where = "tls.workload_api" if cfg.tls.source == "workload_api" else f"tls.cert: {cfg.tls.cert}"
     try:
-        chain = load_certificates(cfg.tls.cert)
+        chain = _own_chain(cfg, workload)
         leaf = chain[0]
         gateway_id = check_svid_profile(leaf)
         if gateway_id.trust_domain in bundles:
@@ -104,11 +143,15 @@ def _check_own_certificate(
         elif not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
             raise CredentialsError("certificate is outside its validity period")
     except (PkiError, IndexError) as exc:
-        raise CredentialsError(f"tls.cert: {cfg.tls.cert}: {exc or 'no certificate'}") from None
+        raise CredentialsError(f"{where}: {exc or 'no certificate'}") from None
     return leaf
 
 
-def _upstream_context(cfg: GatewayConfig, name: str) -> ssl.SSLContext | None:
+def _upstream_context(
+    cfg: GatewayConfig, name: str, bundles: BundleSet, workload: X509Material | None
+) -> ssl.SSLContext | None:
+    """The upstream's client context: its own files, else the gateway's Workload API SVID;
+    its own bundle file, else the trust_domains bundle of the upstream's trust domain."""
     up = cfg.upstreams[name]
     if not up.url.startswith("https://"):
         return None
@@ -116,11 +159,17 @@ def _upstream_context(cfg: GatewayConfig, name: str) -> ssl.SSLContext | None:
         raise CredentialsError(f"upstreams.{name}.tls: an https upstream needs tls.bundle")
     try:
         td = parse_spiffe_id(up.tls.spiffe_id).trust_domain
-        pem = marshal_pem(load_bundle(up.tls.bundle, td))
+        if up.tls.bundle is not None:
+            pem = marshal_pem(load_bundle(up.tls.bundle, td))
+        else:
+            pem = marshal_pem(bundles.get(td))
     except PkiError as exc:
         raise CredentialsError(f"upstreams.{name}.tls.bundle: {exc}") from None
+    cert: Certificate | None = up.tls.cert
+    if cert is None and cfg.tls.source == "workload_api":
+        cert = _own_certificate(cfg, workload)
     try:
-        ctx = build_client_context(pem, up.tls.cert, up.tls.key)
+        ctx = build_client_context(pem, cert, up.tls.key)
     except GatewayError as exc:
         raise CredentialsError(f"upstreams.{name}.tls: {exc}") from None
     if up.protocol == "h2":
@@ -134,15 +183,18 @@ def build_state(
     generation: int = 1,
     sni_callback: Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None] | None = None,
     now: datetime | None = None,
+    config: GatewayConfig | None = None,
+    workload: X509Material | None = None,
 ) -> GatewayState:
-    """Load config and every file it names; raise ConfigError or GatewayError on any problem."""
+    """Load config (unless given) and every file it names, take the SVID and bundles of
+    ``workload`` where the config says so; raise ConfigError or GatewayError on any problem."""
     now = now or datetime.now(UTC)
-    cfg = load_config(config_path)
+    cfg = config or load_config(config_path)
     watched = {p: _file_stamp(p) for p in watched_files(config_path, cfg)}
-    bundles = _load_bundles(cfg)
-    leaf = _check_own_certificate(cfg, bundles, now)
+    bundles = _load_bundles(cfg, workload)
+    leaf = _check_own_certificate(cfg, bundles, now, workload)
     ctx = build_server_context(
-        cfg.tls.cert,
+        _own_certificate(cfg, workload),
         cfg.tls.key,
         bundles,
         min_version=cfg.tls.min_version,
@@ -150,7 +202,7 @@ def build_state(
         http2=cfg.http2,
     )
     policy = Policy.from_config(cfg)
-    upstreams = {name: _upstream_context(cfg, name) for name in cfg.upstreams}
+    upstreams = {name: _upstream_context(cfg, name, bundles, workload) for name in cfg.upstreams}
     return GatewayState(
         generation=generation,
         config_path=config_path,
@@ -163,7 +215,21 @@ def build_state(
         upstream_contexts=upstreams,
         watched=watched,
         trust=trust_digest(bundles),
+        workload_serial=workload.serial if workload is not None else 0,
     )
+
+
+def start_watcher(cfg: GatewayConfig) -> X509Watcher | None:
+    """Connect to the Workload API when the config uses it; bounded by workload_api.timeout."""
+    if not cfg.uses_workload_api:
+        return None
+    wapi = cfg.tls.workload_api
+    try:
+        watcher = X509Watcher(endpoint(wapi.socket))
+        watcher.start(wapi.timeout.total_seconds())
+    except WorkloadApiUnavailable as exc:
+        raise CredentialsError(f"tls.workload_api: {exc}") from None
+    return watcher
 
 
 class StateHolder:
@@ -171,7 +237,15 @@ class StateHolder:
 
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path.absolute()
-        self.current = build_state(self.config_path, sni_callback=self.sni_callback)
+        cfg = load_config(self.config_path)
+        self.watcher = start_watcher(cfg)
+        try:
+            self.current = build_state(
+                self.config_path, sni_callback=self.sni_callback, config=cfg, workload=self._svid()
+            )
+        except BaseException:
+            self.close()
+            raise
         self.listeners: list[Callable[[GatewayState, GatewayState], None]] = []
         # What the files looked like at the last reload attempt (successful or not).
         self._stamps = dict(self.current.watched)
@@ -194,16 +268,68 @@ class StateHolder:
         old = self.current
         try:
             new = build_state(
-                self.config_path, generation=old.generation + 1, sni_callback=self.sni_callback
+                self.config_path,
+                generation=old.generation + 1,
+                sni_callback=self.sni_callback,
+                workload=self._svid(),
             )
         except (ConfigError, GatewayError) as exc:
             # Remember the stamps so a broken file is reported once, not on every poll.
             self._stamps = {p: _file_stamp(p) for p in self._stamps}
             log.error("reload failed, keeping the previous state: %s", exc)
             return False
+        if new.config.uses_workload_api and self.watcher is None:
+            log.error("reload failed, keeping the previous state: the Workload API needs a restart")
+            return False
+        self._swap(old, new)
+        log.info("reloaded configuration and credentials (generation %d)", new.generation)
+        return True
+
+    def _swap(self, old: GatewayState, new: GatewayState) -> None:
         self.current = new
         self._stamps = dict(new.watched)
-        log.info("reloaded configuration and credentials (generation %d)", new.generation)
         for listener in self.listeners:
             listener(old, new)
+
+    # -- the Workload API ----------------------------------------------------------------------
+
+    def _svid(self) -> X509Material | None:
+        return self.watcher.current if self.watcher is not None else None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Apply each later Workload API update on ``loop`` (and one that came meanwhile)."""
+        if self.watcher is None:
+            return
+        self.watcher.deliver_to(loop, self.workload_update)
+        if self.watcher.current.serial != self.current.workload_serial:
+            loop.call_soon(self.workload_update, self.watcher.current)
+
+    def workload_update(self, material: X509Material) -> bool:
+        """A new SVID or bundle set: rebuild the state from the current config (on the loop)."""
+        old = self.current
+        if material.serial <= old.workload_serial:
+            return False
+        try:
+            new = build_state(
+                self.config_path,
+                generation=old.generation + 1,
+                sni_callback=self.sni_callback,
+                config=old.config,
+                workload=material,
+            )
+        except GatewayError as exc:
+            log.error("Workload API update refused, keeping the previous SVID: %s", exc)
+            return False
+        self._swap(old, new)
+        log.info(
+            "applied the Workload API update (SVID %s until %s, generation %d)",
+            material.spiffe_id,
+            material.not_after.isoformat(),
+            new.generation,
+        )
         return True
+
+    def close(self) -> None:
+        """Stop streaming from the Workload API (the last state stays usable)."""
+        if self.watcher is not None:
+            self.watcher.close()

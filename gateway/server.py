@@ -102,6 +102,7 @@ class GatewayServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         state = self.holder.current
+        self.holder.attach(loop)  # Workload API updates (if used) now reach the loop
         await self.app.start()
         cfg = state.config
         # One write timeout per listener: the shortest any upstream asks for (a client that
@@ -174,6 +175,7 @@ class GatewayServer:
         if self.listener is not None:
             await self.listener.shutdown(drain_timeout)
         await self.app.close()
+        self.holder.close()
         if self._publish_task is not None:
             self._publish_task.cancel()
             self.metrics.publish()  # the last figures of this worker
@@ -223,6 +225,7 @@ def run(config_path: Path) -> int:
     configure_logging()
     holder = StateHolder(Path(config_path))  # fail fast with a clear one-line error
     workers = holder.current.config.workers
+    holder.close()  # each worker connects to the Workload API itself
     del holder
     if workers == 1:
         return _run_loop(Path(config_path), admin=True)

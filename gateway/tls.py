@@ -8,8 +8,11 @@ sessions included, since a resumed session skips the current CA store.
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -32,17 +35,62 @@ def _harden(ctx: ssl.SSLContext, min_version: str) -> None:
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
+@dataclass(frozen=True)
+class PemKeyPair:
+    """A certificate chain and its private key held in memory (an SVID from the Workload API)."""
+
+    chain_pem: bytes
+    key_pem: bytes = field(repr=False)
+
+
+Certificate = Path | PemKeyPair  # a chain file (with its key file) or a chain in memory
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _load_pem_pair(ctx: ssl.SSLContext, pair: PemKeyPair) -> None:
+    """``ssl`` loads keys only from files: give it an anonymous memory file (memfd, never on
+    disk) read through /proc; elsewhere a 0600 file in a private 0700 directory, removed
+    right after loading."""
+    data = pair.key_pem + b"\n" + pair.chain_pem
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("svid", os.MFD_CLOEXEC)
+        try:
+            _write_all(fd, data)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="svidgate-svid-") as private:  # mode 0700
+        path = os.path.join(private, "svid.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        ctx.load_cert_chain(path)
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: Certificate, key: Path | None) -> None:
     try:
-        ctx.load_cert_chain(str(cert), str(key))
+        if isinstance(cert, PemKeyPair):
+            _load_pem_pair(ctx, cert)
+        else:
+            ctx.load_cert_chain(str(cert), None if key is None else str(key))
     except (OSError, ssl.SSLError) as exc:
         why = getattr(exc, "strerror", None) or exc
+        if isinstance(cert, PemKeyPair):
+            raise CredentialsError(f"cannot load the Workload API SVID: {why}") from None
         raise CredentialsError(f"cannot load certificate {cert} with key {key}: {why}") from None
 
 
 def build_server_context(
-    cert: Path,
-    key: Path,
+    cert: Certificate,
+    key: Path | None,
     bundles: BundleSet,
     *,
     min_version: str = "1.2",
@@ -67,7 +115,9 @@ def build_server_context(
     return ctx
 
 
-def build_client_context(bundle_pem: bytes, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+def build_client_context(
+    bundle_pem: bytes, cert: Certificate | None, key: Path | None
+) -> ssl.SSLContext:
     """A client context for upstream mTLS. The hostname is not checked: the peer is pinned by
     its SPIFFE ID after the handshake (:func:`check_peer_id`)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -77,7 +127,7 @@ def build_client_context(bundle_pem: bytes, cert: Path | None, key: Path | None)
     if not bundle_pem.strip():
         raise CredentialsError("the upstream bundle holds no X.509 authorities")
     ctx.load_verify_locations(cadata=bundle_pem.decode("ascii"))
-    if cert is not None and key is not None:
+    if isinstance(cert, PemKeyPair) or (cert is not None and key is not None):
         _load_chain(ctx, cert, key)
     return ctx
 

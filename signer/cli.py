@@ -118,6 +118,8 @@ def _channel(cfg: SignerConfig) -> tuple[grpc.Channel, str]:
         return grpc.insecure_channel(target), target
     address = cfg.tcp_address()
     assert address is not None and cfg.tls is not None
+    if cfg.tls.cert is None or cfg.tls.key is None or cfg.tls.bundle is None:
+        raise SignerError("over TCP, the CLI needs tls.cert, tls.key and tls.bundle files")
     try:
         creds = grpc.ssl_channel_credentials(
             root_certificates=cfg.tls.bundle.read_bytes(),

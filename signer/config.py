@@ -34,6 +34,7 @@ from svidgate.config import (
     SpiffePatternField,
     TracingConfig,
     TrustDomainField,
+    WorkloadApiConfig,
     parse_host_port,
 )
 
@@ -50,9 +51,27 @@ class ListenConfig(ConfigModel):
 
 
 class TlsConfig(ConfigModel):
-    cert: ConfigPath
-    key: ConfigPath
-    bundle: ConfigPath
+    """The TCP listener's SVID and client CAs: files, or the SPIFFE Workload API (the SVID and
+    the bundle of ``trust_domain``, both rotating as the agent sends them)."""
+
+    source: Literal["files", "workload_api"] = "files"
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+    bundle: ConfigPath | None = None
+    workload_api: WorkloadApiConfig = WorkloadApiConfig()
+
+
+def _tls_rules(tls: TlsConfig | None) -> list[Problem]:
+    if tls is None:
+        return []
+    files = tls.source == "files"
+    problems: list[Problem] = []
+    for key in ("cert", "key", "bundle"):
+        if files and getattr(tls, key) is None:
+            problems.append((f"tls.{key}", "required when tls.source is files"))
+        if not files and getattr(tls, key) is not None:
+            problems.append((f"tls.{key}", "not used with tls.source: workload_api; remove it"))
+    return problems
 
 
 def _extra_claim_name(value: str) -> str:
@@ -399,6 +418,7 @@ def _rules(cfg: SignerConfig) -> list[Problem]:
         problems.append(("listen", "needs unix and/or tcp"))
     if cfg.listen.tcp is not None and cfg.tls is None:
         problems.append(("tls", "is required when listen.tcp is set (mTLS)"))
+    problems += _tls_rules(cfg.tls)
     problems += _unix_mode_rule(cfg.listen.unix_mode)
     problems += _limits_rules(cfg.limits)
     keys = cfg.keys

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 from svidgate import logs
 from svidgate.admin_http import AdminServer
 from svidgate.config import ConfigError
+from svidgate.workload_api import WorkloadApiUnavailable, X509Watcher, endpoint
 
 log = logging.getLogger("svidgate.signer")
 SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["Signer"].full_name
@@ -84,22 +85,46 @@ def build_source(cfg: SignerConfig) -> KeySource:
     return VaultTransitKeySource(client, keys.algorithm, cfg.rotation.prepare_ahead)
 
 
+def _start_watcher(tls: TlsConfig) -> X509Watcher:
+    """Connect to the Workload API; ConfigError (one line, exit 2) when it sends nothing."""
+    try:
+        watcher = X509Watcher(endpoint(tls.workload_api.socket))
+        watcher.start(tls.workload_api.timeout.total_seconds())
+    except WorkloadApiUnavailable as exc:
+        raise ConfigError(f"tls.workload_api: {exc}") from None
+    return watcher
+
+
 class TlsCredentials:
     """Server certificate + client CA bundle, reloaded on file change without a restart.
 
     grpc calls :meth:`fetch` before every handshake, so it only hands over a configuration
-    that :meth:`poll` already built and validated; a broken new file keeps the old state."""
+    that :meth:`poll` already built and validated; a broken new file keeps the old state.
+    With ``tls.source: workload_api`` the SVID and the bundle of the signer's own trust domain
+    come from the agent (:class:`~svidgate.workload_api.X509Watcher`); :meth:`poll` stages
+    each new update the same way."""
 
-    def __init__(self, tls: TlsConfig) -> None:
+    def __init__(self, tls: TlsConfig, trust_domain: str = "") -> None:
         self.tls = tls
+        self.trust_domain = trust_domain
+        self.watcher: X509Watcher | None = None
+        self._serial = 0
         self._stamp = self._files_stamp()
         self._pending: grpc.ServerCertificateConfiguration | None = None
+        if tls.source == "workload_api":
+            self.watcher = _start_watcher(tls)
         self.initial = self._build()
         self.reloads = 0
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
 
     def _files_stamp(self) -> tuple[tuple[int, int], ...]:
         out = []
         for path in (self.tls.cert, self.tls.key, self.tls.bundle):
+            if path is None:
+                continue
             try:
                 st = path.stat()
                 out.append((st.st_mtime_ns, st.st_size))
@@ -107,13 +132,28 @@ class TlsCredentials:
                 out.append((0, 0))
         return tuple(out)
 
-    def _build(self) -> grpc.ServerCertificateConfiguration:
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        """(chain, key, bundle) PEM from the files or the Workload API's latest update."""
+        if self.watcher is not None:
+            material = self.watcher.current
+            self._serial = material.serial
+            roots = material.bundles.get(self.trust_domain, ())
+            bundle = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in roots)
+            if not bundle:
+                raise ConfigError(f"tls.workload_api: no bundle for {self.trust_domain} from it")
+            return material.chain_pem(), material.key_pem, bundle
+        assert self.tls.cert and self.tls.key and self.tls.bundle  # config rules: source files
         try:
-            chain = self.tls.cert.read_bytes()
-            key_pem = self.tls.key.read_bytes()
-            bundle = self.tls.bundle.read_bytes()
+            return (
+                self.tls.cert.read_bytes(),
+                self.tls.key.read_bytes(),
+                self.tls.bundle.read_bytes(),
+            )
         except OSError as exc:
             raise ConfigError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
+
+    def _build(self) -> grpc.ServerCertificateConfiguration:
+        chain, key_pem, bundle = self._read()
         try:
             leaf = x509.load_pem_x509_certificates(chain)[0]
             key = serialization.load_pem_private_key(key_pem, password=None)
@@ -140,9 +180,13 @@ class TlsCredentials:
         return pending
 
     def poll(self) -> bool:
-        """Rebuild when a file changed; True when a new configuration was staged."""
+        """Rebuild when a file changed (or the Workload API sent an update); True when a new
+        configuration was staged."""
         stamp = self._files_stamp()
-        if stamp == self._stamp:
+        if self.watcher is not None:
+            if self.watcher.current.serial == self._serial:
+                return False
+        elif stamp == self._stamp:
             return False
         self._stamp = stamp
         try:
@@ -277,7 +321,7 @@ class SignerServer:
         self.admin: AdminServer | None = None
         self.admin_port: int | None = None
         self.stopping = False
-        self.tls = TlsCredentials(cfg.tls) if cfg.tls is not None else None
+        self.tls = TlsCredentials(cfg.tls, str(cfg.trust_domain)) if cfg.tls is not None else None
         self.tcp_port: int | None = None
         self.unix = UnixSocket(cfg.listen) if cfg.listen.unix is not None else None
         self._servers: dict[str, grpc.aio.Server] = {}
@@ -400,6 +444,8 @@ class SignerServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.store.close()
+        if self.tls is not None:
+            self.tls.close()
         if self.unix is not None:
             self.unix.remove()
         if self.admin is not None:

@@ -67,6 +67,7 @@ __all__ = [
     "SpiffeIdField",
     "SpiffePatternField",
     "TrustDomainField",
+    "WorkloadApiConfig",
     "load",
     "parse",
     "parse_host_port",
@@ -317,3 +318,19 @@ class TracingConfig(ConfigModel):
 
     otlp_endpoint: Annotated[str, AfterValidator(_otlp_endpoint)]
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+
+def _workload_socket(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value.startswith("unix:") and value[len("unix:") :].startswith("/"):
+        return value
+    raise ValueError(f"expected unix:///ABSOLUTE/PATH (the agent's socket), got {value!r}")
+
+
+class WorkloadApiConfig(ConfigModel):
+    """Where the SPIFFE Workload API is (``unix:///path``; None: ``$SPIFFE_ENDPOINT_SOCKET``)
+    and how long start-up waits for the first SVID and bundles (then it fails)."""
+
+    socket: Annotated[str | None, AfterValidator(_workload_socket)] = None
+    timeout: Duration = timedelta(seconds=10)

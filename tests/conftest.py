@@ -10,6 +10,8 @@ through pyproject's pytest ``pythonpath``):
 - ``short_dir`` — a short directory for Unix sockets.
 - ``redis_server`` — a real ``redis-server`` of its own for one test
   (:class:`support.redis.RedisServer`; the test may stop and start it again).
+- ``spire`` — starts a real SPIRE server + agent (:class:`support.spire.Spire`, binaries from
+  ``.ci/spire``) and stops it at teardown.
 
 Free ports come from :func:`support.ports.free_port`; waits use :mod:`support.waiting`.
 """
@@ -26,6 +28,7 @@ from support.bao import BaoServer
 from support.pki import Pki
 from support.redis import RedisServer
 from support.signer_process import SignerProcess
+from support.spire import Spire
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +78,19 @@ def short_dir() -> Iterator[Path]:
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture
+def spire() -> Iterator[Callable[..., Spire]]:
+    """``spire(trust_domain=…, x509_ttl=…)`` → a started real SPIRE server + agent
+    (:class:`support.spire.Spire`), stopped at teardown."""
+    made: list[Spire] = []
+
+    def make(**kwargs: str) -> Spire:
+        instance = Spire(**kwargs)
+        made.append(instance)
+        return instance.start()
+
+    yield make
+    for instance in made:
+        instance.stop()

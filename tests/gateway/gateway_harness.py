@@ -57,13 +57,19 @@ class Echo:
         return [r["target"] for r in self.seen]
 
 
-async def start_echo(pki: LabPki, *, server_id: str = UPSTREAM_ID) -> tuple[Echo, web.BaseRunner]:
-    name = "echo-" + server_id.rsplit("/", 1)[1]
-    cert, key = pki.issue(server_id, name, dns=["localhost"], ips=["127.0.0.1"])
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    ctx.load_verify_locations(cafile=str(pki.bundle(A)))
-    ctx.verify_mode = ssl.CERT_REQUIRED
+async def start_echo(
+    pki: LabPki, *, server_id: str = UPSTREAM_ID, context: ssl.SSLContext | None = None
+) -> tuple[Echo, web.BaseRunner]:
+    """The echo upstream with a ``server_id`` SVID from ``pki`` (or the given server
+    ``context``, e.g. an SVID from SPIRE)."""
+    if context is None:
+        name = "echo-" + server_id.rsplit("/", 1)[1]
+        cert, key = pki.issue(server_id, name, dns=["localhost"], ips=["127.0.0.1"])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key))
+        context.load_verify_locations(cafile=str(pki.bundle(A)))
+        context.verify_mode = ssl.CERT_REQUIRED
+    ctx = context
     echo = Echo(0)
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
@@ -269,7 +275,8 @@ class GatewayProcess:
     """`svidgate gateway serve` as a child process on two free loopback ports: ``doc`` with
     ``listen`` / ``admin_listen`` set, written to ``pki.dir``/NAME.yaml; stderr (JSON lines)
     goes to NAME.log, or with ``stderr_pipe`` to a pipe the test reads (or leaves unread:
-    ``proc.stderr``)."""
+    ``proc.stderr``). ``group``: run it with that primary group ID (still as root), which is
+    how a SPIRE agent tells it from the test process (``unix:gid`` selectors)."""
 
     def __init__(
         self,
@@ -278,9 +285,11 @@ class GatewayProcess:
         name: str = "gateway",
         *,
         stderr_pipe: bool = False,
+        group: int | None = None,
     ) -> None:
         self.pki = pki
         self.stderr_pipe = stderr_pipe
+        self.group = group
         self.port, self.admin = free_port(), free_port()
         doc = {**doc, "listen": f"127.0.0.1:{self.port}", "admin_listen": f"127.0.0.1:{self.admin}"}
         self.config = pki.dir / f"{name}.yaml"
@@ -304,6 +313,7 @@ class GatewayProcess:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE if self.stderr_pipe else err,
+                group=self.group,
             )
 
         async def up() -> bool:
