@@ -34,14 +34,13 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from svidgate.signer.admin import RpcMetrics, SignerMetrics, admin_server, readiness
 from svidgate.signer.config import ListenConfig, SignerConfig, TlsConfig
 from svidgate.signer.discovery import DiscoveryServer
 from svidgate.signer.keystore import KeyStore
@@ -50,13 +49,15 @@ from svidgate.signer.service import GuardedHealth, GuardedReflection, SignerServ
 from svidgate.signer.sources import KeySource
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
-if TYPE_CHECKING:
-    from svidgate.tracing import Tracing
-
 from svidgate import logs
-from svidgate.admin_http import AdminServer
 from svidgate.config import ConfigError
 from svidgate.workload_api import WorkloadApiUnavailable, X509Watcher, endpoint
+
+if TYPE_CHECKING:
+    from svidgate.signer.admin import SignerMetrics
+
+    from svidgate.admin_http import AdminServer
+    from svidgate.tracing import Tracing
 
 log = logging.getLogger("svidgate.signer")
 SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["Signer"].full_name
@@ -317,7 +318,15 @@ class SignerServer:
         self.store = KeyStore(source or build_source(cfg), cfg)
         self.service = SignerService(self.store, cfg)
         self.health = GuardedHealth(self.service)
-        self.metrics = SignerMetrics(self.store)
+        # metrics and the admin listener only with admin_listen (aiohttp and prometheus_client
+        # are not even imported without it: a signer starts as fast as before)
+        self.metrics: SignerMetrics | None = None
+        self._interceptors: list[Any] = []
+        if cfg.admin_listen is not None:
+            from svidgate.signer.admin import RpcMetrics, SignerMetrics
+
+            self.metrics = SignerMetrics(self.store)
+            self._interceptors.append(RpcMetrics(self.metrics))
         self.admin: AdminServer | None = None
         self.admin_port: int | None = None
         self.stopping = False
@@ -347,7 +356,7 @@ class SignerServer:
         server = grpc.aio.server(
             options=server_options(limits, tcp=tcp),
             maximum_concurrent_rpcs=limits.rpcs,
-            interceptors=[RpcMetrics(self.metrics), *interceptors],
+            interceptors=[*self._interceptors, *interceptors] or None,
         )
         signer_pb2_grpc.add_SignerServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -392,8 +401,10 @@ class SignerServer:
 
     async def _start_admin(self) -> None:
         """``admin_listen``: /healthz, /readyz, /metrics over plain HTTP."""
-        if self.cfg.admin_listen is None:
+        if self.cfg.admin_listen is None or self.metrics is None:
             return
+        from svidgate.signer.admin import admin_server, readiness
+
         self.admin = admin_server(
             self.cfg.admin_listen,
             self.metrics,
