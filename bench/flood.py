@@ -160,10 +160,14 @@ async def flood(
     parallel: int = 256,
     interval: float = 0.1,
     settle: float = 10.0,
+    settle_before: float = 4.0,
 ) -> FloodResult:
     """Open ``count`` stalled handshakes; the flood lasts until every connect is done plus
     ``hold`` seconds (bounded: at most ``count`` sockets, at most ``hold`` + connects + 10 s)."""
     hello = client_hello()
+    # What ran just before (the idle-connection probe) may still be handing memory back (the
+    # gateway trims its heap 2 s after a burst ends): read the level once that is done.
+    await asyncio.sleep(settle_before)
     before = {pid: rss_bytes(pid) / MB for pid in pids}
     peak: dict[int, float] = dict(before)
     counts = _Counts(count)

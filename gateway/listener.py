@@ -178,6 +178,20 @@ class Listener(Generic[P]):
         loop = self._loop
         assert loop is not None
         deadline = loop.time() + self._limits.handshake_timeout
+        try:
+            spoke = sock.recv(1, socket.MSG_PEEK)  # the ClientHello is often in already
+        except (BlockingIOError, InterruptedError):
+            spoke = None
+        except OSError:
+            spoke = b""
+        if spoke:  # no reader, no timer: straight to the handshake
+            self._handshake_now(conn, sock, deadline)
+            return
+        if spoke is not None:  # closed or reset before a byte
+            self._counters.handshake_failed += 1
+            _reset(sock)
+            self.forget(conn)
+            return
         timer = loop.call_at(deadline, self._silent, conn)
         self._silent_ones[conn] = (sock, timer)
         loop.add_reader(sock.fileno(), self._spoke, conn, deadline)
@@ -186,9 +200,13 @@ class Listener(Generic[P]):
         """The client's first bytes (its ClientHello) are there: run the TLS handshake."""
         sock, timer = self._silent_ones.pop(conn)
         timer.cancel()
+        assert self._loop is not None
+        self._loop.remove_reader(sock.fileno())
+        self._handshake_now(conn, sock, deadline)
+
+    def _handshake_now(self, conn: H1Connection[P], sock: socket.socket, deadline: float) -> None:
         loop = self._loop
         assert loop is not None
-        loop.remove_reader(sock.fileno())
         remaining = max(deadline - loop.time(), 0.01)
         handshakes = self._handshakes
         if len(handshakes) >= self._limits.max_handshakes:
