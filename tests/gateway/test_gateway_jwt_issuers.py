@@ -405,3 +405,24 @@ def test_check_lists_issuers_and_route_issuers(test_pki: LabPki) -> None:
         "iss https://partner.example"
     ) in lines
     assert "      jwt audience=orders bind=none verify=remote issuers=spire,partner" in lines
+
+
+def test_a_broken_bundle_file_stops_start_up_with_one_line(test_pki: LabPki) -> None:
+    (test_pki.dir / "broken.json").write_text('{"keys": [{"kty": "EC", "kid": "k", "d": "x"}]}')
+    doc = gateway_config(test_pki, 9000)
+    doc["listen"] = doc["admin_listen"] = "127.0.0.1:0"
+    doc["jwt_issuers"] = {"partner": {"trust_domain": B, "bundle": {"file": "broken.json"}}}
+    path = test_pki.dir / "broken.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = subprocess.run(
+        [sys.executable, "-m", "svidgate.cli", "gateway", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"svidgate: error: jwt_issuers.partner.bundle.file: {test_pki.dir / 'broken.json'}: "
+        "keys[0]: contains private key material"
+    ]

@@ -10,6 +10,8 @@ both mint for the trust domain example.org, so only the token's ``iss`` tells th
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -131,4 +133,33 @@ async def test_spire_keys_stay_while_the_agent_restarts(
     await asyncio.to_thread(spire.start_agent)
     # the stream reconnects and delivers the bundle again (a new key set object)
     await wait_for(lambda: issuer.keyset is not held, 60, "the bundle after the agent restart")
+    assert (await call(gw, "/spire-only/x", token))[0] == 200
+
+
+async def test_a_spire_jwt_key_rotation_reaches_the_gateway(
+    test_pki: LabPki, echo: Echo, spire: Any, start_gateway: Callable[..., Any]
+) -> None:
+    """SPIRE prepares and activates a new JWT authority: the Workload API stream brings its key,
+    and tokens signed with it verify without a restart or a reload."""
+    doc = gateway_config(test_pki, echo.port)
+    doc["jwt_issuers"] = {
+        "spire": {"trust_domain": A, "bundle": {"source": "workload_api", "socket": spire.socket}}
+    }
+    doc["routes"] += [route("spire-only", ["spire"])]
+    doc["routes"][-1]["jwt"]["audience"] = "rotated"
+    gw: Harness = await start_gateway(doc)
+    issuer = gw.server.app.jwt_issuers.issuers["spire"]
+    await wait_for(lambda: bool(issuer.keyset and issuer.keyset.keys), 30, "SPIRE's JWT bundle")
+    before = set(issuer.keyset.keys)
+    prepared = json.loads(
+        await asyncio.to_thread(spire.server, "localauthority", "jwt", "prepare", "-output", "json")
+    )
+    authority = prepared["prepared_authority"]["authority_id"]
+    await wait_for(lambda: authority in issuer.keyset.keys, 60, "the prepared JWT key")
+    await asyncio.to_thread(
+        spire.server, "localauthority", "jwt", "activate", "-authorityID", authority
+    )
+    token = await asyncio.to_thread(spire.fetch_jwt, WEB_ID, "rotated")
+    kid = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))["kid"]
+    assert kid == authority and kid not in before
     assert (await call(gw, "/spire-only/x", token))[0] == 200
