@@ -348,11 +348,11 @@ class SignerServer:
 
     def _server(self, *, tcp: bool) -> grpc.aio.Server:
         limits = self.cfg.limits
-        interceptors = []
+        interceptors = None  # none at all unless tracing: grpc's interceptor path is not free
         if self.tracing is not None:
             from svidgate.signer.rpc_spans import RpcSpans
 
-            interceptors.append(RpcSpans(self.tracing))
+            interceptors = [RpcSpans(self.tracing)]
         server = grpc.aio.server(
             options=server_options(limits, tcp=tcp),
             maximum_concurrent_rpcs=limits.rpcs,

@@ -138,7 +138,7 @@ async def test_bad_versions_are_skipped_logged_and_polling_survives(
             "RS256 under ES256": "alg RS256 is not keys.algorithm ES256",
         }
         for what, version in versions.items():
-            line = rf" ERROR .*version {version}\b.*{problems[what]}"
+            line = rf'"level":"error".*version {version}\b.*{problems[what]}'
             await wait_for(lambda line=line: stack.log_has(line), SETTLE, f"ERROR for {what}")
 
         # the good key keeps signing and verifying; no bad key is published
@@ -161,7 +161,7 @@ async def test_bad_versions_are_skipped_logged_and_polling_survives(
 
     log = stack.log()
     for what, version in versions.items():  # once per version, not once per poll
-        assert len(re.findall(rf" ERROR .*version {version}\b", log)) == 1, what
+        assert len(re.findall(rf'"level":"error".*version {version}\b', log)) == 1, what
     assert "PRIVATE KEY" not in log and "Z2FyYmFnZQ" not in log  # no key material
     assert "Traceback" not in log
     assert stack.proc.stop() == 0
@@ -203,7 +203,8 @@ async def test_planted_key_waits_out_prepare_ahead(
     log = stack.log()
     assert f"key {planted['kid']} appeared in the key source" in log
     assert re.search(
-        rf"WARNING key {planted['kid']} \(.* version {version}\) activates at .*less than "
+        rf'"level":"warning".*"message":"key {planted["kid"]} \(.* version {version}\) '
+        r"activates at .*less than "
         r"rotation.prepare_ahead after this replica first saw it",
         log,
     ), log[-3000:]
@@ -250,7 +251,9 @@ async def test_file_source_skips_bad_entries(
         (4, "not a key entry"),
         (5, "kid is not a key thumbprint"),
     ):
-        assert re.search(rf" ERROR .*state.json entry {index}: skipped.*{problem}", log), index
+        assert re.search(rf'"level":"error".*state.json entry {index}: skipped.*{problem}', log), (
+            index
+        )
     assert proc.stop() == 0
 
 

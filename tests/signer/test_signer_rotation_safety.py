@@ -161,11 +161,15 @@ async def test_a_write_that_would_prune_a_published_key_is_refused(
     assert bao.api("GET", f"secret/metadata/{path}")["data"]["current_version"] == 2
     log = proc.log_tail(1_000_000)
     assert re.search(
-        rf" WARNING key source vault-kv:secret/{path} keeps 2 versions \(max_versions\), fewer "
+        rf'"level":"warning".*"message":"key source vault-kv:secret/{path} keeps 2 versions '
+        r"\(max_versions\), fewer "
         r"than the \d+ the key ring may need",
         log,
     ), log[-3000:]
-    assert f"ERROR prepare rotation refused: vault-kv:secret/{path} keeps 2 versions" in log
+    assert re.search(
+        rf'"level":"error".*"message":"prepare rotation refused: vault-kv:secret/{path} keeps 2 ',
+        log,
+    ), log[-3000:]
     assert proc.stop() == 0
 
 
