@@ -124,3 +124,14 @@ def test_every_flood_kind_has_a_budget() -> None:
     # a steady, legitimate rate never trips
     steady = FloodGuard(now=0.0)
     assert all(steady.hit(Flood.PING, t / 10) for t in range(1000))  # 10 per second
+
+
+def test_grpc_timeout_header() -> None:
+    from svidgate.gateway.proxy_h2 import grpc_timeout
+
+    assert grpc_timeout("1S") == 1.0
+    assert grpc_timeout("250m") == 0.25
+    assert grpc_timeout("2H") == 7200.0
+    assert grpc_timeout("99999999n") == pytest.approx(0.099999999)
+    for bad in (None, "", "S", "1", "1s", "-1S", "123456789S", "1.5S"):
+        assert grpc_timeout(bad) is None, bad
