@@ -36,6 +36,7 @@ from svidgate.gateway.http1.limits import Counters, Limits
 from svidgate.gateway.http1.message import Admission, ConnectionInfo, Request
 from svidgate.gateway.http1.protocol import Handler
 from svidgate.gateway.http2.abuse import Flood, FloodGuard
+from svidgate.gateway.http2.client import plain_hpack
 from svidgate.gateway.http2.limits import H2Limits
 from svidgate.gateway.http2.stream import H2Responder, StreamBody, StreamState
 from svidgate.gateway.http2.validate import MalformedRequest, parse_request
@@ -115,6 +116,7 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
             normalize_outbound_headers=False,
         )
         conn = self._h2 = h2.connection.H2Connection(config=config)
+        plain_hpack(conn)
         conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
