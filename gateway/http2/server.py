@@ -370,6 +370,7 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
                 chunk = bytes(pending[:window])
                 del pending[:window]
                 conn.send_data(stream_id, chunk)
+                self._guard.sent_data()
             if not pending and stream.end and not stream.ended:
                 if stream.trailers:
                     conn.send_headers(stream_id, stream.trailers, end_stream=True)

@@ -135,3 +135,14 @@ def test_grpc_timeout_header() -> None:
     assert grpc_timeout("99999999n") == pytest.approx(0.099999999)
     for bad in (None, "", "S", "1", "1s", "-1S", "123456789S", "1.5S"):
         assert grpc_timeout(bad) is None, bad
+
+
+def test_window_updates_answering_sent_data_are_not_a_flood() -> None:
+    guard = FloodGuard(now=0.0)
+    burst = int(BUDGETS[Flood.WINDOW_UPDATE].burst)
+    for _ in range(10 * burst):  # a gRPC client: a stream and a connection update per message
+        guard.sent_data()
+        assert guard.hit(Flood.WINDOW_UPDATE, 0.0) and guard.hit(Flood.WINDOW_UPDATE, 0.0)
+    # unearned updates are metered as before
+    assert all(guard.hit(Flood.WINDOW_UPDATE, 0.0) for _ in range(burst))
+    assert not guard.hit(Flood.WINDOW_UPDATE, 0.0)
