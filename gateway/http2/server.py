@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import h2.config
@@ -263,7 +262,7 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
         body_state = state.body
         if body_state is not None and not body_state.complete and not state.closed:
             # answered before the whole request arrived: the client may stop sending
-            self._pump_after_reset(state)
+            self._stop_receiving(state)
         self._maybe_forget(state)
 
     def _answer(self, responder: H2Responder, status: int, body: bytes, headers: Any = ()) -> None:
@@ -394,7 +393,8 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
         self._drop(stream)
         self._idle_check()
 
-    def _pump_after_reset(self, state: StreamState) -> None:
+    def _stop_receiving(self, state: StreamState) -> None:
+        """The response is complete before the request: RST_STREAM NO_ERROR (RFC 9113 §8.1)."""
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self._h2.reset_stream(state.stream_id, NO_ERROR)
         state.closed = True
@@ -537,6 +537,3 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
         for state in list(self._streams.values()):
             self._drop(state)
         self._streams.clear()
-
-
-Factory = Callable[[H2Owner[Any]], H2ServerConnection[Any]]
