@@ -122,6 +122,9 @@ class H2Upstream(Upstream):
             block.append((lower.encode("latin-1"), value.encode("latin-1")))
         if request.content_length is not None:
             block.append((b"content-length", b"%d" % request.content_length))
+        flat = b"".join(name + value for name, value in block)
+        if b"\r" in flat or b"\n" in flat or b"\x00" in flat:
+            raise UpstreamError("bad_request_header", "CR, LF or NUL in a request header")
         return block
 
     def failed(self, exc: UpstreamClientError) -> UpstreamError | UpstreamBusy:

@@ -66,12 +66,22 @@ class FloodMeter:
 
 
 class FloodGuard:
-    """Every meter of one connection."""
+    """Every meter of one connection. WINDOW_UPDATE frames answering DATA the server sent are
+    not a flood (a gRPC client acknowledges every response message, on the stream and on the
+    connection): each DATA frame sent earns two that are not metered."""
 
-    __slots__ = ("_meters",)
+    __slots__ = ("_meters", "_window_credit")
 
     def __init__(self, now: float) -> None:
         self._meters = {kind: FloodMeter(budget, now) for kind, budget in BUDGETS.items()}
+        self._window_credit = 0
+
+    def sent_data(self, frames: int = 1) -> None:
+        """DATA frames went to the client: as many stream and connection updates may follow."""
+        self._window_credit = min(self._window_credit + 2 * frames, 1 << 20)
 
     def hit(self, kind: Flood, now: float) -> bool:
+        if kind is Flood.WINDOW_UPDATE and self._window_credit > 0:
+            self._window_credit -= 1
+            return True
         return self._meters[kind].hit(now)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -27,6 +28,17 @@ Headers = list[tuple[bytes, bytes]]
 CANCEL = 0x8
 _STREAM_WINDOW = 256 * 1024
 _CONNECTION_WINDOW = 1024 * 1024
+
+
+def plain_hpack(conn: h2.connection.H2Connection) -> None:
+    """HPACK without Huffman coding on what ``conn`` sends: hpack's Huffman encoder is pure
+    Python and costs more CPU than the bytes it saves on the wire."""
+    encode = conn.encoder.encode
+
+    def encode_plain(headers: Any, huffman: bool = False) -> bytes:
+        return encode(headers, huffman=False)
+
+    conn.encoder.encode = encode_plain  # type: ignore[method-assign]
 
 
 class StreamReset(UpstreamClientError):
@@ -179,8 +191,16 @@ class H2ClientConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._settings = loop.create_future()
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            # request heads were validated on the way in (the HTTP/1.1 parser or
+            # http2.validate) and are lower-cased by the proxy; the upstream's answers are checked
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         conn = self._h2 = h2.connection.H2Connection(config=config)
+        plain_hpack(conn)
         conn.local_settings = h2.settings.Settings(
             client=True,
             initial_values={

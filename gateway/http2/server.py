@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import h2.config
@@ -36,6 +35,7 @@ from svidgate.gateway.http1.limits import Counters, Limits
 from svidgate.gateway.http1.message import Admission, ConnectionInfo, Request
 from svidgate.gateway.http1.protocol import Handler
 from svidgate.gateway.http2.abuse import Flood, FloodGuard
+from svidgate.gateway.http2.client import plain_hpack
 from svidgate.gateway.http2.limits import H2Limits
 from svidgate.gateway.http2.stream import H2Responder, StreamBody, StreamState
 from svidgate.gateway.http2.validate import MalformedRequest, parse_request
@@ -115,6 +115,7 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
             normalize_outbound_headers=False,
         )
         conn = self._h2 = h2.connection.H2Connection(config=config)
+        plain_hpack(conn)
         conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -261,7 +262,7 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
         body_state = state.body
         if body_state is not None and not body_state.complete and not state.closed:
             # answered before the whole request arrived: the client may stop sending
-            self._pump_after_reset(state)
+            self._stop_receiving(state)
         self._maybe_forget(state)
 
     def _answer(self, responder: H2Responder, status: int, body: bytes, headers: Any = ()) -> None:
@@ -368,6 +369,7 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
                 chunk = bytes(pending[:window])
                 del pending[:window]
                 conn.send_data(stream_id, chunk)
+                self._guard.sent_data()
             if not pending and stream.end and not stream.ended:
                 if stream.trailers:
                     conn.send_headers(stream_id, stream.trailers, end_stream=True)
@@ -391,7 +393,8 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
         self._drop(stream)
         self._idle_check()
 
-    def _pump_after_reset(self, state: StreamState) -> None:
+    def _stop_receiving(self, state: StreamState) -> None:
+        """The response is complete before the request: RST_STREAM NO_ERROR (RFC 9113 §8.1)."""
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self._h2.reset_stream(state.stream_id, NO_ERROR)
         state.closed = True
@@ -534,6 +537,3 @@ class H2ServerConnection(asyncio.Protocol, Generic[P]):
         for state in list(self._streams.values()):
             self._drop(state)
         self._streams.clear()
-
-
-Factory = Callable[[H2Owner[Any]], H2ServerConnection[Any]]

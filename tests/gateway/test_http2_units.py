@@ -124,3 +124,25 @@ def test_every_flood_kind_has_a_budget() -> None:
     # a steady, legitimate rate never trips
     steady = FloodGuard(now=0.0)
     assert all(steady.hit(Flood.PING, t / 10) for t in range(1000))  # 10 per second
+
+
+def test_grpc_timeout_header() -> None:
+    from svidgate.gateway.proxy_h2 import grpc_timeout
+
+    assert grpc_timeout("1S") == 1.0
+    assert grpc_timeout("250m") == 0.25
+    assert grpc_timeout("2H") == 7200.0
+    assert grpc_timeout("99999999n") == pytest.approx(0.099999999)
+    for bad in (None, "", "S", "1", "1s", "-1S", "123456789S", "1.5S"):
+        assert grpc_timeout(bad) is None, bad
+
+
+def test_window_updates_answering_sent_data_are_not_a_flood() -> None:
+    guard = FloodGuard(now=0.0)
+    burst = int(BUDGETS[Flood.WINDOW_UPDATE].burst)
+    for _ in range(10 * burst):  # a gRPC client: a stream and a connection update per message
+        guard.sent_data()
+        assert guard.hit(Flood.WINDOW_UPDATE, 0.0) and guard.hit(Flood.WINDOW_UPDATE, 0.0)
+    # unearned updates are metered as before
+    assert all(guard.hit(Flood.WINDOW_UPDATE, 0.0) for _ in range(burst))
+    assert not guard.hit(Flood.WINDOW_UPDATE, 0.0)
