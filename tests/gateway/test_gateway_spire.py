@@ -81,6 +81,8 @@ def gateway_doc(spire: Spire, echo_port: int, **tls: Any) -> dict[str, Any]:
         ],
         "reload_interval": "0s",
         "drain_timeout": "2s",
+        "workers": 2,  # each worker (forked) streams from the agent itself
+        "limits": {"idle_timeout": "300s"},
     }
 
 
@@ -184,8 +186,13 @@ async def test_gateway_svid_rotates_under_load_with_no_failed_request(
     gw = GatewayProcess(test_pki, gateway_doc(lab.spire, lab.echo.port), group=GW_GID)
     try:
         await gw.start(timeout=60)
-        # a connection opened before the rotation stays usable after it
+        # a connection opened (and used) before the rotation stays usable after it
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=lab.client)
+        writer.write(REQUEST.replace(b"Connection: close", b"Connection: keep-alive"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        assert parse_response(head).status == 200
+        length = int(parse_response(head).header("Content-Length") or 0)
+        await asyncio.wait_for(reader.readexactly(length), 20)
         count, failures, certs = await requests_until(
             gw.port, lab.client, lambda seen: len(seen) >= 3, timeout=120
         )
