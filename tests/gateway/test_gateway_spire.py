@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway_harness import Echo, GatewayProcess, LabPki, parse_response, start_echo
 from support.pki import B_ID, B
 from support.spire import Spire
+from support.waiting import wait_for
 from svidgate.gateway.config import load_config
 
 from svidgate.config import ConfigError
@@ -140,12 +141,55 @@ async def test_spire_client_reaches_a_route_through_a_gateway_on_a_spire_svid(
         xfcc = dict(lab.echo.seen[-1]["headers"]).get("X-Forwarded-Client-Cert", "")
         assert f"URI={CLIENT_ID}" in xfcc
         # other.org is federated: its bundle reaches the gateway through the agent
-        b_cert, b_key = test_pki.dir / "web-b.crt", test_pki.dir / "web-b.key"
-        if not b_cert.exists():
-            b_cert, b_key = test_pki.issue(B_ID, "web-b")
+        b_cert, b_key = test_pki.issue(B_ID, "web-b")
         bundle = tmp_path / "spire-bundle.pem"
         federated = tls_context(ssl.PROTOCOL_TLS_CLIENT, b_cert, b_key, bundle)
         assert (await get(gw.port, federated))[0] == 200
+    finally:
+        gw.stop()
+        await runner.cleanup()
+
+
+async def keep_alive(port: int, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, Any]:
+    """A connection that has served one request and stays open (keep-alive)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    writer.write(REQUEST.replace(b"Connection: close", b"Connection: keep-alive"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    assert parse_response(head).status == 200
+    await asyncio.wait_for(
+        reader.readexactly(int(parse_response(head).header("Content-Length") or 0)), 20
+    )
+    return reader, writer
+
+
+async def test_a_bundle_update_from_the_agent_re_checks_open_connections(
+    spire: Callable[..., Spire], test_pki: LabPki, tmp_path: Path
+) -> None:
+    lab, runner = await make_lab(spire(trust_domain=TD), test_pki, tmp_path)
+    gw = GatewayProcess(test_pki, gateway_doc(lab.spire, lab.echo.port), group=GW_GID)
+    try:
+        await gw.start(timeout=60)
+        b_cert, b_key = test_pki.issue(B_ID, "web-b")
+        federated = tls_context(
+            ssl.PROTOCOL_TLS_CLIENT, b_cert, b_key, tmp_path / "spire-bundle.pem"
+        )
+        reader, writer = await keep_alive(gw.port, federated)
+        # other.org's CA is replaced in SPIRE (here by an unrelated CA): the agent pushes the new
+        # bundle, and the gateway closes the open connection whose chain no longer verifies
+        lab.spire.set_federated_bundle(B, tmp_path / "spire-bundle.pem")
+        assert await asyncio.wait_for(reader.read(), 90) == b""
+        writer.close()
+        with pytest.raises((ssl.SSLError, OSError, IndexError)):
+            await get(gw.port, federated)  # refused at the handshake or right after it
+        assert (await get(gw.port, lab.client))[0] == 200  # spire.test clients are unaffected
+        # de-federated: the agent sends no other.org bundle at all; the update still applies
+        # (other.org trusted no more) rather than being refused, so the SVID keeps rotating
+        lab.spire.server("bundle", "delete", "-id", f"spiffe://{B}", "-mode", "dissociate")
+        await wait_for(
+            lambda: any("trusted no more" in m for m in gw.messages()), 90, "the de-federation"
+        )
+        assert not any("update refused" in m for m in gw.messages())
+        assert (await get(gw.port, lab.client))[0] == 200
     finally:
         gw.stop()
         await runner.cleanup()
@@ -187,12 +231,7 @@ async def test_gateway_svid_rotates_under_load_with_no_failed_request(
     try:
         await gw.start(timeout=60)
         # a connection opened (and used) before the rotation stays usable after it
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=lab.client)
-        writer.write(REQUEST.replace(b"Connection: close", b"Connection: keep-alive"))
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
-        assert parse_response(head).status == 200
-        length = int(parse_response(head).header("Content-Length") or 0)
-        await asyncio.wait_for(reader.readexactly(length), 20)
+        reader, writer = await keep_alive(gw.port, lab.client)
         count, failures, certs = await requests_until(
             gw.port, lab.client, lambda seen: len(seen) >= 3, timeout=120
         )
