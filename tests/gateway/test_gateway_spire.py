@@ -13,6 +13,7 @@ import os
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,12 +21,15 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from gateway_harness import Echo, GatewayProcess, LabPki, parse_response, start_echo
-from support.pki import B_ID, B
+from support.pki import B_ID, A, B
 from support.spire import Spire
 from support.waiting import wait_for
 from svidgate.gateway.config import load_config
+from svidgate.gateway.tls import PemKeyPair, build_server_context
+from svidgate.pki.bundle import BundleSet, load_bundle
 
 from svidgate.config import ConfigError
 
@@ -346,3 +350,42 @@ def test_workload_api_config_names_the_field(
     tmp_path: Path, tls: dict[str, Any], more: dict[str, Any], expected: str
 ) -> None:
     assert expected in config_error(tmp_path, tls, **more)
+
+
+def handshake_peer_der(server: ssl.SSLContext, client: ssl.SSLContext) -> bytes:
+    """A TLS handshake in memory; the DER of the certificate the server presented."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    der = c.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+@pytest.mark.parametrize("memfd", [True, False])
+def test_an_svid_in_memory_serves_handshakes_and_leaves_no_key_file(
+    pki: LabPki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, memfd: bool
+) -> None:
+    """The Workload API's SVID is loaded without a key file: through a memfd, or (where there
+    is none) a 0600 file in a private directory that is gone right after loading."""
+    cert, key = pki.files("gateway")
+    pair = PemKeyPair(cert.read_bytes(), key.read_bytes())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    if not memfd:
+        monkeypatch.delattr(os, "memfd_create")
+    server = build_server_context(
+        pair, None, BundleSet.from_bundles([load_bundle(pki.bundle(), A)])
+    )
+    client = pki.client_context(*pki.files("web"))
+    client.check_hostname = False
+    der = handshake_peer_der(server, client)
+    assert der == x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert list(tmp_path.iterdir()) == []
