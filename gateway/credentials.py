@@ -90,20 +90,27 @@ def watched_files(config_path: Path, cfg: GatewayConfig) -> list[Path]:
     return list(dict.fromkeys(p for p in paths if p is not None))
 
 
-def _workload_bundle(name: str, workload: X509Material | None) -> Bundle:
+def _workload_bundle(name: str, workload: X509Material | None, *, strict: bool) -> Bundle:
+    """The agent's bundle for ``name``. Missing at start-up: an error (the registration entry
+    lacks federatesWith?); missing later (de-federated): no authority, so nobody of that trust
+    domain gets in, and the SVID keeps rotating."""
     if workload is None:
         raise CredentialsError(f"trust_domains.{name}: the Workload API is not connected")
-    authorities = workload.bundles.get(name)
+    authorities = workload.bundles.get(name, ())
     if not authorities:
-        raise CredentialsError(f"trust_domains.{name}: the Workload API sent no bundle for it")
+        if strict:
+            raise CredentialsError(f"trust_domains.{name}: the Workload API sent no bundle for it")
+        log.warning("the Workload API sent no bundle for %s: it is trusted no more", name)
     return Bundle(parse_trust_domain(name), authorities)
 
 
-def _load_bundles(cfg: GatewayConfig, workload: X509Material | None) -> BundleSet:
+def _load_bundles(
+    cfg: GatewayConfig, workload: X509Material | None, *, strict: bool = True
+) -> BundleSet:
     bundles: list[Bundle] = []
     for name, td in cfg.trust_domains.items():
         if td.source == "workload_api":
-            bundles.append(_workload_bundle(name, workload))
+            bundles.append(_workload_bundle(name, workload, strict=strict))
             continue
         try:
             assert td.bundle is not None  # the config rules require it for source: file
@@ -185,13 +192,15 @@ def build_state(
     now: datetime | None = None,
     config: GatewayConfig | None = None,
     workload: X509Material | None = None,
+    strict: bool = True,
 ) -> GatewayState:
     """Load config (unless given) and every file it names, take the SVID and bundles of
-    ``workload`` where the config says so; raise ConfigError or GatewayError on any problem."""
+    ``workload`` where the config says so; raise ConfigError or GatewayError on any problem
+    (``strict=False``: a trust domain the agent no longer sends is kept with no authority)."""
     now = now or datetime.now(UTC)
     cfg = config or load_config(config_path)
     watched = {p: _file_stamp(p) for p in watched_files(config_path, cfg)}
-    bundles = _load_bundles(cfg, workload)
+    bundles = _load_bundles(cfg, workload, strict=strict)
     leaf = _check_own_certificate(cfg, bundles, now, workload)
     ctx = build_server_context(
         _own_certificate(cfg, workload),
@@ -272,6 +281,7 @@ class StateHolder:
                 generation=old.generation + 1,
                 sni_callback=self.sni_callback,
                 workload=self._svid(),
+                strict=False,
             )
         except (ConfigError, GatewayError) as exc:
             # Remember the stamps so a broken file is reported once, not on every poll.
@@ -316,6 +326,7 @@ class StateHolder:
                 sni_callback=self.sni_callback,
                 config=old.config,
                 workload=material,
+                strict=False,
             )
         except GatewayError as exc:
             log.error("Workload API update refused, keeping the previous SVID: %s", exc)

@@ -8,22 +8,28 @@ the client and the upstream. The test PKI's other.org CA is a federated trust do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from gateway_harness import Echo, GatewayProcess, LabPki, parse_response, start_echo
-from support.pki import B_ID, B
+from support.pki import B_ID, A, B
 from support.spire import Spire
+from support.waiting import wait_for
 from svidgate.gateway.config import load_config
+from svidgate.gateway.tls import PemKeyPair, build_server_context
+from svidgate.pki.bundle import BundleSet, load_bundle
 
 from svidgate.config import ConfigError
 
@@ -81,6 +87,8 @@ def gateway_doc(spire: Spire, echo_port: int, **tls: Any) -> dict[str, Any]:
         ],
         "reload_interval": "0s",
         "drain_timeout": "2s",
+        "workers": 2,  # each worker (forked) streams from the agent itself
+        "limits": {"idle_timeout": "300s"},
     }
 
 
@@ -100,10 +108,27 @@ async def get(port: int, ctx: ssl.SSLContext, path: str = "/orders") -> tuple[in
 
 class Lab:
     """SPIRE with the gateway's, the client's and the upstream's entries, the echo upstream
-    on its SPIRE SVID, and the client's TLS context."""
+    on its SPIRE SVID, the client's TLS context and the running gateway (``gw``)."""
 
     def __init__(self, spire: Spire, directory: Path, echo: Echo, client: ssl.SSLContext):
         self.spire, self.dir, self.echo, self.client = spire, directory, echo, client
+        self.bundle = directory / "spire-bundle.pem"
+        self.gw: GatewayProcess
+
+
+@contextlib.asynccontextmanager
+async def running_lab(
+    spire: Spire, test_pki: LabPki, tmp_path: Path, *, gateway_ttl: int | None = None
+) -> AsyncIterator[Lab]:
+    """:func:`make_lab`, then the gateway (2 workers, gid GW_GID) on SPIRE; all stopped after."""
+    lab, runner = await make_lab(spire, test_pki, tmp_path, gateway_ttl=gateway_ttl)
+    lab.gw = GatewayProcess(test_pki, gateway_doc(lab.spire, lab.echo.port), group=GW_GID)
+    try:
+        await lab.gw.start(timeout=60)
+        yield lab
+    finally:
+        lab.gw.stop()
+        await runner.cleanup()
 
 
 async def make_lab(
@@ -126,11 +151,8 @@ async def make_lab(
 async def test_spire_client_reaches_a_route_through_a_gateway_on_a_spire_svid(
     spire: Callable[..., Spire], test_pki: LabPki, tmp_path: Path
 ) -> None:
-    lab, runner = await make_lab(spire(trust_domain=TD), test_pki, tmp_path)
-    gw = GatewayProcess(test_pki, gateway_doc(lab.spire, lab.echo.port), group=GW_GID)
-    try:
-        await gw.start(timeout=60)
-        status, der = await get(gw.port, lab.client)
+    async with running_lab(spire(trust_domain=TD), test_pki, tmp_path) as lab:
+        status, der = await get(lab.gw.port, lab.client)
         assert status == 200
         # the listener presents the SPIRE SVID of the gateway, and so does the upstream leg
         assert GW_ID.encode() in der
@@ -138,15 +160,47 @@ async def test_spire_client_reaches_a_route_through_a_gateway_on_a_spire_svid(
         xfcc = dict(lab.echo.seen[-1]["headers"]).get("X-Forwarded-Client-Cert", "")
         assert f"URI={CLIENT_ID}" in xfcc
         # other.org is federated: its bundle reaches the gateway through the agent
-        b_cert, b_key = test_pki.dir / "web-b.crt", test_pki.dir / "web-b.key"
-        if not b_cert.exists():
-            b_cert, b_key = test_pki.issue(B_ID, "web-b")
-        bundle = tmp_path / "spire-bundle.pem"
-        federated = tls_context(ssl.PROTOCOL_TLS_CLIENT, b_cert, b_key, bundle)
-        assert (await get(gw.port, federated))[0] == 200
-    finally:
-        gw.stop()
-        await runner.cleanup()
+        b_cert, b_key = test_pki.issue(B_ID, "web-b")
+        federated = tls_context(ssl.PROTOCOL_TLS_CLIENT, b_cert, b_key, lab.bundle)
+        assert (await get(lab.gw.port, federated))[0] == 200
+
+
+async def keep_alive(port: int, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, Any]:
+    """A connection that has served one request and stays open (keep-alive)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    writer.write(REQUEST.replace(b"Connection: close", b"Connection: keep-alive"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    assert parse_response(head).status == 200
+    await asyncio.wait_for(
+        reader.readexactly(int(parse_response(head).header("Content-Length") or 0)), 20
+    )
+    return reader, writer
+
+
+async def test_a_bundle_update_from_the_agent_re_checks_open_connections(
+    spire: Callable[..., Spire], test_pki: LabPki, tmp_path: Path
+) -> None:
+    async with running_lab(spire(trust_domain=TD), test_pki, tmp_path) as lab:
+        gw = lab.gw
+        b_cert, b_key = test_pki.issue(B_ID, "web-b")
+        federated = tls_context(ssl.PROTOCOL_TLS_CLIENT, b_cert, b_key, lab.bundle)
+        reader, writer = await keep_alive(gw.port, federated)
+        # other.org's CA is replaced in SPIRE (here by an unrelated CA): the agent pushes the new
+        # bundle, and the gateway closes the open connection whose chain no longer verifies
+        lab.spire.set_federated_bundle(B, lab.bundle)
+        assert await asyncio.wait_for(reader.read(), 90) == b""
+        writer.close()
+        with pytest.raises((ssl.SSLError, OSError, IndexError)):
+            await get(gw.port, federated)  # refused at the handshake or right after it
+        assert (await get(gw.port, lab.client))[0] == 200  # spire.test clients are unaffected
+        # de-federated: the agent sends no other.org bundle at all; the update still applies
+        # (other.org trusted no more) rather than being refused, so the SVID keeps rotating
+        lab.spire.server("bundle", "delete", "-id", f"spiffe://{B}", "-mode", "dissociate")
+        await wait_for(
+            lambda: any("trusted no more" in m for m in gw.messages()), 90, "the de-federation"
+        )
+        assert not any("update refused" in m for m in gw.messages())
+        assert (await get(gw.port, lab.client))[0] == 200
 
 
 async def requests_until(
@@ -180,101 +234,76 @@ async def test_gateway_svid_rotates_under_load_with_no_failed_request(
     spire: Callable[..., Spire], test_pki: LabPki, tmp_path: Path
 ) -> None:
     # SPIRE's agent renews an SVID once half its lifetime is gone: 20 s -> every ~10 s
-    lab, runner = await make_lab(spire(trust_domain=TD), test_pki, tmp_path, gateway_ttl=20)
-    gw = GatewayProcess(test_pki, gateway_doc(lab.spire, lab.echo.port), group=GW_GID)
-    try:
-        await gw.start(timeout=60)
-        # a connection opened before the rotation stays usable after it
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=lab.client)
+    async with running_lab(spire(trust_domain=TD), test_pki, tmp_path, gateway_ttl=20) as lab:
+        # a connection opened (and used) before the rotation stays usable after it
+        reader, writer = await keep_alive(lab.gw.port, lab.client)
         count, failures, certs = await requests_until(
-            gw.port, lab.client, lambda seen: len(seen) >= 3, timeout=120
+            lab.gw.port, lab.client, lambda seen: len(seen) >= 3, timeout=120
         )
         assert not failures, failures[:5]
         assert len(certs) >= 3, f"saw {len(certs)} gateway certificates in {count} requests"
         writer.write(REQUEST)
         assert parse_response(await asyncio.wait_for(reader.read(), 20)).status == 200
         writer.close()
-        assert any("applied the Workload API update" in m for m in gw.messages())
-    finally:
-        gw.stop()
-        await runner.cleanup()
+        assert any("applied the Workload API update" in m for m in lab.gw.messages())
 
 
 async def test_gateway_keeps_serving_while_the_agent_restarts(
     spire: Callable[..., Spire], test_pki: LabPki, tmp_path: Path
 ) -> None:
-    lab, runner = await make_lab(spire(trust_domain=TD), test_pki, tmp_path, gateway_ttl=30)
-    gw = GatewayProcess(test_pki, gateway_doc(lab.spire, lab.echo.port), group=GW_GID)
-    try:
-        await gw.start(timeout=60)
-        _, before = await get(gw.port, lab.client)
+    async with running_lab(spire(trust_domain=TD), test_pki, tmp_path, gateway_ttl=30) as lab:
+        _, before = await get(lab.gw.port, lab.client)
         lab.spire.stop_agent()
         started = time.monotonic()
         # no agent: every request still succeeds on the last SVID (its lifetime: 30 s)
         count, failures, _ = await requests_until(
-            gw.port, lab.client, lambda _: time.monotonic() - started > 4, timeout=30
+            lab.gw.port, lab.client, lambda _: time.monotonic() - started > 4, timeout=30
         )
         assert count > 0 and not failures, failures[:5]
         lab.spire.start_agent()
         # the gateway reconnects by itself and takes the agent's next SVID
         count, failures, certs = await requests_until(
-            gw.port, lab.client, lambda seen: bool(seen - {before}), timeout=90
+            lab.gw.port, lab.client, lambda seen: bool(seen - {before}), timeout=90
         )
         assert not failures, failures[:5]
         assert certs - {before}, "no new SVID after the agent came back"
-        assert gw.running
-    finally:
-        gw.stop()
-        await runner.cleanup()
+        assert lab.gw.running
 
 
-def serve(config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "svidgate.cli", "gateway", "serve", "--config", str(config)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        group=GW_GID,
-    )
-
-
-def test_start_up_fails_clearly_without_the_agent(tmp_path: Path) -> None:
-    socket = tmp_path / "missing" / "agent.sock"
+def start_up_error(tmp_path: Path, socket: str) -> str:
+    """``svidgate gateway serve`` on the Workload API at ``socket`` must exit 2 with one line
+    on stderr; returns that line."""
     doc = {
         "listen": "127.0.0.1:0",
-        "tls": {
-            "source": "workload_api",
-            "workload_api": {"socket": f"unix://{socket}", "timeout": "1s"},
-        },
+        "tls": {"source": "workload_api", "workload_api": {"socket": socket, "timeout": "2s"}},
         "trust_domains": {TD: {"source": "workload_api"}},
     }
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(doc))
-    done = serve(config)
-    assert done.returncode == 2
+    done = subprocess.run(
+        [sys.executable, "-m", "svidgate.cli", "gateway", "serve", "--config", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        group=GW_GID,
+    )
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert "tls.workload_api" in lines[0] and str(socket) in lines[0]
-    assert "Traceback" not in done.stderr
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_start_up_fails_clearly_without_the_agent(tmp_path: Path) -> None:
+    socket = tmp_path / "missing" / "agent.sock"
+    line = start_up_error(tmp_path, f"unix://{socket}")
+    assert "tls.workload_api: no Workload API socket at" in line and str(socket) in line
 
 
 def test_start_up_fails_clearly_when_the_agent_has_no_svid_for_it(
     spire: Callable[..., Spire], tmp_path: Path
 ) -> None:
-    lab = spire(trust_domain=TD)
-    doc = {
-        "listen": "127.0.0.1:0",
-        "tls": {"source": "workload_api", "workload_api": {"socket": lab.socket, "timeout": "2s"}},
-        "trust_domains": {TD: {"source": "workload_api"}},
-    }
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump(doc))
-    done = serve(config)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert "no X.509 SVID from the Workload API" in lines[0]
+    line = start_up_error(tmp_path, spire(trust_domain=TD).socket)
+    assert "tls.workload_api: no X.509 SVID from the Workload API" in line
 
 
 def config_error(tmp_path: Path, tls: dict[str, Any], **more: Any) -> str:
@@ -321,3 +350,42 @@ def test_workload_api_config_names_the_field(
     tmp_path: Path, tls: dict[str, Any], more: dict[str, Any], expected: str
 ) -> None:
     assert expected in config_error(tmp_path, tls, **more)
+
+
+def handshake_peer_der(server: ssl.SSLContext, client: ssl.SSLContext) -> bytes:
+    """A TLS handshake in memory; the DER of the certificate the server presented."""
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    der = c.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+@pytest.mark.parametrize("memfd", [True, False])
+def test_an_svid_in_memory_serves_handshakes_and_leaves_no_key_file(
+    pki: LabPki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, memfd: bool
+) -> None:
+    """The Workload API's SVID is loaded without a key file: through a memfd, or (where there
+    is none) a 0600 file in a private directory that is gone right after loading."""
+    cert, key = pki.files("gateway")
+    pair = PemKeyPair(cert.read_bytes(), key.read_bytes())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    if not memfd:
+        monkeypatch.delattr(os, "memfd_create")
+    server = build_server_context(
+        pair, None, BundleSet.from_bundles([load_bundle(pki.bundle(), A)])
+    )
+    client = pki.client_context(*pki.files("web"))
+    client.check_hostname = False
+    der = handshake_peer_der(server, client)
+    assert der == x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    assert list(tmp_path.iterdir()) == []

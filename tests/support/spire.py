@@ -6,8 +6,10 @@ Usage (the ``spire`` fixture of tests/conftest.py does the first and last steps)
         spire.register("spiffe://example.org/gw", gid=4242)      # who gets which SVID
         spire.register("spiffe://example.org/client", gid=0)     # gid 0: this test process
         svid = spire.fetch_x509("spiffe://example.org/client")   # py-spiffe, as this process
-        token = spire.fetch_jwt("spiffe://example.org/client", "orders")
+        token = spire.fetch_jwt("spiffe://example.org/client", "orders")   # a JWT-SVID (ES256)
         spire.socket                                             # "unix:///…/agent.sock"
+        spire.bundle_pem(), spire.bundle_json()                  # CAs; SPIFFE bundle + JWT keys
+        spire.mint_x509("spiffe://example.org/x", directory)     # an SVID for a non-workload
 
 The server keeps its datastore in SQLite in a private temporary directory and attests the agent
 with a join token; the agent attests workloads with the ``unix`` attestor. Different processes
@@ -181,6 +183,10 @@ class Spire:
     def bundle_pem(self) -> bytes:
         """The trust domain's current X.509 authorities (PEM), as the server shows them."""
         return self.server("bundle", "show").encode()
+
+    def bundle_json(self) -> bytes:
+        """The trust domain's bundle in the SPIFFE format (X.509 authorities and JWT keys)."""
+        return self.server("bundle", "show", "-format", "spiffe").encode()
 
     # -- internals -------------------------------------------------------------------------------
 
