@@ -598,6 +598,18 @@ def test_dockerfile_installs_the_package_as_non_root(tmp_path: Path) -> None:
         "svidgate/pki/ca.py",
     ):
         assert needed in names, needed
+    # every Python package of the source tree is in the wheel (a subpackage missing from
+    # pyproject's packages list installs fine and fails at import)
+    package_dirs = {
+        "svidgate": ROOT / "svidgate",
+        "svidgate/pki": ROOT / "pki",
+        "svidgate/signer": ROOT / "signer",
+        "svidgate/gateway": ROOT / "gateway",
+    }
+    for prefix, folder in package_dirs.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.relative_to(folder).as_posix()
+            assert f"{prefix}/{rel}" in names, f"{prefix}/{rel}: add it to pyproject packages"
     # generic top-level names would collide with other distributions in a user's environment
     tops = {n.split("/", 1)[0] for n in names if not n.startswith("svidgate-")}
     assert tops == {"svidgate"}, tops
