@@ -517,6 +517,16 @@ def test_compose_configs_load_and_agree(compose: dict[str, Any]) -> None:
     setup_dir = str(PurePosixPath(setup_env["TOKEN_FILE"]).parent)
     assert service_mounts(services["vault-setup"])[setup_dir][0] == token_volume
     assert PurePosixPath(setup_env["TOKEN_FILE"]).name == vault.auth.token_file.name  # type: ignore[union-attr]
+    # the image's HEALTHCHECK fits the gateway only: the others turn it off, the gateway asks
+    # its own admin listener
+    for name, svc in services.items():
+        if svc.get("image") == "svidgate:dev" and name != "gateway":
+            assert svc["healthcheck"] == {"disable": True}, name
+    assert gateway_cfg.admin_listen is not None
+    assert (
+        f"http://{gateway_cfg.admin_listen}/readyz"
+        in services["gateway"]["healthcheck"]["test"][-1]
+    )
     # every bind-mounted file exists
     for svc in services.values():
         for source, _ in service_mounts(svc).values():
