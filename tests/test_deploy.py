@@ -221,7 +221,17 @@ def test_k8s_ports_and_selectors_agree(
     k8s: dict[tuple[str, str], dict[str, Any]],
     k8s_configs: tuple[GatewayConfig, SignerConfig],
 ) -> None:
-    gateway_cfg, _ = k8s_configs
+    gateway_cfg, signer_cfg = k8s_configs
+    # the signer sidecar is probed over HTTP on its admin listener, which must bind the pod IP
+    # (the kubelet probes that, not the container's loopback)
+    signer = containers(pod)["signer"]
+    assert signer_cfg.admin_listen is not None
+    host, _, port = str(signer_cfg.admin_listen).rpartition(":")
+    assert host == "0.0.0.0"
+    signer_ports = {p["name"]: p["containerPort"] for p in signer["ports"]}
+    assert signer_ports["signer-admin"] == int(port)
+    assert signer["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "signer-admin"}
+    assert signer["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "signer-admin"}
     gateway = containers(pod)["gateway"]
     ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
     assert ports["https"] == port_of(gateway_cfg.listen)
@@ -343,7 +353,7 @@ def test_k8s_network_policy_opens_the_data_port_and_fences_the_admin_ports(
     k8s: dict[tuple[str, str], dict[str, Any]],
     k8s_configs: tuple[GatewayConfig, SignerConfig],
 ) -> None:
-    gateway_cfg, _ = k8s_configs
+    gateway_cfg, signer_cfg = k8s_configs
     spec = network_policy(k8s)
     assert spec["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert spec["policyTypes"] == ["Ingress"]
@@ -364,6 +374,8 @@ def test_k8s_network_policy_opens_the_data_port_and_fences_the_admin_ports(
     assert listening - {data_port} == fenced_ports
     assert gateway_cfg.admin_listen is not None
     assert port_of(gateway_cfg.admin_listen) in fenced_ports
+    assert signer_cfg.admin_listen is not None
+    assert port_of(str(signer_cfg.admin_listen)) in fenced_ports
 
 
 def test_k8s_metrics_are_scraped_from_the_admin_port(
@@ -381,8 +393,10 @@ def test_k8s_metrics_are_scraped_from_the_admin_port(
     named = {
         p["name"]: p["containerPort"] for c in containers(pod).values() for p in c.get("ports", [])
     }
-    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    for endpoint in endpoints:
         assert endpoint["port"] in named and endpoint["path"] == "/metrics"
+    assert {e["port"] for e in endpoints} == {"admin", "signer-admin"}
     assert named["admin"] == port_of(gateway_cfg.admin_listen)
 
 
@@ -520,8 +534,13 @@ def test_compose_configs_load_and_agree(compose: dict[str, Any]) -> None:
     # the image's HEALTHCHECK fits the gateway only: the others turn it off, the gateway asks
     # its own admin listener
     for name, svc in services.items():
-        if svc.get("image") == "svidgate:dev" and name != "gateway":
+        if svc.get("image") == "svidgate:dev" and name not in ("gateway", "signer"):
             assert svc["healthcheck"] == {"disable": True}, name
+    assert signer_cfg.admin_listen is not None
+    assert (
+        f"http://{signer_cfg.admin_listen}/readyz" in services["signer"]["healthcheck"]["test"][-1]
+    )
+    assert services["gateway"]["depends_on"]["signer"] == {"condition": "service_healthy"}
     assert gateway_cfg.admin_listen is not None
     assert (
         f"http://{gateway_cfg.admin_listen}/readyz"

@@ -2,8 +2,8 @@
 the compose topology as containers on a user-defined network — OpenBao (dev server), the real
 deploy/vault/setup.sh, the dev PKI job (deploy/compose/pki-init.sh), the signer, the demo
 upstream and the gateway with the configs from deploy/compose/ — and a client holding an SVID
-gets through with a JWT the signer issued. The image's own HEALTHCHECK must report the gateway
-healthy. Everything is torn down afterwards.
+gets through with a JWT the signer issued. The image's own HEALTHCHECK must report the signer
+(pointed at its admin_listen) and the gateway healthy. Everything is torn down afterwards.
 
 Needs a Docker engine and the local base image: `.ci/docker-base` provides both (no registry is
 reachable here, so the base is Debian bookworm from debootstrap, passed as --build-arg BASE)."""
@@ -215,7 +215,9 @@ def prepare(stack: Stack, pki: str, token: str) -> None:
 def start_services(stack: Stack, pki: str, token: str, run: str) -> None:
     stack.run(
         "signer",
-        "--no-healthcheck",  # no admin listener in compose's signer.yaml yet
+        # the image's HEALTHCHECK, pointed at the signer's admin_listen (compose/signer.yaml)
+        "--env=HEALTHCHECK_URL=http://127.0.0.1:9902/healthz",
+        "--health-interval=2s",
         *HARDENED,
         deploy_file("compose/signer.yaml", "/etc/svidgate/signer.yaml"),
         f"--volume={pki}:/var/lib/svidgate/pki:ro",
@@ -286,15 +288,18 @@ def stack(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
         prepare(stack, pki, token)
         start_services(stack, pki, token, run)
         copy_out(stack, pki, ["client.crt", "client.key", "ca/bundle.pem"], client_dir)
-        gateway = f"{stack.prefix}-gateway"
+        services = [f"{stack.prefix}-signer", f"{stack.prefix}-gateway"]
 
         def healthy() -> bool:
-            status = docker("inspect", "--format={{.State.Health.Status}}", gateway).strip()
-            assert status != "unhealthy", stack.logs()
-            return status == "healthy"
+            states = [
+                docker("inspect", "--format={{.State.Health.Status}}", name).strip()
+                for name in services
+            ]
+            assert "unhealthy" not in states, stack.logs()
+            return states == ["healthy", "healthy"]
 
         try:
-            wait_until(healthy, 120, "the gateway's HEALTHCHECK to pass", interval=1)
+            wait_until(healthy, 120, "the HEALTHCHECK of signer and gateway to pass", interval=1)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{stack.logs()}") from None
         yield stack, client_dir
