@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROTO   := proto/svidgate/signer/v1/signer.proto
 
-.PHONY: install up test lint format proto docs bench clean
+.PHONY: install up test lint format proto docs bench clean deploy-lint deploy-lock e2e-container
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,25 @@ docs: install
 
 bench: install
 	bench/run
+
+# The validators tests/test_deploy.py runs on deploy/ (kubernetes-validate, checkov, hadolint),
+# in their own venv under build/.
+deploy-lint:
+	.ci/deploy-lint
+
+# Regenerates deploy/requirements.lock (the image's dependencies, with hashes) from pyproject.toml;
+# tests/test_deploy.py fails when it misses or contradicts a requirement.
+deploy-lock:
+	test -x build/uv/bin/uv || ($(PYTHON) -m venv build/uv && build/uv/bin/pip install -q uv)
+	build/uv/bin/uv pip compile pyproject.toml deploy/requirements-build.in --generate-hashes \
+	  --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	  --custom-compile-command 'make deploy-lock' -q -o deploy/requirements.lock
+
+# The container smoke test: a Docker engine and a local base image (.ci/docker-base), then the
+# image from deploy/Dockerfile running OpenBao, the signer, the upstream and the gateway.
+e2e-container: install
+	.ci/docker-base
+	$(PY) -m pytest -q -p no:randomly tests/test_deploy_container.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

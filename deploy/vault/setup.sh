@@ -20,10 +20,6 @@
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
-CLI=${VAULT_CLI:-}
-if [ -z "$CLI" ]; then
-  if command -v bao >/dev/null 2>&1; then CLI=bao; else CLI=vault; fi
-fi
 POLICY=svidgate-signer
 ROLE=svidgate-signer
 SERVICE_ACCOUNT=svidgate
@@ -32,6 +28,39 @@ KUBERNETES_HOST=${KUBERNETES_HOST:-https://kubernetes.default.svc}
 SA_CA=/var/run/secrets/kubernetes.io/serviceaccount/ca.crt
 
 say() { printf 'svidgate vault setup: %s\n' "$*" >&2; }
+die() { say "$*"; exit 2; }
+
+# Prerequisites, all checked before anything is changed.
+CLI=${VAULT_CLI:-}
+if [ -z "$CLI" ]; then
+  if command -v bao >/dev/null 2>&1; then CLI=bao
+  elif command -v vault >/dev/null 2>&1; then CLI=vault
+  else die "neither bao nor vault is on PATH (install the OpenBao or Vault CLI, or set VAULT_CLI)"
+  fi
+fi
+command -v "$CLI" >/dev/null 2>&1 || die "VAULT_CLI=$CLI is not on PATH"
+[ -r "$here/signer-policy.hcl" ] || die "missing $here/signer-policy.hcl"
+if [ -z "${VAULT_ADDR:-}${BAO_ADDR:-}" ]; then
+  die "set VAULT_ADDR (or BAO_ADDR) to the server's address"
+fi
+"$CLI" token lookup >/dev/null 2>&1 \
+  || die "$CLI cannot reach the server or the token is not valid (VAULT_ADDR/VAULT_TOKEN or BAO_ADDR/BAO_TOKEN)"
+ca_file=
+if [ "${SKIP_KUBERNETES:-0}" != 1 ]; then
+  ca_file=${KUBERNETES_CA_CERT:-}
+  if [ -z "$ca_file" ] && [ -f "$SA_CA" ]; then ca_file=$SA_CA; fi
+  [ -n "$ca_file" ] || die "KUBERNETES_CA_CERT is required for Kubernetes auth (or set SKIP_KUBERNETES=1)"
+  [ -r "$ca_file" ] || die "KUBERNETES_CA_CERT=$ca_file is not a readable file"
+  grep -q -- '-----BEGIN CERTIFICATE-----' "$ca_file" \
+    || die "KUBERNETES_CA_CERT=$ca_file holds no PEM certificate"
+  case $KUBERNETES_HOST in
+    https://*) ;;
+    *) die "KUBERNETES_HOST=$KUBERNETES_HOST must be an https:// URL" ;;
+  esac
+fi
+if [ -n "${TOKEN_FILE:-}" ] && [ ! -d "$(dirname "$TOKEN_FILE")" ]; then
+  die "TOKEN_FILE=$TOKEN_FILE: its directory does not exist"
+fi
 
 secrets_enable() { # PATH TYPE [OPTIONS...]
   path=$1; shift
@@ -65,12 +94,6 @@ auth_enable approle approle
 say "wrote AppRole role $ROLE"
 
 if [ "${SKIP_KUBERNETES:-0}" != 1 ]; then
-  ca_file=${KUBERNETES_CA_CERT:-}
-  if [ -z "$ca_file" ] && [ -f "$SA_CA" ]; then ca_file=$SA_CA; fi
-  if [ -z "$ca_file" ]; then
-    say "KUBERNETES_CA_CERT is required for Kubernetes auth (or set SKIP_KUBERNETES=1)"
-    exit 2
-  fi
   auth_enable kubernetes kubernetes
   "$CLI" write auth/kubernetes/config \
     kubernetes_host="$KUBERNETES_HOST" kubernetes_ca_cert="@$ca_file" >/dev/null
