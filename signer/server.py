@@ -348,15 +348,16 @@ class SignerServer:
 
     def _server(self, *, tcp: bool) -> grpc.aio.Server:
         limits = self.cfg.limits
-        interceptors = None  # none at all unless tracing: grpc's interceptor path is not free
+        # none at all unless admin_listen or tracing asks: grpc's interceptor path is not free
+        interceptors = list(self._interceptors)
         if self.tracing is not None:
             from svidgate.signer.rpc_spans import RpcSpans
 
-            interceptors = [RpcSpans(self.tracing)]
+            interceptors.append(RpcSpans(self.tracing))
         server = grpc.aio.server(
             options=server_options(limits, tcp=tcp),
             maximum_concurrent_rpcs=limits.rpcs,
-            interceptors=[*self._interceptors, *interceptors] or None,
+            interceptors=interceptors or None,
         )
         signer_pb2_grpc.add_SignerServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
