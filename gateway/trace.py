@@ -36,7 +36,7 @@ _TRACESTATE_B = TRACESTATE.encode()
 class RequestTrace:
     """The trace context of one request and, with tracing on, its open request span."""
 
-    __slots__ = ("header", "span", "state", "tracing")
+    __slots__ = ("drop_state", "header", "span", "state", "tracing")
 
     def __init__(
         self,
@@ -44,19 +44,29 @@ class RequestTrace:
         header: str,
         state: str | None,
         span: Span | None,
+        *,
+        drop_state: bool = False,
     ) -> None:
         self.tracing = tracing
         self.header = header  # the traceparent the upstream gets when no span is its parent
         self.state = state  # the tracestate passed on (only with the caller's valid parent)
         self.span = span
+        self.drop_state = drop_state  # the client sent a tracestate that is not passed on
 
     @classmethod
     def begin(cls, tracing: Tracing | None, request: Request, client: str | None) -> RequestTrace:
-        parents = [v.decode("latin-1") for v in request.header_values(_TRACEPARENT_B)]
-        states = [v.decode("latin-1") for v in request.header_values(_TRACESTATE_B)]
-        parent, state = incoming(parents, states)
+        parents: list[str] = []
+        states: list[str] = []
+        for name, value in request.headers:  # one pass; most requests carry neither
+            if name == _TRACEPARENT_B:
+                parents.append(value.decode("latin-1"))
+            elif name == _TRACESTATE_B:
+                states.append(value.decode("latin-1"))
+        parent, state = incoming(parents, states) if parents else (None, None)
+        drop = bool(states) and state is None
         if tracing is None:  # passed on as it came (normalized), or a new unsampled trace
-            return cls(None, parent.header() if parent else new_header(), state, None)
+            header = parent.header() if parent else new_header()
+            return cls(None, header, state, None, drop_state=drop)
         span = tracing.start(
             "request",
             parent=parent,
@@ -64,7 +74,7 @@ class RequestTrace:
             kind="server",
             attributes={"http.request.method": request.method, "client.address": client or ""},
         )
-        return cls(tracing, tracing.traceparent(span), state, span)
+        return cls(tracing, tracing.traceparent(span), state, span, drop_state=drop)
 
     @property
     def trace_id(self) -> str:
@@ -100,7 +110,7 @@ class RequestTrace:
             headers[TRACEPARENT] = self.header
         if self.state:
             headers[TRACESTATE] = self.state
-        else:
+        elif self.drop_state:
             headers.popall(TRACESTATE, None)
 
     def finish(self, status: int, route: str | None, error: str | None) -> None:

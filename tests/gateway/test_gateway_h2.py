@@ -299,3 +299,46 @@ def test_grpc_status_mapping_and_message_encoding() -> None:
     assert headers[b"grpc-status"] == b"14"
     assert headers[b"grpc-message"] == b"upstream_busy: upstream_busy (route r %C3%A9%25)"
     assert headers[b"retry-after"] == b"1"
+
+
+async def test_idle_connection_gets_goaway(
+    test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]
+) -> None:
+    doc = gateway_config(test_pki, echo.port)
+    doc["limits"] = {"idle_timeout": "1s"}
+    gw = await start_gateway(doc)
+    client = await _client(gw)
+    try:
+        assert (await client.request("GET", "/orders/1")).status == 200
+        await asyncio.wait_for(client.closed.wait(), 10)  # no open stream for 1 s
+        assert client.goaway == 0  # NO_ERROR
+    finally:
+        await client.close()
+
+
+async def test_stalled_request_body_is_408(
+    test_pki: LabPki, echo: Echo, start_gateway: Callable[..., Any]
+) -> None:
+    doc = gateway_config(test_pki, echo.port)
+    doc["limits"] = {"body_timeout": "1s"}
+    gw = await start_gateway(doc)
+    client = await _client(gw, "writer")
+    try:
+        stream_id = client.start(
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"https"),
+                (b":authority", b"localhost"),
+                (b":path", b"/orders"),
+                (b"content-length", b"100"),
+            ],
+            end_stream=False,
+        )
+        await client.send_body(stream_id, b"x" * 10, end_stream=False)  # then nothing
+        resp = client.streams[stream_id]
+        await asyncio.wait_for(resp.done.wait(), 15)
+        other = await client.request("GET", "/orders/ok")  # the connection still serves
+    finally:
+        await client.close()
+    assert resp.status == 408
+    assert other.status == 200
