@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROTO   := proto/svidgate/signer/v1/signer.proto
 
-.PHONY: install up test lint format proto docs bench clean deploy-lint deploy-lock e2e-container
+.PHONY: install up test lint format proto docs bench clean tools deploy-lint deploy-lock e2e-container
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,19 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+# What the integration tests run for real besides Python, each step idempotent and cached under
+# build/: redis-server (Debian), the OpenTelemetry Collector, SPIRE and the go-spiffe interop
+# program (Go builds), the deploy validators (a venv of their own), a Docker engine with a local
+# base image. A fresh machine needs root (apt) and the Go toolchain for the first run.
+tools:
+	bash .ci/redis
+	bash .ci/otelcol
+	bash .ci/gospiffe
+	bash .ci/spire
+	bash .ci/deploy-lint
+	bash .ci/docker-base
+
+test: lint tools
 	$(PY) -m pytest
 
 # Regenerates the gRPC contract stubs; tests/signer/test_proto_fresh.py fails when they are stale.
