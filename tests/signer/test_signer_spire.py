@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import yaml
 from signer_harness import (
     CLIENT_ID,
     SIGNER_ID,
@@ -72,3 +75,25 @@ async def test_signer_serves_mtls_on_a_spire_svid_that_rotates(
             await wait_for(rotated, 60, "the signer to serve its next SPIRE SVID", interval=1.0)
             again = await stub.Sign(signer_pb2.SignRequest(audience=["orders"]), timeout=20)
             assert again.token
+
+
+def test_signer_start_up_fails_clearly_without_the_agent(short_dir: Path) -> None:
+    socket = short_dir / "missing" / "agent.sock"
+    doc = base_config(short_dir / "s.sock", short_dir / "keys")
+    doc["listen"]["tcp"] = "127.0.0.1:0"
+    doc["tls"] = {
+        "source": "workload_api",
+        "workload_api": {"socket": f"unix://{socket}", "timeout": "1s"},
+    }
+    config = short_dir / "signer.yaml"
+    config.write_text(yaml.safe_dump(doc))
+    done = subprocess.run(
+        [sys.executable, "-m", "svidgate.cli", "signer", "serve", "--config", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "tls.workload_api: no Workload API socket at" in lines[0] and str(socket) in lines[0]
