@@ -30,7 +30,7 @@ format: install
 
 # What the integration tests run for real besides Python, each step idempotent and cached under
 # build/: redis-server (Debian), the OpenTelemetry Collector, SPIRE and the go-spiffe interop
-# program (Go builds), the deploy validators (a venv of their own), a Docker engine with a local
+# program and the kustomize CLI (Go builds), the deploy validators (a venv of their own), a Docker engine with a local
 # base image. A fresh machine needs root (apt) and the Go toolchain for the first run.
 tools:
 	bash .ci/redis
@@ -38,6 +38,7 @@ tools:
 	bash .ci/gospiffe
 	bash .ci/spire
 	bash .ci/deploy-lint
+	bash .ci/kustomize
 	bash .ci/docker-base
 
 test: lint tools
