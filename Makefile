@@ -29,9 +29,10 @@ format: install
 	$(BIN)/ruff format .
 
 # What the integration tests run for real besides Python, each step idempotent and cached under
-# build/: redis-server (Debian), the OpenTelemetry Collector, SPIRE and the go-spiffe interop
-# program and the kustomize CLI (Go builds), the deploy validators (a venv of their own), a Docker engine with a local
-# base image. A fresh machine needs root (apt) and the Go toolchain for the first run.
+# build/: redis-server (Debian), the OpenTelemetry Collector, SPIRE, the go-spiffe interop
+# program and the kustomize CLI (Go builds), the deploy validators (a venv of their own), a
+# Docker engine with a local base image. A fresh machine needs root (apt) and the Go toolchain
+# for the first run.
 tools:
 	bash .ci/redis
 	bash .ci/otelcol

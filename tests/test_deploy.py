@@ -1,8 +1,10 @@
-"""deploy/: every manifest parses; the embedded gateway.yaml / signer.yaml pass the real config
-loaders; sockets, volumes, ports and identities agree across containers, Services and Vault
-roles; the image's `pip install .` builds a complete wheel; and the OpenBao setup script, run
-against a real `bao server -dev`, yields a token that can do the signer's job (proved by running
-the real signer with vault-kv and vault-transit keys) and nothing else."""
+"""deploy/: every manifest parses; each kustomization renders and its rendered output (what
+`kubectl apply -k` applies) passes the Kubernetes schemas and checkov; the embedded gateway.yaml
+/ signer.yaml pass the real config loaders; sockets, volumes, ports and identities agree across
+containers, Services and Vault roles; the image's `pip install .` builds a complete wheel; and
+the OpenBao setup script, run against a real `bao server -dev`, yields a token that can do the
+signer's job (proved by running the real signer with vault-kv and vault-transit keys) and
+nothing else."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from support.bao import BaoServer
-from support.deploy_tools import deploy_tool
+from support.deploy_tools import RenderError, deploy_tool, render_kustomization
 from support.pki import Pki
 from support.signer_process import SignerProcess
 from svidgate.gateway.config import GatewayConfig
@@ -257,7 +259,7 @@ def test_k8s_ports_and_selectors_agree(
     )
 
 
-def test_k8s_runs_unprivileged(pod: dict[str, Any]) -> None:
+def assert_unprivileged(pod: dict[str, Any]) -> None:
     spec = pod["spec"]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["automountServiceAccountToken"] is False
@@ -266,6 +268,10 @@ def test_k8s_runs_unprivileged(pod: dict[str, Any]) -> None:
         assert sc["allowPrivilegeEscalation"] is False
         assert sc["readOnlyRootFilesystem"] is True
         assert sc["capabilities"]["drop"] == ["ALL"]
+
+
+def test_k8s_runs_unprivileged(pod: dict[str, Any]) -> None:
+    assert_unprivileged(pod)
 
 
 def test_k8s_vault_role_matches_service_account(
@@ -331,7 +337,7 @@ def test_k8s_images_are_pinned_by_digest() -> None:
                 assert "newTag" not in entry and "digest" in entry, (path, entry)
 
 
-def test_k8s_pods_are_hardened_and_bounded(pod: dict[str, Any]) -> None:
+def assert_hardened_and_bounded(pod: dict[str, Any]) -> None:
     spec = pod["spec"]
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert spec["securityContext"]["runAsNonRoot"] is True
@@ -342,6 +348,10 @@ def test_k8s_pods_are_hardened_and_bounded(pod: dict[str, Any]) -> None:
         assert resources["requests"]["cpu"] and resources["requests"]["memory"], name
         assert resources["limits"]["memory"], name
         assert container["imagePullPolicy"] == "IfNotPresent", name
+
+
+def test_k8s_pods_are_hardened_and_bounded(pod: dict[str, Any]) -> None:
+    assert_hardened_and_bounded(pod)
 
 
 def network_policy(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
@@ -416,25 +426,151 @@ def run_tool(argv: list[str], timeout: float = 300) -> subprocess.CompletedProce
     )
 
 
+def kustomization_dirs() -> list[Path]:
+    """Every kustomization under deploy/k8s*/: the base deploy/k8s and its overlays."""
+    return sorted(p.parent for d in DEPLOY.glob("k8s*") for p in d.rglob("kustomization.yaml"))
+
+
+def kustomization_inputs(directory: Path) -> tuple[set[Path], set[Path]]:
+    """(resource files, patch files) that DIRECTORY's rendering reads, through its bases."""
+    kustomization = yaml_docs(directory / "kustomization.yaml")[0]
+    resources: set[Path] = set()
+    patches = {(directory / p["path"]).resolve() for p in kustomization.get("patches", [])}
+    for entry in kustomization.get("resources", []):
+        path = (directory / entry).resolve()
+        if path.is_dir():
+            base_resources, base_patches = kustomization_inputs(path)
+            resources |= base_resources
+            patches |= base_patches
+        else:
+            resources.add(path)
+    return resources, patches
+
+
+def standalone_manifests() -> list[Path]:
+    """Manifests no kustomization renders (kustomization.yaml files, deploy/k8s/monitoring/):
+    validated file by file. Resources and patches are validated as part of their render."""
+    rendered: set[Path] = set()
+    for directory in kustomization_dirs():
+        rendered |= set.union(*kustomization_inputs(directory))
+    return [p for p in manifest_files() if p.resolve() not in rendered]
+
+
+def render_name(directory: Path) -> str:
+    return directory.relative_to(DEPLOY).as_posix().replace("/", "-")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """deploy/<kustomization> → a file holding its `kustomize build` output."""
+    out = tmp_path_factory.mktemp("rendered")
+    files = {}
+    for directory in kustomization_dirs():
+        try:
+            text = render_kustomization(directory)
+        except RenderError as exc:
+            pytest.fail(f"{directory.relative_to(ROOT)} does not render: {exc}", pytrace=False)
+        files[render_name(directory)] = out / f"{render_name(directory)}.yaml"
+        files[render_name(directory)].write_text(text, encoding="utf-8")
+    return files
+
+
+def object_ids(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(d["kind"], d["metadata"]["name"]) for d in docs}
+
+
+@pytest.mark.parametrize("directory", kustomization_dirs(), ids=render_name)
+def test_kustomization_renders_every_resource_once(directory: Path) -> None:
+    """`kustomize build` accepts the kustomization (a patch naming no object, or a missing file,
+    fails here) and renders exactly the objects of its resource files, in its namespace."""
+    docs = [d for d in yaml.safe_load_all(render_kustomization(directory)) if d]
+    resources, _ = kustomization_inputs(directory)
+    expected = [d for path in resources for d in yaml_docs(path)]
+    assert len(docs) == len(expected) and object_ids(docs) == object_ids(expected)
+    namespace = yaml_docs(directory / "kustomization.yaml")[0]["namespace"]
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == namespace, d["kind"]
+
+
+def broken_overlay(tmp_path: Path, old: str, new: str) -> Path:
+    """A copy of deploy/k8s and deploy/k8s-spire whose deployment patch has OLD replaced."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    shutil.copytree(DEPLOY / "k8s-spire", tmp_path / "k8s-spire")
+    patch = tmp_path / "k8s-spire" / "deployment.yaml"
+    text = patch.read_text(encoding="utf-8")
+    assert old in text
+    patch.write_text(text.replace(old, new, 1), encoding="utf-8")
+    return tmp_path / "k8s-spire"
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("  name: svidgate\n", "  name: svidgate-renamed\n"), ("kind: Deployment", "kind: Deploy")],
+    ids=["patch-names-no-deployment", "patch-names-no-kind"],
+)
+def test_a_patch_that_matches_nothing_fails_to_render(tmp_path: Path, old: str, new: str) -> None:
+    """A patch that no longer fits the base fails the render instead of being dropped."""
+    with pytest.raises(RenderError, match=r"no resource matches strategic merge patch"):
+        render_kustomization(broken_overlay(tmp_path, old, new))
+
+
+def assert_rendered_pods_fit(docs: list[dict[str, Any]]) -> None:
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert deployments
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]
+        assert_unprivileged(pod)
+        assert_hardened_and_bounded(pod)
+        for container_name, container in containers(pod).items():
+            assert DIGEST.match(container["image"]), container_name
+            assert container["readinessProbe"] and container["livenessProbe"], container_name
+
+
+@pytest.mark.parametrize("name", [render_name(d) for d in kustomization_dirs()])
+def test_rendered_pods_are_hardened_bounded_probed_and_pinned(
+    rendered: dict[str, Path], name: str
+) -> None:
+    """Overlays inherit the base's securityContext, resources, probes and digests."""
+    assert_rendered_pods_fit(yaml_docs(rendered[name]))
+
+
+def test_a_patch_naming_an_unknown_container_fails_the_rendered_checks(tmp_path: Path) -> None:
+    """A strategic-merge patch naming no container adds a bare one: it renders, and the
+    checks on the render reject it."""
+    overlay = broken_overlay(tmp_path, "- name: gateway", "- name: gateway-renamed")
+    docs = [d for d in yaml.safe_load_all(render_kustomization(overlay)) if d]
+    with pytest.raises((AssertionError, KeyError)):
+        assert_rendered_pods_fit(docs)
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_manifests_validate_strictly_against_the_kubernetes_schemas(version: str) -> None:
-    files = [str(p.relative_to(ROOT)) for p in manifest_files()]
-    done = run_tool([deploy_tool("kubernetes-validate"), "--strict", "-k", version, *files])
+def test_manifests_validate_strictly_against_the_kubernetes_schemas(
+    rendered: dict[str, Path], version: str
+) -> None:
+    """Each rendered kustomization, and each manifest outside one, on its own."""
+    files = [*rendered.values(), *standalone_manifests()]
+    done = run_tool(
+        [deploy_tool("kubernetes-validate"), "--strict", "-k", version, *map(str, files)]
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     # an unknown kind is only a warning for the tool: accept it for the known CRD groups only
     for line in done.stdout.splitlines() + done.stderr.splitlines():
         if "Couldn't find schema" in line:
             assert any(f"api version {g}" in line for g in NO_SCHEMA_GROUPS), line
-    assert done.stdout.count("INFO") + done.stdout.count("WARN") >= len(files), done.stdout
+    objects = sum(len(yaml_docs(p)) for p in files)
+    assert done.stdout.count("INFO") + done.stdout.count("WARN") >= objects, done.stdout
 
 
-def test_manifests_and_dockerfile_pass_checkov() -> None:
-    """Every finding is fixed or skipped inline with a reason that deploy/README.md lists."""
+def test_manifests_and_dockerfile_pass_checkov(rendered: dict[str, Path]) -> None:
+    """Every finding on the rendered kustomizations, the manifests outside them and the
+    Dockerfile is fixed or skipped inline with a reason that deploy/README.md lists."""
+    files = [*rendered.values(), *standalone_manifests(), DEPLOY / "Dockerfile"]
     done = run_tool(
         [
             deploy_tool("checkov"),
-            "-d",
-            "deploy",
+            "-f",
+            *map(str, files),
             "--framework",
             "kubernetes",
             "dockerfile",
