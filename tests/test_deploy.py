@@ -295,16 +295,27 @@ def manifest_files() -> list[Path]:
     return sorted(p for d in DEPLOY.glob("k8s*") for p in d.rglob("*.yaml"))
 
 
-def pod_specs() -> Iterator[tuple[Path, dict[str, Any]]]:
-    for path in manifest_files():
+def applied_objects() -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(source, object) for what is applied: each kustomization's render (an overlay's patches
+    are partial objects, never applied alone) and each manifest outside a kustomization."""
+    for directory in kustomization_dirs():
+        for doc in yaml.safe_load_all(render_kustomization(directory)):
+            if doc is not None:
+                yield directory, doc
+    for path in standalone_manifests():
         for doc in yaml_docs(path):
-            spec = doc.get("spec", {})
-            if doc.get("kind") == "Pod":
-                yield path, spec
-            elif isinstance(spec.get("template"), dict):
-                yield path, spec["template"].get("spec", {})
-            elif isinstance(spec.get("jobTemplate"), dict):
-                yield path, spec["jobTemplate"]["spec"]["template"]["spec"]
+            yield path, doc
+
+
+def pod_specs() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path, doc in applied_objects():
+        spec = doc.get("spec", {})
+        if doc.get("kind") == "Pod":
+            yield path, spec
+        elif isinstance(spec.get("template"), dict):
+            yield path, spec["template"].get("spec", {})
+        elif isinstance(spec.get("jobTemplate"), dict):
+            yield path, spec["jobTemplate"]["spec"]["template"]["spec"]
 
 
 def test_k8s_nothing_that_reloads_is_mounted_with_subpath() -> None:

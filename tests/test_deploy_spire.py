@@ -1,6 +1,9 @@
 """deploy/k8s-spire: the overlay of deploy/k8s whose gateway takes its SVID and bundle from
 SPIRE through the SPIFFE CSI driver. Its gateway.yaml passes the real config loader and asks
-for the Workload API at the socket the CSI volume mounts; the patches name what the base has."""
+for the Workload API at the socket the CSI volume mounts; the patches name what the base has;
+rendered (`kustomize build`, what `kubectl apply -k` applies), the gateway reads the Workload
+API socket from the CSI volume and nothing of the base's SVID Secret or bundle ConfigMap is left.
+(tests/test_deploy.py validates the render against the schemas and checkov.)"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
+from support.deploy_tools import render_kustomization
 from svidgate.gateway.config import load_config
 
 from svidgate.workload_api import socket_path
@@ -70,3 +74,31 @@ def test_patches_remove_only_what_the_base_has() -> None:
     assert patch["metadata"]["name"] == base["metadata"]["name"]
     config = doc(OVERLAY / "gateway-config.yaml")
     assert config["metadata"]["name"] == doc(BASE / "configmap.yaml")["metadata"]["name"]
+
+
+def test_rendered_overlay_mounts_the_socket_and_nothing_of_the_svid_files(tmp_path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(render_kustomization(OVERLAY)) if d]
+    by_id = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    deployment = by_id[("Deployment", "svidgate")]
+    gateway = gateway_container(deployment)
+    (tmp_path / "gateway.yaml").write_text(
+        by_id[("ConfigMap", "svidgate-config")]["data"]["gateway.yaml"], encoding="utf-8"
+    )
+    cfg = load_config(tmp_path / "gateway.yaml")
+    socket = PurePosixPath(str(socket_path(cfg.tls.workload_api.socket or "")))
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [
+        m for m in gateway["volumeMounts"] if PurePosixPath(m["mountPath"]) in socket.parents
+    ]
+    assert volumes[mount["name"]] == {
+        "name": mount["name"],
+        "csi": {"driver": "csi.spiffe.io", "readOnly": True},
+    }
+    # what the patch deletes (the base's SVID Secret and bundle ConfigMap) is gone, mounts too
+    patch = doc(OVERLAY / "deployment.yaml")
+    deleted = [v["name"] for v in patch["spec"]["template"]["spec"]["volumes"] if "$patch" in v]
+    unmounted = [m["mountPath"] for m in gateway_container(patch)["volumeMounts"] if "$patch" in m]
+    assert deleted and not set(deleted) & set(volumes)
+    assert unmounted and not set(unmounted) & {m["mountPath"] for m in gateway["volumeMounts"]}
+    assert {m["name"] for m in gateway["volumeMounts"]} <= set(volumes)
+    assert ("ClusterSPIFFEID", "svidgate-gateway") in by_id
