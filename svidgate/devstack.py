@@ -57,6 +57,7 @@ KV_PATH = "svidgate/signing-keys"
 TRANSIT_MOUNT = "transit"
 TRANSIT_KEY = "svidgate-jwt"
 SIGNER_POLICY = "svidgate-signer"
+DEMO_TOKENS = {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "30s"}  # signer.yaml tokens
 
 SVID_TTL = timedelta(hours=24)
 RENEW_BEFORE = timedelta(hours=1)
@@ -254,7 +255,7 @@ def signer_config(layout: Layout, socket_path: Path, ports: Ports) -> dict[str, 
             "rotate": [ADMIN_ID],
         },
         "keys": keys,
-        "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "30s"},
+        "tokens": dict(DEMO_TOKENS),
         "rotation": {"period": "24h", "prepare_ahead": "10m", "poll_interval": "10s"},
     }
 
@@ -707,7 +708,9 @@ def curl_commands(
     )
     return [
         (
-            "allowed: mTLS + a JWT minted by the signer (route api, jwt bound to the subject)",
+            "allowed: mTLS + a JWT minted by the signer (route api, jwt bound to the subject); "
+            f"it expires {DEMO_TOKENS['default_ttl']} after it is minted, and verifiers accept "
+            f"it up to tokens.clock_skew ({DEMO_TOKENS['clock_skew']}) past exp",
             f'{base} -H "Authorization: Bearer $({sign})" {url}/api/hello',
         ),
         ("allowed: mTLS identity only (route public)", f"{base} {url}/public/hello"),

@@ -269,6 +269,13 @@ def test_up_without_vault(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "keys").is_dir()
     keys = tmp_path / "state" / "keys"
     assert f"svidgate up: signing keys in files under {keys}/ (--no-vault given)" in output
+    # the JWT's lifetime is shown with the clock skew verifiers add to it
+    assert any(
+        line.startswith("# allowed: mTLS + a JWT")
+        and "expires 5m after it is minted" in line
+        and "tokens.clock_skew (30s) past exp" in line
+        for line in output
+    ), output
 
 
 def python_without_bao(tmp_path: Path) -> Path:
