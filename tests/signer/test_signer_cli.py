@@ -1,5 +1,6 @@
 """`svidgate signer serve|sign|rotate` as real processes: sign prints only the JWT, errors are
-one line with exit code 2, SIGTERM shuts down cleanly with exit code 0."""
+one line with exit code 2, a --ttl beyond max_ttl is capped with one warning line on stderr,
+SIGTERM shuts down cleanly with exit code 0."""
 
 from __future__ import annotations
 
@@ -65,6 +66,22 @@ async def test_serve_sign_rotate_and_shutdown(short_dir: Path) -> None:
         assert verified.subject == CLIENT_ID
         claims = json.loads(verified.claims_json)
         assert claims["exp"] - claims["iat"] == 90 and claims["exp"] == verified.expires_at
+
+        # beyond tokens.max_ttl (15m): capped, one warning line with the TTL it got, exit 0
+        done = svidgate(
+            "signer", "sign", "--config", str(config), "--subject", CLIENT_ID,
+            "--audience", "orders", "--ttl", "2h",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == (
+            "svidgate: warning: --ttl 2h capped at tokens.max_ttl (15m): the token's TTL is 15m\n"
+        )
+        token = done.stdout.strip()
+        assert done.stdout == token + "\n"
+        async with unix_stub(sock) as stub:
+            verified = await stub.Verify(signer_pb2.VerifyRequest(token=token, audience=["orders"]))
+        claims = json.loads(verified.claims_json)
+        assert claims["exp"] - claims["iat"] == 15 * 60
 
         done = svidgate("signer", "rotate", "--config", str(config))
         assert done.returncode == 0, done.stderr
