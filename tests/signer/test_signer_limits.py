@@ -362,11 +362,10 @@ async def test_oversized_sign_requests_are_refused_before_any_work(
             fields.setdefault("audience", ["orders"])
             return stub.Sign(signer_pb2.SignRequest(subject=CLIENT_ID, **fields), timeout=5)
 
-        started = time.monotonic()
         err = await rpc_error(sign(claims_json=huge_claims()))
+        # gRPC core's receive limit: refused before the signer's handler ever sees the request
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "Received message larger than max" in err.details()
-        assert time.monotonic() - started < 1.0
         cases = [
             ({"claims_json": json.dumps({"role": "x" * 5000})}, "limits.claims_bytes (4096 bytes"),
             ({"audience": [f"a{i}" for i in range(17)]}, "limits.audiences (16)"),
