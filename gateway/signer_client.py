@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.exceptions import PyJWTError
 from svidgate.gateway.errors import SignerUnavailable, TokenRejected
-from svidgate.gateway.signer_channel import SignerConnector, SignerTLSFiles
+from svidgate.gateway.signer_channel import CONNECT_TIMEOUT, SignerConnector, SignerTLSFiles
 from svidgate.pki.jose import ALGORITHMS, jws_algorithm, key_fits_algorithm, loads_strict
 from svidgate.pki.jwt_svid import (
     JwtSvidError,
@@ -70,6 +70,12 @@ CACHE_ENTRY_OVERHEAD = 512
 REFETCH_MIN_INTERVAL = 1.0  # seconds between two GetJWKS refetches triggered by unknown kids
 RECONNECT_BACKOFF_MIN = 0.05
 RECONNECT_BACKOFF_MAX = 2.0
+# How long gRPC gives one connection attempt to reach the signer's SETTINGS frame. gRPC core
+# takes it from grpc.min_reconnect_backoff_ms (its MIN_CONNECT_TIMEOUT): at 100 ms every attempt
+# that took longer (a TCP signer's TLS handshake and identity check, a loaded host) was
+# abandoned and dialled again. Twice the connector's own deadline, so for a TCP signer the
+# connector decides when an attempt failed.
+CONNECT_ATTEMPT_TIMEOUT_MS = int(2 * CONNECT_TIMEOUT * 1000)
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k", "oth"})
 # gRPC codes whose failure is about the token itself; every other code means "could not ask".
 _TOKEN_ERROR_CODES = frozenset({"UNAUTHENTICATED", "INVALID_ARGUMENT"})
@@ -484,7 +490,7 @@ class SignerClient:
 
         options: list[tuple[str, Any]] = [
             ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", CONNECT_ATTEMPT_TIMEOUT_MS),
             ("grpc.max_reconnect_backoff_ms", 2000),
             # gRPC servers refuse pings more often than every 5 min by default (GOAWAY)
             ("grpc.keepalive_time_ms", 300_000),

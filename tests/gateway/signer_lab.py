@@ -138,10 +138,12 @@ async def impostor_server(pki: LabPki, attacker: Attacker) -> AsyncIterator[tupl
 
 class L4Switch:
     """A TCP relay at the signer's address that picks the backend per connection with
-    ``choose(index)`` (index counts connections from 0); ``drop()`` cuts every open one."""
+    ``choose(index)`` (index counts connections from 0); ``drop()`` cuts every open one.
+    ``delay`` seconds pass before each connection is relayed (a slow network or backend)."""
 
-    def __init__(self, choose: Callable[[int], int]) -> None:
+    def __init__(self, choose: Callable[[int], int], delay: float = 0.0) -> None:
         self.choose = choose
+        self.delay = delay
         self.backends: list[int] = []  # the backend port each connection went to
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -164,6 +166,7 @@ class L4Switch:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         port = self.choose(len(self.backends))
         self.backends.append(port)
+        await asyncio.sleep(self.delay)
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", port)
         except OSError:

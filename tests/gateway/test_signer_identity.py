@@ -205,6 +205,27 @@ async def test_genuine_signer_over_tcp_remote_local_and_watch_keys(
         assert (await gw.get(f"/jwt/{verify}/2", newer))[0] == 200, verify
 
 
+async def test_a_slow_signer_connection_is_waited_for_not_dialled_again(
+    test_pki: LabPki, echo: Echo, signer: SignerProcess, gateways: list[GatewayProcess]
+) -> None:
+    """A connection to the signer that takes a while (here 1.5 s between TCP accept and the
+    signer's answer) is given time: the key set arrives over that one connection. Before, gRPC
+    gave each attempt 100 ms (grpc.min_reconnect_backoff_ms is its minimum connect timeout) and
+    dialled again and again: a slow TCP signer, or a loaded host, never got a connection up (and
+    the check-then-use test above fell through to its impostor)."""
+    switch = L4Switch(lambda index: signer.tcp_port, delay=1.5)
+    await switch.start()
+    try:
+        gw = await _start(gateways, test_pki, tcp_doc(test_pki, echo, switch.port))
+        await wait_for(lambda: _key_set_pushed(gw), 30, "the key set over WatchKeys")
+        assert len(switch.backends) == 1, switch.backends
+        token = await signer.sign_async(WEB_ID)
+        assert (await gw.get("/jwt/remote/1", token))[0] == 200
+        assert len(switch.backends) == 1, switch.backends
+    finally:
+        await switch.close()
+
+
 async def test_reloaded_client_certificate_applies_to_new_signer_connections(
     test_pki: LabPki, echo: Echo, signer: SignerProcess, gateways: list[GatewayProcess]
 ) -> None:

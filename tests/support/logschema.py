@@ -49,3 +49,13 @@ def read_events(path: Path, service: str) -> list[dict[str, Any]]:
     line still being written is left out)."""
     complete = path.read_text(errors="replace").rpartition("\n")[0]
     return [check_line(line, service) for line in complete.splitlines() if line.strip()]
+
+
+def messages(events: list[dict[str, Any]], level: str | None = None) -> list[str]:
+    """The ``message`` of every plain log line (``event: "log"``) among ``events``, only those
+    at ``level`` when it is given."""
+    return [
+        str(e.get("message", ""))
+        for e in events
+        if e["event"] == "log" and (level is None or e["level"] == level)
+    ]

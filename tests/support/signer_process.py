@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from svidgate.signer.config import load_config
 from svidgate.signer.v1 import signer_pb2, signer_pb2_grpc
 
+from support.logschema import messages, read_events
 from support.pki import SIGNER_ID, TD, WEB_ID
 
 SIGN_HEALTH = "svidgate.signer.v1.Signer.Sign"
@@ -96,6 +97,15 @@ class SignerProcess:
 
     def log_tail(self, size: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-size:] if self.log.exists() else ""
+
+    def events(self) -> list[dict[str, Any]]:
+        """The log lines written so far (a line still being written is left out), each
+        checked against the shared schema."""
+        return read_events(self.log, "signer") if self.log.exists() else []
+
+    def messages(self, level: str | None = None) -> list[str]:
+        """The ``message`` of every plain log line so far, only those at ``level`` if given."""
+        return messages(self.events(), level)
 
     def start_sync(self, socket: Path | None = None, timeout: float = 20.0) -> None:
         """Start and block until the signer serves Sign on its Unix socket (``listen.unix`` of
