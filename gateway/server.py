@@ -20,7 +20,7 @@ from pathlib import Path
 
 from svidgate.gateway.admin import Metrics, admin_app
 from svidgate.gateway.app import GatewayApp, Peer
-from svidgate.gateway.config import LimitsConfig
+from svidgate.gateway.config import LimitsConfig, load_config
 from svidgate.gateway.credentials import StateHolder
 from svidgate.gateway.handshake import handshake_failure_reason
 from svidgate.gateway.http1 import Limits
@@ -30,6 +30,7 @@ from svidgate.gateway.workers import enable_multiprocess, metrics_directory, wor
 
 from svidgate import logs
 from svidgate.admin_http import AdminServer
+from svidgate.cli import report_user_error, user_error_types
 from svidgate.config import parse_host_port
 from svidgate.logs import emit
 
@@ -223,14 +224,40 @@ def _run_loop(config_path: Path, *, admin: bool, metrics_dir: Path | None = None
 def run(config_path: Path) -> int:
     """``svidgate gateway serve``: validate once, then one worker or a supervisor of N."""
     configure_logging()
-    holder = StateHolder(Path(config_path))  # fail fast with a clear one-line error
-    workers = holder.current.config.workers
-    holder.close()  # each worker connects to the Workload API itself
-    del holder
+    workers = load_config(config_path).workers
     if workers == 1:
+        holder = StateHolder(Path(config_path))  # fail fast with a clear one-line error
+        holder.close()
+        del holder
         return _run_loop(Path(config_path), admin=True)
+    code = _check_in_child(Path(config_path))
+    if code != 0:
+        return code
     with metrics_directory() as metrics_dir:
         return _supervise(Path(config_path), workers, metrics_dir)
+
+
+def _check_in_child(config_path: Path) -> int:
+    """Build the state once (certificates, bundles, the Workload API's SVID) in a short-lived
+    child, which reports a problem in one stderr line; returns its exit code. The supervisor
+    itself never opens a gRPC channel (the Workload API client is one): gRPC does not survive
+    ``fork``, and a worker forked from a process that had used it can hang at start-up."""
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            StateHolder(config_path).close()
+            code = 0
+        except user_error_types() as exc:
+            code = report_user_error(exc)
+        except BaseException as exc:
+            print(f"svidgate: internal error: {type(exc).__name__}", file=sys.stderr)
+        finally:
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _supervise(config_path: Path, workers: int, metrics_dir: Path) -> int:

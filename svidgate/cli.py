@@ -100,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except user_error_types() as exc:
-        print(f"svidgate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_user_error(exc)
     except Exception as exc:
         if isinstance(exc, BrokenPipeError) and stdout_reader_gone():
             return silence_stdout()
@@ -112,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+
+
+def report_user_error(exc: BaseException) -> int:
+    """One stderr line for a bad config, file or argument; returns the exit code (2)."""
+    print(f"svidgate: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def stdout_reader_gone() -> bool:

@@ -248,6 +248,28 @@ async def test_gateway_svid_rotates_under_load_with_no_failed_request(
         assert any("applied the Workload API update" in m for m in lab.gw.messages())
 
 
+async def test_the_supervisor_never_opens_the_workload_api(
+    spire: Callable[..., Spire], test_pki: LabPki, tmp_path: Path
+) -> None:
+    # gRPC does not survive fork: a supervisor that had opened the Workload API (a gRPC
+    # channel) before forking could fork while gRPC's threads were still winding down, and a
+    # worker hung at start-up (seen once in 3 runs of this file). It checks the config in a
+    # short-lived child instead: it never runs a gRPC thread of its own.
+    async with running_lab(spire(trust_domain=TD), test_pki, tmp_path) as lab:
+        assert lab.gw.proc is not None
+        tasks = Path(f"/proc/{lab.gw.proc.pid}/task")
+        names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+        assert not [name for name in names if name.startswith("grpc")], names
+        workers = [
+            int(pid)
+            for pid in Path(f"/proc/{lab.gw.proc.pid}/task/{lab.gw.proc.pid}/children")
+            .read_text()
+            .split()
+        ]
+        assert len(workers) == 2
+        assert (await get(lab.gw.port, lab.client))[0] == 200
+
+
 async def test_gateway_keeps_serving_while_the_agent_restarts(
     spire: Callable[..., Spire], test_pki: LabPki, tmp_path: Path
 ) -> None:
