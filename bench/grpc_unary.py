@@ -1,6 +1,6 @@
 """gRPC unary through svidgate vs nginx ``grpc_pass`` vs Envoy — issue 12's benchmark row.
 
-``python -m bench.grpc`` (options: ``--help``). Same machine, same run, same pinning as
+``python -m bench.grpc_unary`` (options: ``--help``). Same machine, same run, same pinning as
 ``bench/run``: the proxies on ``--server-cpus``, the load client and the upstream on
 ``--client-cpus``. One upstream for everyone: a grpc.aio server over h2c answering every
 unary method with ``ok``. Targets:
@@ -168,7 +168,7 @@ def _client(
     cmd = [
         sys.executable,
         "-m",
-        "bench.grpc",
+        "bench.grpc_unary",
         "_load",
         "--port",
         str(target.port),
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
         upstream = Service.start(
             "grpc upstream",
             pinned(
-                [sys.executable, "-m", "bench.grpc", "_upstream", str(upstream_port)],
+                [sys.executable, "-m", "bench.grpc_unary", "_upstream", str(upstream_port)],
                 args.upstream_cpus,
             ),
             log=work / "upstream.log",
@@ -429,7 +429,7 @@ def _ratios(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.grpc", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.grpc_unary", description=__doc__)
     sub = parser.add_subparsers(dest="cmd")
     up = sub.add_parser("_upstream")
     up.add_argument("port", type=int)
@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except BenchError as exc:
-        print(f"bench.grpc: {exc}", file=sys.stderr)
+        print(f"bench.grpc_unary: {exc}", file=sys.stderr)
         return 2
 
 
