@@ -15,7 +15,8 @@ import asyncio
 import re
 import ssl
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
@@ -528,25 +529,14 @@ class UpstreamPool:
         def factory() -> UpstreamConnection:
             return UpstreamConnection(loop, read_timeout)
 
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                if self._ssl is not None:
-                    transport, conn = await loop.create_connection(
-                        factory,
-                        self.host,
-                        self.port,
-                        ssl=self._ssl,
-                        server_hostname=self.host,
-                        ssl_handshake_timeout=self._connect_timeout,
-                    )
-                else:
-                    transport, conn = await loop.create_connection(factory, self.host, self.port)
-        except TimeoutError:
-            raise ConnectTimeout("connecting to the upstream timed out") from None
-        except ssl.SSLError as exc:
-            raise ConnectFailed(f"TLS handshake with the upstream failed: {exc.reason}") from None
-        except OSError as exc:
-            raise ConnectFailed(f"cannot connect to the upstream: {type(exc).__name__}") from None
+        transport, conn = await dial(
+            loop,
+            factory,
+            self.host,
+            self.port,
+            ssl_context=self._ssl,
+            seconds=self._connect_timeout,
+        )
         if self._expected_id is not None:
             ssl_object = transport.get_extra_info("ssl_object")
             try:
@@ -557,3 +547,43 @@ class UpstreamPool:
                 transport.abort()
                 raise IdentityMismatch(str(exc)) from None
         return conn
+
+
+ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)
+
+
+async def dial(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], ProtocolT],
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    seconds: float,
+    ready: Callable[[asyncio.Transport, ProtocolT], Awaitable[None]] | None = None,
+) -> tuple[asyncio.Transport, ProtocolT]:
+    """One upstream connection (TLS with ``ssl_context``), and ``ready`` when given, within
+    ``seconds``; the one mapping of what can fail: :class:`ConnectTimeout`, else
+    :class:`ConnectFailed` (both HTTP/1.1 and HTTP/2 upstreams dial through here)."""
+    try:
+        async with asyncio.timeout(seconds):
+            if ssl_context is not None:
+                transport, conn = await loop.create_connection(
+                    factory,
+                    host,
+                    port,
+                    ssl=ssl_context,
+                    server_hostname=host,
+                    ssl_handshake_timeout=seconds,
+                )
+            else:
+                transport, conn = await loop.create_connection(factory, host, port)
+            if ready is not None:
+                await ready(transport, conn)
+    except TimeoutError:
+        raise ConnectTimeout("connecting to the upstream timed out") from None
+    except ssl.SSLError as exc:
+        raise ConnectFailed(f"TLS handshake with the upstream failed: {exc.reason}") from None
+    except OSError as exc:
+        raise ConnectFailed(f"cannot connect to the upstream: {type(exc).__name__}") from None
+    return transport, conn

@@ -18,9 +18,9 @@ from svidgate.gateway.http2.client import ClientStream, H2ClientConnection, Head
 from svidgate.gateway.tls import check_peer_id
 from svidgate.gateway.upstream_client import (
     ConnectFailed,
-    ConnectTimeout,
     IdentityMismatch,
     PoolTimeout,
+    dial,
 )
 from svidgate.pki.errors import PkiError
 
@@ -122,27 +122,19 @@ class H2Pool:
         def factory() -> H2ClientConnection:
             return H2ClientConnection(free)
 
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                if self._ssl is not None:
-                    transport, conn = await loop.create_connection(
-                        factory,
-                        self.host,
-                        self.port,
-                        ssl=self._ssl,
-                        server_hostname=self.host,
-                        ssl_handshake_timeout=self._connect_timeout,
-                    )
-                else:
-                    transport, conn = await loop.create_connection(factory, self.host, self.port)
-                self._check(transport)
-                await conn.ready()
-        except TimeoutError:
-            raise ConnectTimeout("connecting to the upstream timed out") from None
-        except ssl.SSLError as exc:
-            raise ConnectFailed(f"TLS handshake with the upstream failed: {exc.reason}") from None
-        except OSError as exc:
-            raise ConnectFailed(f"cannot connect to the upstream: {type(exc).__name__}") from None
+        async def ready(transport: asyncio.Transport, conn: H2ClientConnection) -> None:
+            self._check(transport)
+            await conn.ready()
+
+        _, conn = await dial(
+            loop,
+            factory,
+            self.host,
+            self.port,
+            ssl_context=self._ssl,
+            seconds=self._connect_timeout,
+            ready=ready,
+        )
         return conn
 
     def _check(self, transport: asyncio.BaseTransport) -> None:
