@@ -538,15 +538,22 @@ class UpstreamPool:
             seconds=self._connect_timeout,
         )
         if self._expected_id is not None:
-            ssl_object = transport.get_extra_info("ssl_object")
-            try:
-                if ssl_object is None:
-                    raise IdentityMismatch("upstream connection is not TLS")
-                check_peer_id(ssl_object, self._expected_id)
-            except (PkiError, IdentityMismatch) as exc:
-                transport.abort()
-                raise IdentityMismatch(str(exc)) from None
+            pin_upstream_id(transport, self._expected_id)
         return conn
+
+
+def pin_upstream_id(transport: asyncio.Transport, expected_id: str) -> None:
+    """The upstream's certificate must name ``expected_id`` (the pinned SPIFFE ID); otherwise
+    the connection is aborted and :class:`IdentityMismatch` raised (both HTTP/1.1 and HTTP/2
+    upstreams pin through here)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    try:
+        if ssl_object is None:
+            raise IdentityMismatch("upstream connection is not TLS")
+        check_peer_id(ssl_object, expected_id)
+    except (PkiError, IdentityMismatch) as exc:
+        transport.abort()
+        raise IdentityMismatch(str(exc)) from None
 
 
 ProtocolT = TypeVar("ProtocolT", bound=asyncio.BaseProtocol)

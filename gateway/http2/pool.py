@@ -15,14 +15,12 @@ import asyncio
 import ssl
 
 from svidgate.gateway.http2.client import ClientStream, H2ClientConnection, Headers
-from svidgate.gateway.tls import check_peer_id
 from svidgate.gateway.upstream_client import (
     ConnectFailed,
-    IdentityMismatch,
     PoolTimeout,
     dial,
+    pin_upstream_id,
 )
-from svidgate.pki.errors import PkiError
 
 
 class H2Pool:
@@ -137,24 +135,16 @@ class H2Pool:
         )
         return conn
 
-    def _check(self, transport: asyncio.BaseTransport) -> None:
-        """TLS: ALPN h2 selected and the pinned SPIFFE ID; raises (and drops the connection)."""
+    def _check(self, transport: asyncio.Transport) -> None:
+        """TLS: the pinned SPIFFE ID, and ALPN h2 selected; raises (and drops the connection)."""
         if self._ssl is None:
             return
+        if self._expected_id is not None:
+            pin_upstream_id(transport, self._expected_id)
         ssl_object = transport.get_extra_info("ssl_object")
-        try:
-            if ssl_object is None:
-                raise IdentityMismatch("upstream connection is not TLS")
-            if ssl_object.selected_alpn_protocol() != "h2":
-                raise ConnectFailed("the upstream did not select ALPN h2")
-            if self._expected_id is not None:
-                try:
-                    check_peer_id(ssl_object, self._expected_id)
-                except PkiError as exc:
-                    raise IdentityMismatch(str(exc)) from None
-        except BaseException:
-            transport.abort()  # type: ignore[attr-defined]
-            raise
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+            transport.abort()
+            raise ConnectFailed("the upstream did not select ALPN h2")
 
     def _sweep(self) -> None:
         self._sweeper = None
